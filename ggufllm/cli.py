@@ -1,0 +1,214 @@
+"""The ``ggufllm`` command: thin click commands over the library.
+
+Known failures (every :class:`~ggufllm.errors.GgufllmError`) print one line
+and exit 1; Ctrl-C exits 130. The answer goes to stdout; reasoning, notices
+and diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .chunks import Answer, Chunk
+from .errors import GgufllmError
+
+__all__ = ["main", "cli"]
+
+
+class _Group(click.Group):
+    """Translates the error tree in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GgufllmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ggufllm: %(message)s"))
+    root = logging.getLogger("ggufllm")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    # llama.cpp's own warnings are noise for a user unless asked for.
+    logging.getLogger("ggufllm.llama_cpp").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv: llama.cpp's log).")
+@click.version_option(package_name="ggufllm")
+def cli(verbose: int) -> None:
+    """Run GGUF models (gpt-oss-20b first) offline through llama.cpp."""
+    _setup_logging(verbose)
+
+
+def _service(model: str | None, max_length: int | None) -> Any:
+    from .service import LLMService
+
+    return LLMService(model, max_length=max_length)
+
+
+def _generation_params(max_tokens: int | None, temperature: float | None,
+                       reasoning_effort: str | None, seed: int | None) -> dict[str, Any]:
+    params = dict(max_tokens=max_tokens, temperature=temperature,
+                  reasoning_effort=reasoning_effort, seed=seed)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _print_stream(chunks: Any, show_reasoning: bool) -> Answer:
+    """Streams answer text to stdout (and reasoning to stderr); returns the fold."""
+    seen: list[Chunk] = []
+    in_reasoning = False
+    for chunk in chunks:
+        seen.append(chunk)
+        if not chunk.text:
+            continue
+        if chunk.channel == "final":
+            if in_reasoning:
+                click.echo("", err=True)
+                in_reasoning = False
+            click.echo(chunk.text, nl=False)
+        elif show_reasoning:
+            in_reasoning = True
+            click.secho(chunk.text, nl=False, err=True, dim=True)
+    click.echo("")
+    return Answer.from_chunks(seen)
+
+
+_common = [
+    click.option("--model", "-m", type=click.Path(), default=None,
+                 help="A .gguf file or a folder of them (default: LLM_MODEL_PATH, then the "
+                      "embedded model)."),
+    click.option("--max-tokens", type=int, default=None, help="Most tokens to generate."),
+    click.option("--temperature", type=float, default=None, help="0 = greedy."),
+    click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]),
+                 default=None, help="gpt-oss reasoning level."),
+    click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
+    click.option("--ctx", "max_length", type=int, default=None,
+                 help="Context window in tokens (default: MAX_LENGTH or 4096)."),
+    click.option("--show-reasoning", is_flag=True, help="Print gpt-oss reasoning to stderr."),
+]
+
+
+def _with_common(fn: Any) -> Any:
+    for option in reversed(_common):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--context", default=None, help="Retrieved passages to answer from.")
+@click.option("--context-file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the context from a file ('-' for stdin).")
+@_with_common
+@click.option("--no-stream", is_flag=True, help="Print the answer when it is complete.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def ask(question: str, context: str | None, context_file: Any, model: str | None,
+        max_tokens: int | None, temperature: float | None, reasoning_effort: str | None,
+        seed: int | None, max_length: int | None, show_reasoning: bool, no_stream: bool,
+        as_json: bool) -> None:
+    """Answer QUESTION, optionally from retrieved CONTEXT."""
+    if context is not None and context_file is not None:
+        raise click.UsageError("give --context or --context-file, not both")
+    if context_file is not None:
+        context = context_file.read()
+    params = _generation_params(max_tokens, temperature, reasoning_effort, seed)
+    with _service(model, max_length) as service:
+        if as_json or no_stream:
+            answer = service.answer(question, context, **params)
+            if as_json:
+                click.echo(json.dumps(_answer_json(answer, service), ensure_ascii=False))
+                return
+            if show_reasoning and answer.reasoning:
+                click.secho(answer.reasoning, err=True, dim=True)
+            click.echo(answer.text)
+        else:
+            _print_stream(service.stream(question, context, **params), show_reasoning)
+
+
+def _answer_json(answer: Answer, service: Any) -> dict[str, Any]:
+    info = service.get_model_info()
+    return {
+        "answer": answer.text,
+        "reasoning": answer.reasoning,
+        "finish_reason": answer.finish_reason,
+        "timings": asdict(answer.timings) if answer.timings else None,
+        "model": info.get("model_path"),
+    }
+
+
+@cli.command()
+@_with_common
+@click.option("--system", default=None, help="Instructions for the whole session.")
+def chat(model: str | None, max_tokens: int | None, temperature: float | None,
+         reasoning_effort: str | None, seed: int | None, max_length: int | None,
+         show_reasoning: bool, system: str | None) -> None:
+    """An interactive multi-turn session (empty line or Ctrl-D to quit)."""
+    from .harmony import Turn
+
+    params = _generation_params(max_tokens, temperature, reasoning_effort, seed)
+    turns: list[Turn] = []
+    with _service(model, max_length) as service:
+        click.echo(f"model: {service.get_model_info()['model_path']}", err=True)
+        while True:
+            try:
+                line = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False,
+                                    err=True)
+            except (EOFError, click.Abort):
+                break
+            if not line.strip() or line.strip() in ("/bye", "/exit"):
+                break
+            turns.append(Turn("user", line))
+            answer = _print_stream(service.chat_stream(turns, **params), show_reasoning)
+            turns.append(Turn("assistant", answer.text))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model: Path, as_json: bool) -> None:
+    """Describe a GGUF file without loading it."""
+    from .gguf_file import read_gguf_header
+
+    s = read_gguf_header(model)
+    facts = {
+        "path": str(model), "file_size": s.file_size, "gguf_version": s.version,
+        "architecture": s.architecture, "name": s.metadata.get("general.name"),
+        "parameters": s.n_params, "context_length": s.context_length,
+        "chat_template": s.has_chat_template, "tensors": len(s.tensors),
+        "tensor_types": [{"type": t, "count": n, "bytes": b} for t, n, b in s.type_table()],
+    }
+    if as_json:
+        click.echo(json.dumps(facts))
+        return
+    for key in ("path", "name", "architecture", "gguf_version", "context_length",
+                "chat_template", "tensors"):
+        click.echo(f"{key:16} {facts[key]}")
+    click.echo(f"{'parameters':16} {s.n_params:,} ({s.n_params / 1e9:.2f} B)")
+    click.echo(f"{'file_size':16} {s.file_size:,} bytes ({s.file_size / 1e9:.2f} GB)")
+    click.echo("tensor types:")
+    for t, n, b in s.type_table():
+        click.echo(f"  {t:8} {n:6} tensors {b / 1e6:12.1f} MB")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="ggufllm")
+
+
+if __name__ == "__main__":
+    main()

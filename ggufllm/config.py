@@ -1,0 +1,101 @@
+"""Validated configuration: environment settings and per-call generation parameters.
+
+The environment variables are those of the service ggufllm replaces
+(``LLM_MODEL_PATH``, ``MAX_LENGTH``, ``DEFAULT_TEMPERATURE``, ...) plus the
+llama.cpp ones (``N_GPU_LAYERS``, ``N_THREADS``, ...). Every value is checked;
+a bad one raises :class:`~ggufllm.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError, InvalidParameterError
+
+__all__ = ["Settings", "GenerationConfig", "ReasoningEffort", "load_settings"]
+
+ReasoningEffort = Literal["low", "medium", "high"]
+DEFAULT_MODEL_DIR = "models/llm"
+
+
+class GenerationConfig(BaseModel):
+    """Sampling parameters of one call. Unknown keys and non-finite floats are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              frozen=True)
+
+    max_tokens: int = Field(1000, ge=1, le=1 << 20, description="most tokens to generate")
+    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(50, ge=0, le=1 << 20, description="0 disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="min-p sampling; 0 disables")
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 disables")
+    seed: int | None = Field(None, ge=0, lt=1 << 32, description="None: random")
+    reasoning_effort: ReasoningEffort = Field("low", description="gpt-oss reasoning level")
+    stop: tuple[str, ...] = Field((), description="extra stop strings")
+
+    def updated(self, **changes: Any) -> GenerationConfig:
+        """Returns a copy with ``changes`` applied and validated.
+
+        Raises:
+            InvalidParameterError: an unknown key or an invalid value.
+        """
+        changes = {k: v for k, v in changes.items() if v is not None}
+        try:
+            return GenerationConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else None
+            raise InvalidParameterError(f"{name}: {err['msg']} (got {err.get('input')!r})",
+                                        name) from None
+
+
+class Settings(BaseSettings):
+    """Service settings, read from the environment (names are upper-case, no prefix)."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False,
+                                      validate_default=True)
+
+    llm_model_path: str = Field(DEFAULT_MODEL_DIR, description="a .gguf file or a folder of them")
+    max_length: int = Field(4096, ge=64, le=1 << 20, description="context window (n_ctx)")
+    use_quantization: bool = Field(True, description="prefer a quantized file in the folder")
+    load_in_8bit: bool = Field(True, description="prefer the Q8_0 file")
+    load_in_4bit: bool = Field(False, description="prefer the Q4_K_M file")
+    default_max_tokens: int = Field(1000, ge=1, le=1 << 20)
+    default_temperature: float = Field(0.7, ge=0.0, le=100.0, allow_inf_nan=False)
+    default_top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    default_top_k: int = Field(50, ge=0)
+    default_seed: int | None = Field(None, ge=0, lt=1 << 32)
+    reasoning_effort: ReasoningEffort = "low"
+    n_gpu_layers: int = Field(-1, ge=-1, description="layers to offload; -1 = all")
+    n_threads: int | None = Field(None, ge=1, le=1024)
+    n_batch: int = Field(512, ge=1, le=1 << 16)
+    flash_attn: bool | None = Field(None, description="None: llama.cpp decides")
+
+    def generation(self) -> GenerationConfig:
+        """The default generation parameters these settings describe."""
+        return GenerationConfig(
+            max_tokens=self.default_max_tokens, temperature=self.default_temperature,
+            top_p=self.default_top_p, top_k=self.default_top_k, seed=self.default_seed,
+            reasoning_effort=self.reasoning_effort,
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Reads :class:`Settings` from the environment, with ``overrides`` on top.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the variable.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        field = None
+        for err in exc.errors():
+            field = str(err["loc"][0]).upper() if err["loc"] else None
+            problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid setting: " + "; ".join(problems), field) from None

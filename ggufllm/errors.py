@@ -1,0 +1,138 @@
+"""The one error tree of ggufllm.
+
+Every failure a user can cause or meet is one of these classes; the CLI and the
+HTTP server translate :class:`GgufllmError` in one place each.
+
+    GgufllmError
+    ├── ConfigError                  a setting or environment variable is invalid
+    ├── InvalidParameterError        a call argument is invalid (also a ValueError)
+    ├── ModelNotFoundError           no GGUF file at the path (also FileNotFoundError)
+    ├── ModelLoadError               the file is not a usable GGUF, or llama.cpp refused it
+    │   └── LoadCancelledError       the load was cancelled by the caller
+    ├── ContextLengthExceededError   prompt (+ budget) does not fit the context window
+    ├── ServiceClosedError           the service was cleaned up / closed
+    └── ConversionError              the converter found problems (lists them all)
+        └── OutputExistsError        the output exists and --force was not given
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "GgufllmError",
+    "ConfigError",
+    "InvalidParameterError",
+    "ModelNotFoundError",
+    "ModelLoadError",
+    "LoadCancelledError",
+    "ContextLengthExceededError",
+    "ServiceClosedError",
+    "ConversionError",
+    "OutputExistsError",
+]
+
+CONVERT_HINT = (
+    "convert the Hugging Face gpt-oss-20b folder with "
+    "`ggufllm convert PATH/TO/gpt-oss-20b -o models/llm/gpt-oss-20b-Q8_0.gguf`"
+)
+
+
+class GgufllmError(Exception):
+    """Root of every error ggufllm raises on purpose."""
+
+
+class ConfigError(GgufllmError, ValueError):
+    """A setting (environment variable or config field) is invalid.
+
+    Attributes:
+        field: the setting's name as the user wrote it (e.g. ``DEFAULT_TEMPERATURE``).
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidParameterError(GgufllmError, ValueError):
+    """A call argument is invalid; raised before anything reaches llama.cpp.
+
+    Attributes:
+        name: the parameter's name.
+    """
+
+    def __init__(self, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class ModelNotFoundError(GgufllmError, FileNotFoundError):
+    """No GGUF model at the given path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"no GGUF model found at {path!r}; {CONVERT_HINT}")
+        self.path = path
+
+
+class ModelLoadError(GgufllmError):
+    """The file is not a usable GGUF model (checked before llama.cpp opens it),
+    or llama.cpp refused it.
+
+    Attributes:
+        path: the file.
+        problems: every problem found by the pre-load check.
+    """
+
+    def __init__(self, path: str, problems: Sequence[str]) -> None:
+        detail = "; ".join(problems) if problems else "llama.cpp could not load it"
+        super().__init__(f"cannot load {path!r}: {detail}")
+        self.path = path
+        self.problems = list(problems)
+
+
+class LoadCancelledError(ModelLoadError):
+    """The caller cancelled the load (progress callback returned False or cancel())."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, ["load cancelled"])
+
+
+class ContextLengthExceededError(GgufllmError):
+    """The prompt plus the requested budget does not fit the context window.
+
+    Attributes:
+        n_prompt: tokens in the prompt.
+        n_ctx: the context window in tokens.
+        max_tokens: the generation budget that was asked for.
+    """
+
+    def __init__(self, n_prompt: int, n_ctx: int, max_tokens: int = 0) -> None:
+        super().__init__(
+            f"prompt of {n_prompt} tokens plus max_tokens={max_tokens} exceeds "
+            f"the context window of {n_ctx} tokens"
+        )
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+        self.max_tokens = max_tokens
+
+
+class ServiceClosedError(GgufllmError):
+    """The service (or engine) was closed; create a new one."""
+
+
+class ConversionError(GgufllmError):
+    """The converter found one or more problems; ``problems`` lists them all."""
+
+    def __init__(self, problems: Sequence[str] | str) -> None:
+        items = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in items)
+        super().__init__(f"{len(items)} problem(s):\n{lines}")
+        self.problems = items
+
+
+class OutputExistsError(ConversionError):
+    """The output file exists and ``force`` was not given."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} exists; pass --force to overwrite it")
+        self.path = path

@@ -1,0 +1,93 @@
+"""Harmony prompts for gpt-oss.
+
+A prompt is a list of :class:`Segment` values: the harmony markers are
+tokenized as special tokens, everything the user wrote as plain text, so a
+question or a RAG passage that contains ``<|end|>`` cannot forge a message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..config import ReasoningEffort
+
+__all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "DEFAULT_INSTRUCTIONS"]
+
+# The system message gpt-oss was trained with (harmony specification); only the
+# date and the reasoning level vary.
+_SYSTEM = (
+    "You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\n"
+    "Current date: {date}\n\n"
+    "Reasoning: {effort}\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+)
+
+DEFAULT_INSTRUCTIONS = (
+    "Answer the user's question. When context passages are given, base the answer on them "
+    "and say so when they do not contain the answer. Answer in the language of the question."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A piece of prompt text; ``special`` pieces are parsed for special tokens."""
+
+    text: str
+    special: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One earlier message of a conversation (``role`` is ``user`` or ``assistant``)."""
+
+    role: str
+    content: str
+
+
+def rag_user_message(question: str, context: str | None) -> str:
+    """The user turn for a RAG question: the passages first, then the question."""
+    if not context:
+        return question
+    return f"Context:\n{context}\n\nQuestion: {question}"
+
+
+def _message(role: str, content: str, channel: str | None = None) -> list[Segment]:
+    header = f"<|start|>{role}" + (f"<|channel|>{channel}" if channel else "") + "<|message|>"
+    return [Segment(header, special=True), Segment(content), Segment("<|end|>", special=True)]
+
+
+def render_conversation(
+    turns: Sequence[Turn],
+    *,
+    reasoning_effort: ReasoningEffort = "low",
+    instructions: str | None = DEFAULT_INSTRUCTIONS,
+    date: _dt.date | None = None,
+) -> list[Segment]:
+    """Renders a conversation that ends with a user turn, ready for the assistant's reply.
+
+    Earlier assistant turns carry only their final answer (harmony drops past
+    reasoning from the prompt).
+
+    Args:
+        turns: the conversation so far; the last one is the user's.
+        reasoning_effort: ``low``, ``medium`` or ``high``.
+        instructions: the developer message; None leaves it out.
+        date: the current date shown to the model (today by default).
+
+    Returns:
+        The prompt segments, ending with ``<|start|>assistant``.
+    """
+    day = (date or _dt.date.today()).isoformat()
+    segments = _message("system", _SYSTEM.format(date=day, effort=reasoning_effort))
+    if instructions:
+        segments += _message("developer", f"# Instructions\n\n{instructions}")
+    for turn in turns:
+        if turn.role == "assistant":
+            segments += _message("assistant", turn.content, channel="final")
+        else:
+            segments += _message("user", turn.content)
+    segments.append(Segment("<|start|>assistant", special=True))
+    return segments

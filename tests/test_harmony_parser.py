@@ -1,0 +1,172 @@
+"""The harmony parser on scripted token streams (no model needed)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ggufllm import Answer, Chunk
+from ggufllm.harmony import HarmonyParser, HarmonyTokens
+from ggufllm.harmony.parser import MAX_HEADER_BYTES
+
+# The real o200k_harmony ids (harmony specification)
+IDS = {"<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
+       "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
+TOKENS = HarmonyTokens.from_lookup(IDS.get)
+_SPLIT = re.compile("(" + "|".join(re.escape(k) for k in IDS) + ")")
+
+
+class Vocab:
+    """Text becomes one token per byte, so multi-byte characters span tokens."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[int, bytes] = {}
+
+    def encode(self, script: str) -> list[int]:
+        ids: list[int] = []
+        for part in _SPLIT.split(script):
+            if part in IDS:
+                ids.append(IDS[part])
+            else:
+                for b in part.encode("utf-8"):
+                    self.pieces[b] = bytes([b])
+                    ids.append(b)
+        return ids
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces.get(token, b"")
+
+
+def run(script: str) -> tuple[Answer, HarmonyParser]:
+    vocab = Vocab()
+    parser = HarmonyParser(TOKENS, vocab.piece)
+    chunks = []
+    for tok in vocab.encode(script):
+        chunks += [Chunk(d.text, d.channel) for d in parser.feed(tok)]
+        if parser.done:
+            break
+    chunks += [Chunk(d.text, d.channel) for d in parser.finish()]
+    chunks.append(Chunk("", finish_reason=parser.finish_reason or "length"))
+    return Answer.from_chunks(chunks), parser
+
+
+def test_table_needs_every_token():
+    assert HarmonyTokens.from_lookup({"<|start|>": 1}.get) is None
+
+
+def test_reasoning_then_final_answer():
+    a, p = run("<|channel|>analysis<|message|>User asks capital. Easy.<|end|>"
+               "<|start|>assistant<|channel|>final<|message|>Paris is the capital.<|return|>")
+    assert a.text == "Paris is the capital."
+    assert a.reasoning == "User asks capital. Easy."
+    assert a.finish_reason == "stop" and p.done
+
+
+def test_end_does_not_stop_but_return_does():
+    a, p = run("<|channel|>analysis<|message|>x<|end|>")
+    assert not p.done and a.text == "" and a.reasoning == "x"
+
+
+def test_generation_stops_at_return_and_ignores_the_rest():
+    a, _ = run("<|channel|>final<|message|>A<|return|>B<|start|>assistant<|channel|>final<|message|>C")
+    assert a.text == "A"
+
+
+def test_tool_call_ends_with_call_and_keeps_recipient():
+    a, p = run("<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>"
+               '{"q": 1}<|call|>')
+    assert a.finish_reason == "tool_call"
+    assert a.reasoning == '{"q": 1}' and a.text == ""
+    assert p.recipient == "functions.lookup"
+
+
+def test_recipient_in_role_part_is_parsed():
+    _, p = run("assistant to=functions.f<|channel|>commentary<|message|>{}<|call|>")
+    assert p.recipient == "functions.f"
+
+
+def test_reasoning_only_truncated_output():
+    a, _ = run("<|channel|>analysis<|message|>thinking and thinking")
+    assert a.text == "" and a.reasoning == "thinking and thinking"
+    assert a.finish_reason == "length"
+
+
+def test_truncated_header_yields_nothing_and_does_not_crash():
+    a, _ = run("<|channel|>fin")
+    assert (a.text, a.reasoning) == ("", "")
+
+
+def test_truncated_final_answer_is_kept():
+    a, _ = run("<|channel|>analysis<|message|>r<|end|><|start|>assistant<|channel|>final"
+               "<|message|>Par")
+    assert a.text == "Par"
+
+
+def test_multibyte_characters_split_across_tokens():
+    a, _ = run("<|channel|>final<|message|>Thủ đô của Pháp là Paris 🇫🇷<|return|>")
+    assert a.text == "Thủ đô của Pháp là Paris 🇫🇷"
+
+
+def test_truncated_multibyte_character_becomes_replacement_not_error():
+    vocab = Vocab()
+    parser = HarmonyParser(TOKENS, vocab.piece)
+    ids = vocab.encode("<|channel|>final<|message|>é")[:-1]  # cut inside "é"
+    out = [d.text for t in ids for d in parser.feed(t)] + [d.text for d in parser.finish()]
+    assert "".join(out) == "\ufffd"
+
+
+def test_unknown_channel_is_treated_as_answer():
+    a, _ = run("<|channel|>summary<|message|>Paris<|return|>")
+    assert a.text == "Paris"
+
+
+def test_missing_channel_is_treated_as_answer():
+    a, _ = run("<|message|>Paris<|return|>")
+    assert a.text == "Paris"
+
+
+def test_missing_start_between_messages():
+    a, _ = run("<|channel|>analysis<|message|>r<|end|><|channel|>final<|message|>Paris<|return|>")
+    assert (a.text, a.reasoning) == ("Paris", "r")
+
+
+def test_missing_end_before_next_message():
+    a, _ = run("<|channel|>analysis<|message|>r<|start|>assistant<|channel|>final<|message|>"
+               "Paris<|return|>")
+    assert (a.text, a.reasoning) == ("Paris", "r")
+
+
+def test_header_without_message_marker_overflows_into_text():
+    body = "The capital of France is Paris. " * 8
+    a, _ = run("<|channel|>final " + body + "<|return|>")
+    assert len(body) > MAX_HEADER_BYTES
+    assert a.text.startswith("The capital") and "Paris" in a.text
+    assert a.text.strip() == body.strip()
+
+
+def test_plain_text_without_any_header_is_not_lost():
+    body = "Paris " * 40
+    a, _ = run(body + "<|return|>")
+    assert "Paris" in a.text
+
+
+def test_header_closed_by_end_is_dropped_and_parsing_continues():
+    a, _ = run("<|channel|>analysis<|end|><|start|>assistant<|channel|>final<|message|>ok<|return|>")
+    assert a.text == "ok"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_streams_never_crash(seed):
+    import random
+
+    rng = random.Random(seed)
+    vocab_ids = list(IDS.values()) + list(range(256))
+    vocab = Vocab()
+    for b in range(256):
+        vocab.pieces[b] = bytes([b])
+    parser = HarmonyParser(TOKENS, vocab.piece)
+    for _ in range(500):
+        for d in parser.feed(rng.choice(vocab_ids)):
+            assert isinstance(d.text, str) and d.channel in ("final", "analysis", "commentary")
+    parser.finish()
