@@ -1,0 +1,286 @@
+"""LLMService on the real llama.cpp engine with the embedded Gemma 3 270M model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ggufllm import (
+    Answer,
+    ContextLengthExceededError,
+    InvalidParameterError,
+    LLMService,
+    LoadCancelledError,
+    ServiceClosedError,
+)
+
+GREEDY = dict(temperature=0.0, max_tokens=32)
+QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2+2?",
+             "Name a primary color.", "What is the largest ocean on Earth?",
+             "Why is the sky blue?", "What language is spoken in Brazil?", "What is water made of?"]
+
+
+def test_answers_the_quickstart_question(service):
+    assert "Paris" in service.generate_answer("What is the capital of France?", **GREEDY)
+
+
+def test_answer_uses_the_rag_context(service):
+    context = "The Zorblat festival is held every spring in the town of Quenby."
+    answer = service.generate_answer("Where is the Zorblat festival held?", context, **GREEDY)
+    assert "Quenby" in answer
+
+
+def test_stream_joined_equals_generate_answer(service):
+    for q in QUESTIONS[:4]:
+        chunks = list(service.stream(q, **GREEDY))
+        joined = "".join(c.text for c in chunks if c.channel == "final")
+        assert joined == service.generate_answer(q, **GREEDY)
+        assert chunks[-1].finish_reason in ("stop", "length")
+        assert chunks[-1].timings is not None and chunks[-1].timings.n_generated >= 1
+        assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_answer_object_reports_how_it_ended(service):
+    a = service.answer("Why is the sky blue?", temperature=0.0, max_tokens=3)
+    assert isinstance(a, Answer) and a.finish_reason == "length"
+    assert a.timings.n_generated == 3 and len(a.token_ids) == 3
+    assert a.reasoning == ""  # a model without channels writes no reasoning
+
+
+def test_abandoned_stream_frees_the_model_at_once(service):
+    expected = service.generate_answer(QUESTIONS[5], **GREEDY)
+    stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
+                            max_tokens=200)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert not service._engine._lock.locked()
+    assert service.generate_answer(QUESTIONS[5], **GREEDY) == expected
+
+
+def test_threads_are_serialized_and_match_single_threaded_outputs(service):
+    single = {q: service.generate_answer(q, **GREEDY) for q in QUESTIONS}
+    jobs = [QUESTIONS[(t + k) % len(QUESTIONS)] for t in range(8) for k in range(3)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda q: (q, service.generate_answer(q, **GREEDY)), jobs))
+    assert len(results) == 24
+    for q, answer in results:
+        assert answer == single[q]
+
+
+def test_async_streaming_matches_blocking_answer(service):
+    q = QUESTIONS[0]
+    expected = service.generate_answer(q, **GREEDY)
+
+    async def collect() -> str:
+        return "".join([t async for t in service.generate_answer_with_streaming(q, **GREEDY)])
+
+    assert asyncio.run(collect()) == expected
+
+
+def test_async_tasks_are_serialized(service):
+    single = {q: service.generate_answer(q, **GREEDY) for q in QUESTIONS[:4]}
+
+    async def main() -> list[Answer]:
+        return await asyncio.gather(*(service.aanswer(q, **GREEDY) for q in QUESTIONS[:4]))
+
+    answers = asyncio.run(main())
+    assert [a.text for a in answers] == [single[q] for q in QUESTIONS[:4]]
+
+
+def test_cancelled_async_stream_frees_the_model(service):
+    expected = service.generate_answer(QUESTIONS[1], **GREEDY)
+
+    async def main() -> None:
+        async def consume() -> None:
+            async for _ in service.astream("Tell me a long story.", temperature=0.0,
+                                           max_tokens=500):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the next call waits at most for the token in flight
+        assert (await service.aanswer(QUESTIONS[1], **GREEDY)).text == expected
+
+    asyncio.run(main())
+
+
+def test_broken_async_for_stops_decoding(service):
+    async def main() -> int:
+        n = 0
+        async for chunk in service.astream("Count from one to one hundred.", temperature=0.0,
+                                           max_tokens=300):
+            n += 1
+            if n == 2:
+                break
+        return n
+
+    assert asyncio.run(main()) == 2
+    assert service.generate_answer(QUESTIONS[0], **GREEDY)
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": -1.0},
+    {"max_tokens": 0}, {"max_tokens": -1}, {"top_p": 0.0}, {"top_k": -2},
+    {"max_tokens": 10**6}, {"bogus": True},
+])
+def test_bad_parameters_raise_before_native_code(service, params):
+    with pytest.raises(InvalidParameterError):
+        service.generate_answer("What is 2+2?", **params)
+
+
+@pytest.mark.parametrize("question", ["", "   ", None, 42])
+def test_bad_question_is_rejected(service, question):
+    with pytest.raises(InvalidParameterError):
+        service.generate_answer(question)
+
+
+def test_context_too_long_reports_its_numbers(service):
+    context = "word " * 3000
+    with pytest.raises(ContextLengthExceededError) as err:
+        service.generate_answer("Summarize.", context, max_tokens=16)
+    assert err.value.n_ctx == 1024 and err.value.n_prompt > 1024
+    assert err.value.max_tokens == 16
+    assert service.generate_answer(QUESTIONS[0], **GREEDY)  # still usable
+
+
+def test_update_generation_config_validates_and_applies(service):
+    before = service.generation_config
+    try:
+        cfg = service.update_generation_config(temperature=0.0, top_k=1, max_tokens=8)
+        assert (cfg.temperature, cfg.top_k, cfg.max_tokens) == (0.0, 1, 8)
+        with pytest.raises(InvalidParameterError):
+            service.update_generation_config(temperature=float("nan"))
+        with pytest.raises(InvalidParameterError):
+            service.update_generation_config(nonsense=1)
+        assert service.generation_config == cfg
+        assert service.answer("Why is the sky blue?").timings.n_generated <= 8
+    finally:
+        service._generation = before
+
+
+def test_model_info_has_the_seed_keys(service, default_gguf):
+    info = service.get_model_info()
+    for key in ("model_name", "model_path", "architecture", "quantization", "n_ctx",
+                "n_gpu_layers", "device", "gpu_name", "gpu_memory_total", "gpu_memory_allocated"):
+        assert key in info
+    assert info["model_path"] == str(default_gguf)
+    assert info["architecture"] == "gemma3" and info["quantization"] == "Q4_K_M"
+    assert info["n_ctx"] == 1024 and info["device"] == "cpu"
+    assert info["gpu_memory_total"] == 0.0 and info["gpu_memory_allocated"] == 0.0
+
+
+def test_clear_gpu_cache_keeps_results(service):
+    expected = service.generate_answer(QUESTIONS[2], **GREEDY)
+    service.clear_gpu_cache()
+    assert service.generate_answer(QUESTIONS[2], **GREEDY) == expected
+
+
+def test_second_call_reuses_the_cached_prefix(service):
+    service.clear_gpu_cache()
+    first = service.answer("What is the capital of France?", "Paris is in France.", **GREEDY)
+    second = service.answer("What is the capital of Italy?", "Paris is in France.", **GREEDY)
+    assert first.timings.n_cached == 0
+    assert second.timings.n_cached > 5
+
+
+def test_closed_service_raises(default_gguf):
+    svc = LLMService(default_gguf, max_length=256)
+    svc.load()
+    svc.close()
+    with pytest.raises(ServiceClosedError):
+        svc.generate_answer("hi")
+    with pytest.raises(ServiceClosedError):
+        svc.load()
+
+
+def test_context_managers_and_independent_instances(default_gguf):
+    with LLMService(default_gguf, max_length=256) as a, LLMService(default_gguf,
+                                                                   max_length=512) as b:
+        assert a.get_model_info()["n_ctx"] == 256 and b.get_model_info()["n_ctx"] == 512
+        assert a.generate_answer(QUESTIONS[0], **GREEDY) == b.generate_answer(QUESTIONS[0],
+                                                                              **GREEDY)
+    assert not a.is_loaded and not b.is_loaded
+
+    async def main() -> str:
+        async with LLMService(default_gguf, max_length=256) as c:
+            return await asyncio.to_thread(c.generate_answer, QUESTIONS[0], **GREEDY)
+
+    assert "Paris" in asyncio.run(main())
+
+
+def test_load_reports_progress_and_can_be_cancelled(default_gguf):
+    seen: list[float] = []
+    svc = LLMService(default_gguf, max_length=256)
+    svc.load(progress=lambda f: seen.append(f) or True)
+    assert seen and seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+    svc.close()
+
+    svc = LLMService(default_gguf, max_length=256)
+    with pytest.raises(LoadCancelledError):
+        svc.load(progress=lambda f: False)
+    assert not svc.is_loaded
+
+
+def test_cancel_load_from_another_thread(default_gguf):
+    svc = LLMService(default_gguf, max_length=256)
+    started = threading.Event()
+
+    def progress(fraction: float) -> bool:
+        started.set()
+        svc.cancel_load()
+        return True
+
+    with pytest.raises(LoadCancelledError):
+        svc.load(progress=progress)
+    assert started.is_set()
+    svc.load()  # a later load works
+    assert svc.is_loaded
+    svc.close()
+
+
+async def _load(svc: LLMService) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    t = asyncio.create_task(ticker())
+    await svc.load_model()
+    t.cancel()
+    assert ticks > 1  # the loop kept running during the load
+
+
+def test_load_model_does_not_block_the_event_loop(default_gguf):
+    svc = LLMService(default_gguf, max_length=256)
+    asyncio.run(_load(svc))
+    assert svc.is_loaded
+    asyncio.run(svc.cleanup())
+
+
+def test_optimize_for_gpu_picks_the_file_of_the_folder(tmp_path: Path, default_gguf):
+    for name in ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "tiny-F16.gguf"):
+        (tmp_path / name).symlink_to(default_gguf)
+    svc = LLMService(tmp_path, max_length=256)
+    svc.optimize_for_gpu(use_quantization=True, load_in_8bit=True, load_in_4bit=False)
+    svc.load()
+    assert svc.get_model_info()["model_path"].endswith("tiny-Q8_0.gguf")
+    svc.optimize_for_gpu(load_in_4bit=True)
+    assert not svc.is_loaded  # the choice changed: reloaded at the next call
+    svc.generate_answer("hi", max_tokens=2)
+    assert svc.get_model_info()["model_path"].endswith("tiny-Q4_K_M.gguf")
+    svc.optimize_for_gpu(use_quantization=False)
+    svc.load()
+    assert svc.get_model_info()["quantization"] == "F16"
+    svc.close()
