@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,14 @@ def ensure_backend() -> None:
 
 
 ProgressFn = Callable[[float], bool]
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class NativeModel:
@@ -181,9 +190,11 @@ class NativeContext:
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, params.n_ubatch)
-        if n_threads:
-            params.n_threads = n_threads
-            params.n_threads_batch = n_threads
+        # llama.cpp's default is 4 threads whatever the machine; more threads than
+        # cores makes decoding several times slower.
+        threads = n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = threads
         # None = llama.cpp decides (on where the backend supports it)
         params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
                                   else int(flash_attn))
