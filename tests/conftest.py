@@ -26,3 +26,39 @@ def service(default_gguf: Path) -> Iterator[LLMService]:
     svc.load()
     yield svc
     svc.close()
+
+
+@pytest.fixture(scope="session")
+def harmony_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the real o200k_harmony tokenizer.json (built offline, ~10 s)."""
+    from .gpt_oss_fixture import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("o200k_harmony")
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, harmony_tokenizer: Path) -> Path:
+    """A tiny gpt-oss checkpoint in the real on-disk layout (fixed seed)."""
+    from .gpt_oss_fixture import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-tiny"), harmony_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    """tiny_gguf(type, experts="mxfp4") -> path of the converted file (made once)."""
+    from convert import convert
+
+    out_dir = tmp_path_factory.mktemp("tiny-gguf")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(out_type: str, experts: str = "mxfp4") -> Path:
+        key = (out_type, experts)
+        if key not in made:
+            made[key] = convert(tiny_checkpoint, out_dir / f"tiny-{out_type}-{experts}.gguf",
+                                out_type, experts).path
+        return made[key]
+
+    return get

@@ -8,6 +8,7 @@ question or a RAG passage that contains ``<|end|>`` cannot forge a message.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,7 +55,17 @@ def rag_user_message(question: str, context: str | None) -> str:
     return f"Context:\n{context}\n\nQuestion: {question}"
 
 
+# llama.cpp marks some harmony tokens USER_DEFINED, and those are matched even
+# in text tokenized without special parsing: break the marker in user text.
+_MARKER = re.compile(r"<\|([a-z_0-9]+)\|>")
+
+
+def _defuse(text: str) -> str:
+    return _MARKER.sub("<\u200b|\\1|>", text)
+
+
 def _message(role: str, content: str, channel: str | None = None) -> list[Segment]:
+    content = _defuse(content)
     header = f"<|start|>{role}" + (f"<|channel|>{channel}" if channel else "") + "<|message|>"
     return [Segment(header, special=True), Segment(content), Segment("<|end|>", special=True)]
 
