@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, GGUFReader
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 from ggufllm.errors import ConversionError
+from ggufllm.gguf_file import read_gguf_header, tensor_array
 
 from .converter import load_plan
 
@@ -43,18 +44,17 @@ def verify(gguf_path: str | Path, reference: str | Path,
     Raises:
         ConversionError: the GGUF lacks a tensor of the plan or has one of another shape.
     """
-    reader = GGUFReader(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    experts = str(reader.fields["ggufllm.experts"].contents()) \
-        if "ggufllm.experts" in reader.fields else "mxfp4"
+    summary = read_gguf_header(gguf_path)
+    tensors = {t.name: t for t in summary.tensors}
+    experts = str(summary.metadata.get("ggufllm.experts", "mxfp4"))
     _, _, jobs = load_plan(reference, "f32", experts)
     missing = [j.name for j in jobs if j.name not in tensors]
     if missing:
         raise ConversionError([f"{gguf_path} has no tensor {n}" for n in missing])
     for job in jobs:
         t = tensors[job.name]
-        qtype = Q(int(t.tensor_type))
-        raw = np.asarray(t.data)
+        qtype = t.ggml_type
+        raw = np.asarray(tensor_array(summary, t))
         ref = job.reference()
         if qtype is Q.MXFP4:
             exact = bool(np.array_equal(raw.reshape(-1), job.produce().reshape(-1)))

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelLoadError
 
-__all__ = ["GGUFSummary", "TensorInfo", "read_gguf_header"]
+__all__ = ["GGUFSummary", "TensorInfo", "read_gguf_header", "tensor_array"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -269,3 +270,17 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFSummary:
     except OSError as exc:
         raise ModelLoadError(str(p), [f"cannot read the file: {exc.strerror or exc}"]) from None
 
+
+
+def tensor_array(summary: GGUFSummary, info: TensorInfo) -> np.ndarray:
+    """One tensor's stored data, memory-mapped, in numpy order (last axis = row).
+
+    F32/F16 come back as floats; every other type as the row's encoded bytes.
+    """
+    shape = tuple(reversed(info.shape))
+    if info.ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        dtype = np.float32 if info.ggml_type is GGMLQuantizationType.F32 else np.float16
+        return np.memmap(summary.path, dtype=dtype, mode="r", offset=info.offset, shape=shape)
+    block, size = GGML_QUANT_SIZES[info.ggml_type]
+    byte_shape = (*shape[:-1], shape[-1] // block * size)
+    return np.memmap(summary.path, dtype=np.uint8, mode="r", offset=info.offset, shape=byte_shape)

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q, GGUFReader
+from gguf import GGMLQuantizationType as Q
 
 from convert import convert, load_plan, verify
 from convert.quant import mxfp4_from_hf, n_bytes
 from ggufllm import ConversionError, LLMService, OutputExistsError
 from ggufllm.engine.native import NativeModel
+from ggufllm.gguf_file import read_gguf_header, tensor_array
 
 TYPES = ["q8_0", "q4_k_m", "bf16", "f16", "f32"]
 
 
 def tensors(path: Path) -> dict[str, tuple[Q, bytes]]:
-    return {t.name: (Q(int(t.tensor_type)), np.asarray(t.data).tobytes())
-            for t in GGUFReader(path).tensors}
+    s = read_gguf_header(path)
+    return {t.name: (t.ggml_type, np.asarray(tensor_array(s, t)).tobytes()) for t in s.tensors}
 
 
 @pytest.mark.parametrize("out_type", TYPES)
@@ -43,8 +44,8 @@ def test_every_type_loads_in_llama_cpp_and_generates(tiny_gguf, out_type):
 
 
 def test_metadata_is_what_llama_cpp_expects(tiny_gguf, tiny_checkpoint):
-    r = GGUFReader(tiny_gguf("q8_0"))
-    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    r = read_gguf_header(tiny_gguf("q8_0"))
+    f = r.metadata
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     assert f["general.architecture"] == "gpt-oss"
     assert f["gpt-oss.block_count"] == cfg["num_hidden_layers"]
@@ -61,14 +62,13 @@ def test_metadata_is_what_llama_cpp_expects(tiny_gguf, tiny_checkpoint):
     assert f["general.file_type"] == 7 and f["general.quantization_version"] == 2
     assert len(f["ggufllm.source.sha256"]) == 64
     assert "<|start|>" in f["tokenizer.chat_template"]
-    tok = {k: v.contents() for k, v in r.fields.items() if k.startswith("tokenizer.ggml.")
-           and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    tok = r.metadata
     assert tok["tokenizer.ggml.model"] == "gpt2" and tok["tokenizer.ggml.pre"] == "gpt-4o"
     assert tok["tokenizer.ggml.bos_token_id"] == 199998
     assert tok["tokenizer.ggml.eos_token_id"] == 200002
     assert tok["tokenizer.ggml.add_bos_token"] is False
-    assert len(r.fields["tokenizer.ggml.tokens"].data) == 201088
-    assert len(r.fields["tokenizer.ggml.merges"].data) > 400_000
+    assert r.array_lengths["tokenizer.ggml.tokens"] == 201088
+    assert r.array_lengths["tokenizer.ggml.merges"] > 400_000
 
 
 TEXT = ("The quick brown fox — it's 2024!  Thủ đô của Việt Nam là Hà Nội; tiếng Việt có dấu. "
@@ -202,7 +202,7 @@ def test_dry_run_predicts_the_tensor_bytes(tiny_gguf, tiny_checkpoint):
                         "--type", "q4_k_m"], capture_output=True, text=True, check=True)
     last = r.stdout.strip().splitlines()[-1]
     predicted = int(last.split(" tensors, ")[1].split(" bytes")[0].replace(",", ""))
-    actual = sum(t.n_bytes for t in GGUFReader(tiny_gguf("q4_k_m")).tensors)
+    actual = sum(t.n_bytes for t in read_gguf_header(tiny_gguf("q4_k_m")).tensors)
     assert predicted == actual
     assert "ffn_gate_exps.weight" in r.stdout and "MXFP4" in r.stdout
 
