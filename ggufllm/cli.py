@@ -262,7 +262,10 @@ def convert_cmd(src: str, out: Path | None, out_type: str, experts: str, dry_run
 @click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--reference", required=True, help="The source checkpoint folder.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per tensor.")
-def verify_cmd(gguf_file: Path, reference: str, as_json: bool) -> None:
+@click.option("--logits", is_flag=True,
+              help="Also compare llama.cpp's logits with transformers' on 64 tokens "
+                   "(small models; needs the 'reference' extra).")
+def verify_cmd(gguf_file: Path, reference: str, as_json: bool, logits: bool) -> None:
     """Per-tensor fidelity of GGUF_FILE against its source checkpoint."""
     from convert import verify
 
@@ -275,6 +278,12 @@ def verify_cmd(gguf_file: Path, reference: str, as_json: bool) -> None:
             exact = {True: "bit-exact", False: "MISMATCH", None: ""}[r.bit_exact]
             click.echo(f"{r.name:32} {r.qtype:6} rel {r.rel_error:9.2e} max {r.max_abs_error:9.2e} "
                        f"{exact}")
+    if logits:
+        from convert.logits import compare_logits
+
+        rel, same = compare_logits(gguf_file, reference)
+        click.echo(f"logits vs transformers (64 tokens): relative error {rel:.2e}, "
+                   f"same argmax at {same:.0%} of positions")
     if failed:
         click.echo(f"error: {failed} tensor(s) differ from the source", err=True)
         sys.exit(1)

@@ -1,0 +1,54 @@
+"""Converted GGUF logits (llama.cpp) against transformers' GptOssForCausalLM (fp32) on 64 tokens.
+
+Facts the limits rest on (FIELD-NOTES): on CPU llama.cpp rounds activations to
+Q8_0 before MXFP4 expert matmuls, and floors/ceils the YaRN correction range
+whatever the config says. The reference here reproduces both by construction:
+the experts are converted to F32 (values exactly the dequantized MXFP4, so no
+activation rounding) and the fixture's YaRN config says ``truncate: true`` (so
+transformers floors/ceils too). KV cache F32, flash attention off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert import convert
+from convert.logits import llama_logits, reference_logits
+
+from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
+
+N_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def truncating_checkpoint(tmp_path_factory, harmony_tokenizer) -> Path:
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["rope_scaling"]["truncate"] = True
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-trunc"), harmony_tokenizer, config=cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(truncating_checkpoint) -> tuple[list[int], np.ndarray]:
+    pytest.importorskip("torch")
+    tokens = np.random.default_rng(1).integers(0, 199998, N_TOKENS).tolist()
+    return tokens, reference_logits(truncating_checkpoint, tokens)
+
+
+@pytest.mark.parametrize("out_type,experts,limit", [
+    ("f32", "f32", 1e-5),    # measured 9.7e-7
+    ("bf16", "bf16", 5e-2),  # measured 2.5e-2: CPU rounds activations to bf16 for bf16 matmuls
+    ("f16", "f16", 5e-3),    # measured 9.7e-4
+])
+def test_logits_match_transformers(truncating_checkpoint, reference, tmp_path,
+                                   out_type, experts, limit):
+    tokens, ref = reference
+    path = convert(truncating_checkpoint, tmp_path / "m.gguf", out_type, experts).path
+    got = llama_logits(path, tokens)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    print(f"{out_type}/{experts}: relative logit error {rel:.2e}")
+    assert rel < limit
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
