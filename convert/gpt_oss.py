@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .checkpoint import Checkpoint
-from .quant import (ExpertType, OutType, encode, expert_type, matrix_type, mxfp4_from_hf,
+from .quant import (ExpertType, OutType, encode, encode_rows, expert_type, matrix_type, mxfp4_from_hf,
                     mxfp4_hf_to_float)
 
 __all__ = ["HF_ARCHITECTURE", "check_config", "check_tensors", "write_metadata", "plan",
@@ -165,8 +165,9 @@ def plan(ckpt: Checkpoint, out: OutType, experts: ExpertType) -> list[TensorJob]
             qtype = Q.F32  # norms, biases, sinks and the router stay F32, as llama.cpp keeps them
         else:
             qtype = matrix_type(out, gname, shape[-1], layer, n_layers)
-        jobs.append(TensorJob(gname, shape, qtype, hf_name, t.dtype,
-                              lambda t=t, q=qtype: encode(t.float32(), q), t.float32))
+        produce = ((lambda t=t, q=qtype: encode(t.float32(), q)) if len(shape) == 1
+                   else (lambda t=t, q=qtype: encode_rows(t, q)))
+        jobs.append(TensorJob(gname, shape, qtype, hf_name, t.dtype, produce, t.float32))
 
     def add_expert_bias(hf_name: str, gname: str, rows: slice) -> None:
         t = src[hf_name]

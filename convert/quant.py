@@ -10,12 +10,19 @@ from __future__ import annotations
 import ctypes
 import enum
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 
 __all__ = ["OutType", "ExpertType", "mxfp4_from_hf", "mxfp4_to_float", "encode",
            "q4_k_m_type", "FILE_TYPES"]
+
+
+class SourceTensorLike(Protocol):
+    shape: tuple[int, ...]
+
+    def float32(self, rows: slice = ...) -> np.ndarray: ...
 
 
 class OutType(str, enum.Enum):
@@ -160,6 +167,21 @@ def byte_shape(qtype: Q, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The numpy shape of a tensor's bytes (the row becomes its encoded size)."""
     block, size = GGML_QUANT_SIZES[qtype]
     return (*shape[:-1], shape[-1] // block * size)
+
+
+# Rows converted to float32 at a time when encoding a large matrix: bounds the
+# float copy (the 201088 x 2880 embedding would otherwise take 2.3 GB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def encode_rows(source: SourceTensorLike, qtype: Q) -> np.ndarray:
+    """Encodes a 2-D source matrix chunk by chunk of rows (same bytes as :func:`encode`)."""
+    rows, cols = source.shape
+    if qtype in (Q.F32, Q.F16) or rows * cols <= CHUNK_ELEMENTS:
+        return encode(source.float32(), qtype)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    parts = [encode(source.float32(slice(r, r + step)), qtype) for r in range(0, rows, step)]
+    return np.concatenate(parts, axis=0)
 
 
 def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
