@@ -362,3 +362,19 @@ def test_interrupt_removes_the_partial_file(tiny_checkpoint, tmp_path):
 def test_n_bytes_table():
     assert n_bytes(Q.Q8_0, (2, 64)) == 2 * 2 * 34
     assert n_bytes(Q.MXFP4, (4, 64, 64)) == 4 * 64 * 2 * 17
+
+
+def test_repo_id_is_found_in_the_local_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """A repo id resolves through huggingface-hub's cache with local_files_only (no network)."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--openai--gpt-oss-tiny" / "snapshots" / ("0" * 40)
+    snap.parent.mkdir(parents=True)
+    _copy(tiny_checkpoint, snap)
+    (cache / "models--openai--gpt-oss-tiny" / "refs").mkdir()
+    (cache / "models--openai--gpt-oss-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    ckpt, _, jobs = load_plan("openai/gpt-oss-tiny")
+    assert ckpt.folder == snap and len(jobs) == 41
+    with pytest.raises(ConversionError, match="--download"):
+        load_plan("openai/not-cached")
