@@ -40,14 +40,60 @@ def llama_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
         model.close()
 
 
-def reference_logits(checkpoint: str | Path, tokens: list[int]) -> np.ndarray:
-    """transformers' fp32 forward pass (MXFP4 experts dequantized) on ``tokens``."""
+def _q8_0_round_trip(x):  # torch.Tensor -> torch.Tensor
+    """What ggml's CPU backend does to activations before a quantized matmul: Q8_0
+    blocks of 32, scale max|x|/127 stored as fp16, values rounded to int8."""
+    import torch
+
+    shape = x.shape
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    d = amax / 127
+    # ggml multiplies by 127/amax (not 1/d) and rounds half to even
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    return (q * d.to(torch.float16).to(torch.float32)).reshape(shape)
+
+
+def _emulate_expert_activations(experts) -> None:
+    """Rounds the inputs of both expert matmuls of one GptOssExperts module to Q8_0."""
+
+    def forward(hidden_states, router_indices=None, routing_weights=None):
+        import torch
+
+        out = torch.zeros_like(hidden_states)
+        for e in range(experts.num_experts):
+            mask = router_indices == e  # [tokens, top_k]
+            token_idx, top_k_pos = torch.where(mask)
+            if token_idx.numel() == 0:
+                continue
+            x = _q8_0_round_trip(hidden_states[token_idx])
+            gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+            gated = experts._apply_gate(gate_up)
+            y = _q8_0_round_trip(gated) @ experts.down_proj[e] + experts.down_proj_bias[e]
+            out.index_add_(0, token_idx, y * routing_weights[token_idx, top_k_pos, None])
+        return out
+
+    experts.forward = forward
+
+
+def reference_logits(checkpoint: str | Path, tokens: list[int], *,
+                     emulate_q8_0_activations: bool = False) -> np.ndarray:
+    """transformers' fp32 forward pass (MXFP4 experts dequantized) on ``tokens``.
+
+    Args:
+        emulate_q8_0_activations: round the expert matmul inputs to Q8_0 as
+            llama.cpp's CPU backend does before MXFP4 (or other quantized) experts.
+    """
     import torch
     from transformers import GptOssForCausalLM, Mxfp4Config
 
     model = GptOssForCausalLM.from_pretrained(
         checkpoint, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32,
         attn_implementation="eager").eval()
+    if emulate_q8_0_activations:
+        for layer in model.model.layers:
+            _emulate_expert_activations(layer.mlp.experts)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].numpy()
 

@@ -11,7 +11,6 @@ same system prompt pays for it once).
 
 from __future__ import annotations
 
-import codecs
 import logging
 import threading
 import time
@@ -22,10 +21,9 @@ from ..chunks import Chunk, FinishReason, Timings
 from ..config import GenerationConfig
 from ..errors import ContextLengthExceededError, InvalidParameterError, ServiceClosedError
 from ..gguf_file import GGUFSummary, read_gguf_header
-from ..harmony import Delta, HarmonyParser
 from .native import NativeContext, NativeModel, ProgressFn, Sampler
 from .prompt import Prompt, PromptBuilder, PromptKind
-from .stops import StopScanner
+from .output import HarmonyReader, OutputReader, TextReader
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -157,25 +155,25 @@ class Engine:
         self._cached.extend(rest)
         return common
 
+    def _reader(self, prompt: Prompt) -> OutputReader:
+        if self.prompts.harmony is not None:
+            return HarmonyReader(self._model, self.prompts.harmony)
+        return TextReader(self._model, prompt.stops)
+
     def _run(self, prompt: Prompt, cfg: GenerationConfig,
              cancel: threading.Event | None) -> Iterator[Chunk]:
-        model, ctx = self._model, self._ctx
+        ctx = self._ctx
         t0 = time.perf_counter()
         try:
             n_cached = self._prefill(prompt.tokens)
         except BaseException:
-            self._ctx.clear()
+            ctx.clear()  # a half-evaluated prompt must not be reused
             self._cached = []
             raise
         t1 = time.perf_counter()
-        harmony = (HarmonyParser(self.prompts.harmony, model.piece)
-                   if self.prompts.harmony is not None else None)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = StopScanner(prompt.stops)
-        harmony_end = self.prompts.harmony.end if self.prompts.harmony else -1
+        reader = self._reader(prompt)
         sampler = Sampler(cfg)
         n_gen = 0
-        at_start = True
         finish: FinishReason = "length"
         try:
             for _ in range(cfg.max_tokens):
@@ -184,48 +182,18 @@ class Engine:
                     break
                 token = sampler.sample(ctx)
                 n_gen += 1
-                if harmony is not None:
-                    deltas = harmony.feed(token)
-                    yield from _token_chunks(deltas, token)
-                    if harmony.done:
-                        finish = harmony.finish_reason or "stop"
-                        break
-                    if token != harmony_end and model.is_eog(token):
-                        finish = "stop"
-                        break
-                else:
-                    if model.is_eog(token):
-                        finish = "stop"
-                        break
-                    text = decoder.decode(model.piece(token))
-                    if at_start:  # an answer does not begin with the prompt's space
-                        text = text.lstrip()
-                        at_start = not text
-                    text, hit = stops.push(text)
-                    yield Chunk(text, "final", (token,))
-                    if hit:
-                        finish = "stop"
-                        break
+                chunks, done = reader.feed(token)
+                yield from chunks
+                if done is not None:
+                    finish = done
+                    break
+                # the token enters the cache only once shown: a consumer that stops
+                # here leaves the cache consistent with self._cached
                 ctx.decode_one(token)
                 self._cached.append(token)
-            tail = [Chunk(d.text, d.channel) for d in harmony.finish()] if harmony else []
-            if harmony is None and finish != "stop":
-                rest, _ = stops.push(decoder.decode(b"", final=True))
-                tail.append(Chunk(rest + stops.flush()))
-            yield from (c for c in tail if c.text)
-            t2 = time.perf_counter()
-            timings = Timings(len(prompt.tokens), n_cached, n_gen, t1 - t0, t2 - t1)
+            yield from reader.flush(finish)
+            timings = Timings(len(prompt.tokens), n_cached, n_gen, t1 - t0,
+                              time.perf_counter() - t1)
             yield Chunk("", "final", (), finish, timings)
         finally:
             sampler.close()
-
-
-def _token_chunks(deltas: Sequence[Delta], token: int) -> Iterator[Chunk]:
-    """One chunk per delta; the token id rides on the first (or on an empty chunk)."""
-    if not deltas:
-        yield Chunk("", "final", (token,))
-        return
-    ids: tuple[int, ...] = (token,)
-    for d in deltas:
-        yield Chunk(d.text, d.channel, ids)
-        ids = ()
