@@ -92,7 +92,7 @@ def main() -> None:
         print(f"round {r + 1}: ggufllm {ours[-1]:6.2f} tok/s   bare {bare[-1]:6.2f} tok/s   "
               f"ratio {ours[-1] / bare[-1]:.3f}")
     o, b = statistics.median(ours), statistics.median(bare)
-    paired = statistics.median(x / y for x, y in zip(ours, bare))
+    paired = statistics.median(x / y for x, y in zip(ours, bare, strict=True))
     print(f"model {path}\nthreads {default_threads()}, {args.tokens} tokens, {args.rounds} rounds")
     print(f"median: ggufllm {o:.2f} tok/s, bare llama.cpp loop {b:.2f} tok/s; "
           f"median of the per-round ratios {paired:.3f}")

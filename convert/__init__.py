@@ -5,8 +5,8 @@
 """
 
 from .converter import ARCHITECTURES, ConvertResult, convert, load_plan
-from .quant import ExpertType, OutType
 from .fidelity import TensorReport, verify
+from .quant import ExpertType, OutType
 
 __all__ = ["convert", "load_plan", "verify", "ConvertResult", "TensorReport", "OutType",
            "ExpertType", "ARCHITECTURES"]

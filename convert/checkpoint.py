@@ -130,8 +130,8 @@ def _read_header(path: Path, problems: list[str]) -> dict[str, SourceTensor]:
         spans.append((a, b, name))
         out[name] = SourceTensor(name, dtype, shape, path, base + a, base + b)
     spans.sort()
-    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
-        if a1 < b0:
+    for (_, end0, n0), (start1, _, n1) in zip(spans, spans[1:], strict=False):
+        if start1 < end0:
             problems.append(f"{path.name}: {n0} and {n1} overlap")
     return out
 

@@ -113,6 +113,7 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
     partial = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     total = 0
+    w: gguf.GGUFWriter | None = None
     try:
         w = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.ARCH])
         w.add_name(ckpt.config.get("_name_or_path") or ckpt.folder.name)
@@ -150,9 +151,19 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
         os.replace(partial, out)
         fsync_dir(out.parent)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        _abandon(w, partial)
         raise ConversionError(f"writing {out} failed: {exc.strerror or exc}") from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _abandon(w, partial)
         raise
     return ConvertResult(out, len(jobs), total, _peak_rss(), jobs)
+
+
+def _abandon(w: gguf.GGUFWriter | None, partial: Path) -> None:
+    """Closes a half-written output without flushing more into it, and deletes it."""
+    for f in (w.fout or []) if w is not None else []:
+        try:
+            f.close()
+        except OSError:  # the disk that failed the write may fail the flush too
+            pass
+    partial.unlink(missing_ok=True)

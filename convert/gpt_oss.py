@@ -16,8 +16,16 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .checkpoint import Checkpoint
-from .quant import (ExpertType, OutType, encode, encode_rows, expert_type, matrix_type, mxfp4_from_hf,
-                    mxfp4_hf_to_float)
+from .quant import (
+    ExpertType,
+    OutType,
+    encode,
+    encode_rows,
+    expert_type,
+    matrix_type,
+    mxfp4_from_hf,
+    mxfp4_hf_to_float,
+)
 
 __all__ = ["HF_ARCHITECTURE", "check_config", "check_tensors", "write_metadata", "plan",
            "TensorJob"]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as Q
 
 __all__ = ["OutType", "ExpertType", "mxfp4_from_hf", "mxfp4_to_float", "encode",
            "q4_k_m_type", "FILE_TYPES"]

@@ -116,7 +116,7 @@ def test_cancelled_async_stream_frees_the_model(service):
 def test_broken_async_for_stops_decoding(service):
     async def main() -> int:
         n = 0
-        async for chunk in service.astream("Count from one to one hundred.", temperature=0.0,
+        async for _chunk in service.astream("Count from one to one hundred.", temperature=0.0,
                                            max_tokens=300):
             n += 1
             if n == 2:

@@ -22,8 +22,8 @@ from ..config import GenerationConfig
 from ..errors import ContextLengthExceededError, InvalidParameterError, ServiceClosedError
 from ..gguf_file import GGUFSummary, read_gguf_header
 from .native import NativeContext, NativeModel, ProgressFn, Sampler
-from .prompt import Prompt, PromptBuilder, PromptKind
 from .output import HarmonyReader, OutputReader, TextReader
+from .prompt import Prompt, PromptBuilder, PromptKind
 
 __all__ = ["Engine", "EngineOptions"]
 

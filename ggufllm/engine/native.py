@@ -205,6 +205,7 @@ class NativeContext:
                                               f"{n_ctx} tokens (out of memory?)"])
         self.n_ctx = int(lib.llama_n_ctx(self._ptr))
         self.n_batch = n_batch
+        self._one = (lib.llama_token * 1)()
         self._memory = lib.llama_get_memory(self._ptr)
 
     @property
@@ -227,9 +228,10 @@ class NativeContext:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
 
-    def decode_one(self, token: int, _arr: ctypes.Array = (lib.llama_token * 1)()) -> None:
-        _arr[0] = token
-        rc = lib.llama_decode(self.ptr, lib.llama_batch_get_one(_arr, 1))
+    def decode_one(self, token: int) -> None:
+        """Evaluates one sampled token (the per-token path: one reused buffer)."""
+        self._one[0] = token
+        rc = lib.llama_decode(self.ptr, lib.llama_batch_get_one(self._one, 1))
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
