@@ -16,7 +16,7 @@ from convert import convert, verify  # noqa: E402
 from convert.logits import compare_logits  # noqa: E402
 from tests.gpt_oss_fixture import TINY_CONFIG, write_checkpoint  # noqa: E402
 
-ROWS = [("f32", "f32"), ("bf16", "mxfp4"), ("f16", "mxfp4"), ("q8_0", "mxfp4"),
+ROWS = [("f32", "f32"), ("f32", "mxfp4"), ("bf16", "mxfp4"), ("f16", "mxfp4"), ("q8_0", "mxfp4"),
         ("q4_k_m", "mxfp4"), ("bf16", "bf16"), ("f16", "f16")]
 
 
@@ -28,6 +28,7 @@ def main() -> None:
         print("| --type | --experts | size (bytes) | worst non-expert matrix rel. error | "
               "experts | logits rel. error vs transformers | same argmax |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
+        emulated = {}
         for out_type, experts in ROWS:
             out = convert(src, Path(tmp) / f"{out_type}-{experts}.gguf", out_type, experts).path
             reports = list(verify(out, src))
@@ -38,6 +39,11 @@ def main() -> None:
             rel, same = compare_logits(out, src)
             print(f"| {out_type} | {experts} | {out.stat().st_size:,} | {worst:.2e} | {exp_text} "
                   f"| {rel:.2e} | {same:.0%} |")
+            if (out_type, experts) == ("f32", "mxfp4"):
+                emulated[out] = compare_logits(out, src, emulate_q8_0_activations=True)
+        for out, (rel, same) in emulated.items():
+            print(f"\n{out.name} against a reference that rounds the expert inputs to Q8_0 as "
+                  f"ggml's CPU backend does: relative error {rel:.2e}, same argmax {same:.0%}")
 
 
 if __name__ == "__main__":

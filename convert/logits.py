@@ -99,10 +99,10 @@ def reference_logits(checkpoint: str | Path, tokens: list[int], *,
 
 
 def compare_logits(gguf_path: str | Path, checkpoint: str | Path, n_tokens: int = 64,
-                   seed: int = 1) -> tuple[float, float]:
+                   seed: int = 1, *, emulate_q8_0_activations: bool = False) -> tuple[float, float]:
     """(relative error of all logits, share of positions with the same argmax)."""
     tokens = np.random.default_rng(seed).integers(0, 199998, n_tokens).tolist()
-    ref = reference_logits(checkpoint, tokens)
+    ref = reference_logits(checkpoint, tokens, emulate_q8_0_activations=emulate_q8_0_activations)
     got = llama_logits(gguf_path, tokens)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     return rel, float((got.argmax(-1) == ref.argmax(-1)).mean())
