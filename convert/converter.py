@@ -12,6 +12,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -41,7 +42,7 @@ class ConvertResult:
     plan: list[gpt_oss.TensorJob]
 
 
-def _architecture(ckpt: Checkpoint):  # -> module
+def _architecture(ckpt: Checkpoint) -> Any:  # an architecture module (see ARCHITECTURES)
     names = ckpt.config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
@@ -52,7 +53,7 @@ def _architecture(ckpt: Checkpoint):  # -> module
 
 def load_plan(src: str | Path, out_type: OutType | str = OutType.Q8_0,
               experts: ExpertType | str = ExpertType.MXFP4, *,
-              download: bool = False) -> tuple[Checkpoint, object, list[gpt_oss.TensorJob]]:
+              download: bool = False) -> tuple[Checkpoint, Any, list[gpt_oss.TensorJob]]:
     """Reads and validates the source; returns the checkpoint, its architecture and the plan.
 
     Raises:

@@ -141,7 +141,7 @@ def write_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
     w.add_value_length(cfg["head_dim"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_expert_count(cfg["num_local_experts"])
-    w.add_expert_used_count(_experts_used(cfg))
+    w.add_expert_used_count(int(_experts_used(cfg) or 0))
     w.add_expert_feed_forward_length(cfg["intermediate_size"])
     w.add_sliding_window(cfg["sliding_window"])
     w.add_rope_freq_base(cfg["rope_theta"])
@@ -192,10 +192,11 @@ def plan(ckpt: Checkpoint, out: OutType, experts: ExpertType) -> list[TensorJob]
         qtype = expert_type(experts)
         parts = lambda: (blocks.array()[:, rows], scales.array()[:, rows])  # noqa: E731
         values = lambda: mxfp4_hf_to_float(*parts())  # noqa: E731
-        if qtype is Q.MXFP4:
-            produce = lambda: mxfp4_from_hf(*parts())  # noqa: E731
-        else:
-            produce = lambda q=qtype: encode(values(), q)  # noqa: E731
+        def produce() -> np.ndarray:
+            if qtype is Q.MXFP4:  # the checkpoint's codes, repacked bit for bit
+                return mxfp4_from_hf(*parts())
+            return encode(values(), qtype)
+
         jobs.append(TensorJob(gname, shape, qtype, f"{prefix}_blocks/_scales[:, {_fmt(rows)}]",
                               "MXFP4", produce, values))
 

@@ -86,7 +86,7 @@ def reference_logits(checkpoint: str | Path, tokens: list[int], *,
             llama.cpp's CPU backend does before MXFP4 (or other quantized) experts.
     """
     import torch
-    from transformers import GptOssForCausalLM, Mxfp4Config
+    from transformers import GptOssForCausalLM, Mxfp4Config  # type: ignore[attr-defined]
 
     model = GptOssForCausalLM.from_pretrained(
         checkpoint, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32,

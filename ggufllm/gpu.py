@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp.llama_cpp as lib
 
@@ -27,7 +28,7 @@ class GpuInfo:
     memory_used_gb: float
 
 
-def _ggml_functions() -> dict[str, ctypes._CFuncPtr] | None:
+def _ggml_functions() -> dict[str, Any] | None:
     """ggml's device API from the bundled libggml-base, typed here (llama-cpp-python
     does not bind it)."""
     try:

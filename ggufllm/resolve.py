@@ -54,6 +54,7 @@ def pick_in_directory(directory: Path, *, use_quantization: bool = True,
     files = sorted(p for p in directory.glob("*.gguf") if p.is_file())
     if not files:
         return None
+    order: tuple[str, ...]
     if not use_quantization:
         order = _PREFER_FULL
     elif load_in_4bit:

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import llama_cpp.llama_cpp as lib
 
@@ -91,7 +92,7 @@ class NativeModel:
             return keep_going
 
         # Keep the ctypes callback alive for the duration of the load.
-        self._progress_cb = lib.llama_progress_callback(on_progress)
+        self._progress_cb: Any = lib.llama_progress_callback(on_progress)
         params.progress_callback = self._progress_cb
         self.path = path
         self._ptr = lib.llama_model_load_from_file(path.encode(), params)

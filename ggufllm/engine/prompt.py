@@ -17,7 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..config import GenerationConfig
 from ..errors import ModelLoadError
-from ..harmony import HarmonyTokens, Segment, Turn, render_conversation
+from ..harmony import DEFAULT_INSTRUCTIONS, HarmonyTokens, Segment, Turn, render_conversation
 from .native import NativeModel
 
 __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
@@ -79,8 +79,8 @@ class PromptBuilder:
               instructions: str | None = None) -> Prompt:
         """Renders and tokenizes a conversation that ends with the user's turn."""
         if self.kind is PromptKind.HARMONY:
-            kwargs = {} if instructions is None else {"instructions": instructions}
-            segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort, **kwargs)
+            segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort,
+                                           instructions=instructions or DEFAULT_INSTRUCTIONS)
             return Prompt(self._tokenize_segments(segments), cfg.stop)
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions), cfg.stop)
