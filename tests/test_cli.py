@@ -93,3 +93,18 @@ def test_chat_keeps_the_conversation(default_gguf: Path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
+
+
+def test_reasoning_goes_to_stderr_and_the_answer_to_stdout(capsys):
+    from ggufllm import Chunk
+    from ggufllm.cli import _print_stream
+
+    chunks = [Chunk("Thinking", "analysis", (1,)), Chunk(" hard", "analysis", (2,)),
+              Chunk("Par", "final", (3,)), Chunk("is", "final", (4,)),
+              Chunk("", finish_reason="stop")]
+    answer = _print_stream(iter(chunks), show_reasoning=True)
+    out, err = capsys.readouterr()
+    assert out == "Paris\n" and "Thinking hard" in err and answer.reasoning == "Thinking hard"
+    _print_stream(iter(chunks), show_reasoning=False)
+    out, err = capsys.readouterr()
+    assert out == "Paris\n" and err == ""

@@ -11,7 +11,7 @@ from ggufllm.harmony import HarmonyParser, HarmonyTokens
 from ggufllm.harmony.parser import MAX_HEADER_BYTES
 
 # The real o200k_harmony ids (harmony specification)
-IDS = {"<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
+IDS = {"<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
        "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
 TOKENS = HarmonyTokens.from_lookup(IDS.get)
 _SPLIT = re.compile("(" + "|".join(re.escape(k) for k in IDS) + ")")
@@ -170,3 +170,53 @@ def test_random_streams_never_crash(seed):
         for d in parser.feed(rng.choice(vocab_ids)):
             assert isinstance(d.text, str) and d.channel in ("final", "analysis", "commentary")
     parser.finish()
+
+
+class FakeModel:
+    """The two vocabulary calls a reader makes, over the scripted vocabulary."""
+
+    def __init__(self, vocab: Vocab, eog: set[int]) -> None:
+        self.piece, self._eog = vocab.piece, eog
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+
+def read(script: str, stops: tuple[str, ...] = ()) -> Answer:
+    from ggufllm.engine.output import HarmonyReader
+
+    vocab = Vocab()
+    ids = vocab.encode(script)
+    # llama.cpp's end-of-generation set for gpt-oss: <|return|>, <|call|> (not <|end|>)
+    reader = HarmonyReader(FakeModel(vocab, {200002, 200012, 199999}), TOKENS, stops)
+    chunks, finish = [], None
+    for t in ids:
+        out, finish = reader.feed(t)
+        chunks += out
+        if finish:
+            break
+    chunks += reader.flush(finish or "length")
+    chunks.append(Chunk("", finish_reason=finish or "length"))
+    return Answer.from_chunks(chunks)
+
+
+def test_reader_stops_on_a_stop_string_in_the_answer_only():
+    a = read("<|channel|>analysis<|message|>say STOP now<|end|><|start|>assistant<|channel|>final"
+             "<|message|>Paris. STOP and more<|return|>", stops=("STOP",))
+    assert a.text == "Paris. " and a.reasoning == "say STOP now" and a.finish_reason == "stop"
+
+
+def test_reader_releases_held_back_text_at_return():
+    a = read("<|channel|>final<|message|>Paris ST<|return|>", stops=("STOP",))
+    assert a.text == "Paris ST" and a.finish_reason == "stop"
+
+
+def test_reader_releases_held_back_text_when_cut_by_length():
+    a = read("<|channel|>final<|message|>Paris S", stops=("STOP",))
+    assert a.text == "Paris S" and a.finish_reason == "length"
+
+
+def test_reader_ends_at_other_end_of_generation_tokens_but_not_at_end():
+    a = read("<|channel|>analysis<|message|>r<|end|><|start|>assistant<|channel|>final"
+             "<|message|>ok<|endoftext|>more")
+    assert (a.text, a.reasoning, a.finish_reason) == ("ok", "r", "stop")

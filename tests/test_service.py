@@ -284,3 +284,11 @@ def test_optimize_for_gpu_picks_the_file_of_the_folder(tmp_path: Path, default_g
     svc.load()
     assert svc.get_model_info()["quantization"] == "F16"
     svc.close()
+
+
+def test_stop_strings_cut_the_answer(service):
+    full = service.generate_answer("Why is the sky blue?", **GREEDY)
+    assert "because" in full
+    cut = service.answer("Why is the sky blue?", stop=("because",), **GREEDY)
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index("because")]

@@ -157,7 +157,7 @@ class Engine:
 
     def _reader(self, prompt: Prompt) -> OutputReader:
         if self.prompts.harmony is not None:
-            return HarmonyReader(self._model, self.prompts.harmony)
+            return HarmonyReader(self._model, self.prompts.harmony, prompt.stops)
         return TextReader(self._model, prompt.stops)
 
     def _run(self, prompt: Prompt, cfg: GenerationConfig,

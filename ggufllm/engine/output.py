@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ..chunks import Chunk, FinishReason
-from ..harmony import HarmonyParser, HarmonyTokens
+from ..harmony import Delta, HarmonyParser, HarmonyTokens
 from .native import NativeModel
 from .stops import StopScanner
 
@@ -35,21 +35,51 @@ class HarmonyReader:
     vocabulary, never at ``<|end|>`` (that only closes a message).
     """
 
-    def __init__(self, model: NativeModel, tokens: HarmonyTokens) -> None:
+    def __init__(self, model: NativeModel, tokens: HarmonyTokens, stops: Sequence[str] = ()) -> None:
         self._model = model
         self._end = tokens.end
         self._parser = HarmonyParser(tokens, model.piece)
+        # extra stop strings apply to the answer (final channel) only
+        self._stops = StopScanner(stops) if stops else None
 
     def feed(self, token: int) -> tuple[list[Chunk], FinishReason | None]:
-        chunks = _with_token(self._parser.feed(token), token)
-        if self._parser.done:
-            return chunks, self._parser.finish_reason or "stop"
-        if token != self._end and self._model.is_eog(token):
+        deltas = self._parser.feed(token)
+        hit = False
+        if self._stops is not None:
+            deltas, hit = self._cut_final(deltas)
+        chunks = _with_token(deltas, token)
+        if hit:
             return chunks, "stop"
+        if self._parser.done:
+            return chunks + self._flush_final(), self._parser.finish_reason or "stop"
+        if token != self._end and self._model.is_eog(token):
+            return chunks + self._flush_final(), "stop"
         return chunks, None
 
+    def _cut_final(self, deltas: Sequence[Delta]) -> tuple[list[Delta], bool]:
+        assert self._stops is not None
+        out: list[Delta] = []
+        for d in deltas:
+            if d.channel != "final":
+                out.append(d)
+                continue
+            text, hit = self._stops.push(d.text)
+            if text:
+                out.append(Delta("final", text))
+            if hit:
+                return out, True
+        return out, False
+
+    def _flush_final(self) -> list[Chunk]:
+        tail = self._stops.flush() if self._stops is not None else ""
+        return [Chunk(tail)] if tail else []
+
     def flush(self, finish: FinishReason) -> list[Chunk]:
-        return [Chunk(d.text, d.channel) for d in self._parser.finish() if d.text]
+        deltas = self._parser.finish()
+        if self._stops is not None:
+            deltas, _ = self._cut_final(deltas)
+        chunks = [Chunk(d.text, d.channel) for d in deltas if d.text]
+        return chunks if finish == "stop" else chunks + self._flush_final()
 
 
 class TextReader:
@@ -79,7 +109,7 @@ class TextReader:
         return [Chunk(rest)] if rest else []
 
 
-def _with_token(deltas: Sequence, token: int) -> list[Chunk]:
+def _with_token(deltas: Sequence[Delta], token: int) -> list[Chunk]:
     """One chunk per delta; the token id rides on the first (or on an empty chunk)."""
     if not deltas:
         return [Chunk("", "final", (token,))]
