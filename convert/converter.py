@@ -113,39 +113,15 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
     ckpt, arch, jobs = load_plan(src, out_type, experts, download=download)
     partial = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
-    total = 0
     w: gguf.GGUFWriter | None = None
     try:
         w = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.ARCH])
-        w.add_name(ckpt.config.get("_name_or_path") or ckpt.folder.name)
-        w.add_type("model")
-        w.add_quantization_version(QUANTIZATION_VERSION)
-        w.add_file_type(FILE_TYPES[OutType(out_type)])
-        w.add_string("general.source.url", str(ckpt.folder))
-        w.add_string("ggufllm.source.sha256", ckpt.manifest_sha256())
-        w.add_string("ggufllm.experts", ExpertType(experts).value)
-        arch.write_metadata(w, ckpt.config)
-        _write_vocab(w, ckpt)
-        for job in jobs:
-            size = n_bytes(job.qtype, job.shape)
-            if job.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                dtype = np.float32 if job.qtype is gguf.GGMLQuantizationType.F32 else np.float16
-                w.add_tensor_info(job.name, job.shape, np.dtype(dtype), size)
-            else:
-                w.add_tensor_info(job.name, byte_shape(job.qtype, job.shape), np.dtype(np.uint8),
-                                  size, raw_dtype=job.qtype)
-        w.write_header_to_file()
+        _write_metadata(w, ckpt, arch, OutType(out_type), ExpertType(experts))
+        _write_tensor_infos(w, jobs)
+        w.write_header_to_file()  # the writer wants every tensor described first
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for job in jobs:
-            data = job.produce()
-            if data.dtype == np.uint16:  # BF16 bits: the writer wants bytes
-                data = data.view(np.uint8)
-            w.write_tensor_data(np.ascontiguousarray(data))
-            total += data.nbytes
-            del data
-            if progress is not None:
-                progress(job.name, n_bytes(job.qtype, job.shape))
+        total = _write_tensor_data(w, jobs, progress)
         w.fout[0].flush()  # type: ignore[index]
         os.fsync(w.fout[0].fileno())  # type: ignore[index]
         w.close()
@@ -158,6 +134,46 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
         _abandon(w, partial)
         raise
     return ConvertResult(out, len(jobs), total, _peak_rss(), jobs)
+
+
+def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Any, out_type: OutType,
+                    experts: ExpertType) -> None:
+    w.add_name(ckpt.config.get("_name_or_path") or ckpt.folder.name)
+    w.add_type("model")
+    w.add_quantization_version(QUANTIZATION_VERSION)
+    w.add_file_type(FILE_TYPES[out_type])
+    w.add_string("general.source.url", str(ckpt.folder))
+    w.add_string("ggufllm.source.sha256", ckpt.manifest_sha256())
+    w.add_string("ggufllm.experts", experts.value)
+    arch.write_metadata(w, ckpt.config)
+    _write_vocab(w, ckpt)
+
+
+def _write_tensor_infos(w: gguf.GGUFWriter, jobs: list[gpt_oss.TensorJob]) -> None:
+    floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+    for job in jobs:
+        size = n_bytes(job.qtype, job.shape)
+        if job.qtype in floats:
+            w.add_tensor_info(job.name, job.shape, np.dtype(floats[job.qtype]), size)
+        else:  # everything else is described by its bytes and its GGML type
+            w.add_tensor_info(job.name, byte_shape(job.qtype, job.shape), np.dtype(np.uint8),
+                              size, raw_dtype=job.qtype)
+
+
+def _write_tensor_data(w: gguf.GGUFWriter, jobs: list[gpt_oss.TensorJob],
+                       progress: Callable[[str, int], None] | None) -> int:
+    """Produces and writes one tensor at a time; returns the bytes written."""
+    total = 0
+    for job in jobs:
+        data = job.produce()
+        if data.dtype == np.uint16:  # BF16 bits: the writer wants bytes
+            data = data.view(np.uint8)
+        w.write_tensor_data(np.ascontiguousarray(data))
+        total += data.nbytes
+        del data
+        if progress is not None:
+            progress(job.name, n_bytes(job.qtype, job.shape))
+    return total
 
 
 def _abandon(w: gguf.GGUFWriter | None, partial: Path) -> None:
