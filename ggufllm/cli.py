@@ -63,9 +63,14 @@ def _service(model: str | None, max_length: int | None) -> Any:
 
 def _generation_params(max_tokens: int | None, temperature: float | None,
                        reasoning_effort: str | None, seed: int | None) -> dict[str, Any]:
+    """The per-call parameters given on the command line, validated before any loading."""
+    from .config import load_settings
+
     params = dict(max_tokens=max_tokens, temperature=temperature,
                   reasoning_effort=reasoning_effort, seed=seed)
-    return {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    load_settings().generation().updated(**params)  # raises InvalidParameterError / ConfigError
+    return params
 
 
 def _print_stream(chunks: Any, show_reasoning: bool) -> Answer:
