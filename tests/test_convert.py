@@ -22,6 +22,8 @@ from ggufllm import ConversionError, LLMService, OutputExistsError
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header, tensor_array
 
+pytestmark = pytest.mark.slow  # converts and loads models: ~2 minutes for the module
+
 TYPES = ["q8_0", "q4_k_m", "bf16", "f16", "f32"]
 
 

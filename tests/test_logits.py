@@ -22,6 +22,8 @@ from convert.logits import llama_logits, reference_logits
 
 from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
 
+pytestmark = pytest.mark.slow  # converts and loads models: ~2 minutes for the module
+
 N_TOKENS = 64
 
 
