@@ -130,10 +130,6 @@ class _Cursor:
         n = self.u64(f"length of {what}")
         return bytes(self.take(n, what))
 
-    def skip_string(self, what: str) -> None:
-        n = self.u64(f"length of {what}")
-        self.take(n, what)
-
 
 class _Bad(Exception):
     pass
@@ -163,11 +159,26 @@ def _read_array(cur: _Cursor, key: str) -> int:
     elif etype == _STRING:
         if count > remaining // 8:
             raise _Bad(f"array {key!r} claims {count} strings, more than the file holds")
-        for i in range(count):
-            cur.skip_string(f"{key}[{i}]")
+        cur.pos = _skip_strings(cur.buf, cur.pos, count, key)
     else:
         raise _Bad(f"array {key!r} has unsupported item type {etype}")
     return count
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _skip_strings(buf: memoryview, pos: int, count: int, key: str) -> int:
+    """Walks ``count`` length-prefixed strings (token lists: the hot loop of the check)."""
+    end = len(buf)
+    unpack = _U64.unpack_from
+    for _ in range(count):
+        if pos + 8 > end:
+            raise _Bad(f"array {key!r} runs past the end of the file")
+        pos += 8 + unpack(buf, pos)[0]
+    if pos > end:
+        raise _Bad(f"array {key!r} runs past the end of the file")
+    return pos
 
 
 def _read_tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], int, int]:
