@@ -24,10 +24,13 @@ from .errors import (  # noqa: E402
     ConversionError,
     GgufllmError,
     InvalidParameterError,
+    KVCacheError,
+    KVCacheMismatchError,
     LoadCancelledError,
     ModelLoadError,
     ModelNotFoundError,
     OutputExistsError,
+    ServerBusyError,
     ServiceClosedError,
 )
 from .harmony import Turn  # noqa: E402
@@ -43,6 +46,7 @@ __all__ = [
     "GgufllmError", "ConfigError", "InvalidParameterError", "ModelNotFoundError",
     "ModelLoadError", "LoadCancelledError", "ContextLengthExceededError",
     "ServiceClosedError", "ConversionError", "OutputExistsError",
+    "ServerBusyError", "KVCacheError", "KVCacheMismatchError",
 ]
 
 _service: LLMService | None = None

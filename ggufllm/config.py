@@ -18,6 +18,9 @@ from .errors import ConfigError, InvalidParameterError
 __all__ = ["Settings", "GenerationConfig", "ReasoningEffort", "load_settings"]
 
 ReasoningEffort = Literal["low", "medium", "high"]
+# what to do when a prompt plus its budget does not fit the context window
+OverflowPolicy = Literal["error", "truncate_context", "shrink_max_tokens", "drop_oldest_turns"]
+KVCacheType = Literal["f16", "q8_0", "q4_0"]
 DEFAULT_MODEL_DIR = "models/llm"
 
 
@@ -36,6 +39,9 @@ class GenerationConfig(BaseModel):
     seed: int | None = Field(None, ge=0, lt=1 << 32, description="None: random")
     reasoning_effort: ReasoningEffort = Field("low", description="gpt-oss reasoning level")
     stop: tuple[str, ...] = Field((), description="extra stop strings")
+    overflow: OverflowPolicy = Field("error", description="a prompt that does not fit: raise "
+                                     "(error), trim the RAG context, lower max_tokens, or drop "
+                                     "the oldest chat turns")
 
     def updated(self, **changes: Any) -> GenerationConfig:
         """Returns a copy with ``changes`` applied and validated.
@@ -74,6 +80,20 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(None, ge=1, le=1024)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     flash_attn: bool | None = Field(None, description="None: llama.cpp decides")
+    # engine: concurrency and KV cache
+    n_parallel: int = Field(4, ge=1, le=256, description="sequences decoded together (slots)")
+    max_queue: int = Field(64, ge=0, le=1 << 16,
+                           description="requests waiting for a slot before ServerBusyError")
+    kv_cache_type: KVCacheType = Field("f16", description="type of the K and V cache")
+    kv_cache_tokens: int | None = Field(None, ge=64, le=1 << 24,
+                                        description="KV pool size; None: MAX_LENGTH x N_PARALLEL")
+    kv_cache_ram_mb: int = Field(1024, ge=0, le=1 << 22,
+                                 description="host RAM for evicted prefixes (0 disables)")
+    swa_full: bool = Field(True, description="full-size sliding-window cache (prefixes reusable)")
+    # GPU placement of MoE experts
+    cpu_moe: bool = Field(False, description="keep every MoE expert tensor in CPU memory")
+    n_cpu_moe: int = Field(0, ge=0, le=512,
+                           description="keep the expert tensors of the first N layers on the CPU")
 
     def generation(self) -> GenerationConfig:
         """The default generation parameters these settings describe."""

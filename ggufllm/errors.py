@@ -10,6 +10,9 @@ HTTP server translate :class:`GgufllmError` in one place each.
     ├── ModelLoadError               the file is not a usable GGUF, or llama.cpp refused it
     │   └── LoadCancelledError       the load was cancelled by the caller
     ├── ContextLengthExceededError   prompt (+ budget) does not fit the context window
+    ├── ServerBusyError              every slot is busy and the wait queue is full
+    ├── KVCacheError                 a saved KV-cache file is unreadable (truncated, garbage)
+    │   └── KVCacheMismatchError     the file is from another model, build or setting
     ├── ServiceClosedError           the service was cleaned up / closed
     └── ConversionError              the converter found problems (lists them all)
         └── OutputExistsError        the output exists and --force was not given
@@ -27,6 +30,9 @@ __all__ = [
     "ModelLoadError",
     "LoadCancelledError",
     "ContextLengthExceededError",
+    "ServerBusyError",
+    "KVCacheError",
+    "KVCacheMismatchError",
     "ServiceClosedError",
     "ConversionError",
     "OutputExistsError",
@@ -114,6 +120,36 @@ class ContextLengthExceededError(GgufllmError):
         self.n_prompt = n_prompt
         self.n_ctx = n_ctx
         self.max_tokens = max_tokens
+
+
+class ServerBusyError(GgufllmError):
+    """Every slot is busy and the bounded wait queue is full; retry later.
+
+    Attributes:
+        queue_size: the queue's capacity (``MAX_QUEUE``).
+    """
+
+    def __init__(self, queue_size: int) -> None:
+        super().__init__(f"busy: all slots are in use and the wait queue ({queue_size}) is full; "
+                         "retry later")
+        self.queue_size = queue_size
+
+
+class KVCacheError(GgufllmError):
+    """A saved KV-cache file cannot be read (truncated, garbage, wrong format).
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot use KV-cache file {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class KVCacheMismatchError(KVCacheError):
+    """A saved KV-cache file was made by another model, llama.cpp build or context setting."""
 
 
 class ServiceClosedError(GgufllmError):
