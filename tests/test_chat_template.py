@@ -152,7 +152,7 @@ def reference_tokens(model: NativeModel, template: str, messages: list[dict]) ->
     return model.tokenize(text, add_special=add_bos, parse_special=True)
 
 
-TURNS = [Turn("user", "What is 2+2?"), Turn("assistant", "4"),
+TURNS = [Turn("user", "What is 2+2?"), Turn("assistant", "  4\n"),
          Turn("user", rag_user_message("And the capital of France?",
                                        "[1] Paris is the capital of France. Thủ đô 🇫🇷"))]
 

@@ -96,18 +96,21 @@ class ChatTemplate:
             ModelLoadError: the template failed, tried to leave its sandbox, or
                 rewrote message text so that it cannot be kept apart from markup.
         """
-        messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
-        open_, close = _marker(), _marker()
-        marked = [{**m, "content": f"{open_}{m['content']}{close}"} for m in messages]
-        segments = _split(self._call(marked, date), open_, close)
-        plain = self._call(messages, date)
-        if segments is None or "".join(s.text for s in segments) != plain:
-            raise ModelLoadError(self._path, ["the chat template rewrites message text, so user "
-                                              "text cannot be kept apart from its markup"])
-        return segments
-
-    def _call(self, messages: Sequence[dict[str, str]], date: _dt.date | None) -> str:
         now = _dt.datetime.combine(date, _dt.time()) if date else _dt.datetime.now()
+        open_, close = _marker(), _marker()
+        # Messages as given first; then stripped, for templates that trim them
+        # (the markers would keep the whitespace inside).
+        for strip in (False, True):
+            given = [{"role": m["role"], "content": m["content"].strip() if strip
+                      else m["content"]} for m in messages]
+            marked = [{**m, "content": f"{open_}{m['content']}{close}"} for m in given]
+            segments = _split(self._call(marked, now), open_, close)
+            if segments is not None and "".join(s.text for s in segments) == self._call(given, now):
+                return segments
+        raise ModelLoadError(self._path, ["the chat template rewrites message text, so user "
+                                          "text cannot be kept apart from its markup"])
+
+    def _call(self, messages: Sequence[dict[str, str]], now: _dt.datetime) -> str:
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=True, bos_token=self._bos,

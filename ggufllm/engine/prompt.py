@@ -123,7 +123,19 @@ class PromptBuilder:
         bos = self._text_of(self._model.bos_id)
         add_bos = self._model.add_bos and not (bos and segments and segments[0].special
                                                 and segments[0].text.startswith(bos))
-        return self._tokenize_segments(segments, add_bos)
+        safe = self._tokenize_segments(segments, add_bos)
+        # Tokenized in one piece the text gives the tokens the model was trained
+        # on (merges across span edges, SentencePiece's space prefix only at the
+        # start); that is used whenever it holds exactly the markup's control
+        # tokens, i.e. no user span turned into one.
+        whole = self._tokenize_segments([Segment("".join(s.text for s in segments), True)],
+                                        add_bos)
+        return whole if self._controls(whole) == self._controls(safe) else safe
+
+    def _controls(self, tokens: Sequence[int]) -> list[int]:
+        """The control tokens (those with no text of their own) among ``tokens``, in order."""
+        m = self._model
+        return [t for t in tokens if not m.piece(t) and m.piece(t, special=True)]
 
     def _completion(self, turns: Sequence[Turn]) -> list[int]:
         parts: list[str] = []
