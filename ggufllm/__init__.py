@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 # Offline always: the hub client must never reach the network from this package.

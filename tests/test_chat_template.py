@@ -21,8 +21,6 @@ from ggufllm.engine.native import NativeModel
 from ggufllm.engine.prompt import PromptBuilder, PromptKind
 from ggufllm.harmony import rag_user_message
 
-from .instruct_model import smollm2_gguf  # noqa: F401  (fixture)
-
 # google/gemma-3-*-it tokenizer_config.json "chat_template"
 GEMMA3_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}

@@ -21,7 +21,6 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai_harmony as oh
 import pytest
@@ -31,7 +30,6 @@ from ggufllm.engine.native import NativeModel
 from ggufllm.engine.prompt import PromptBuilder
 from ggufllm.harmony import DEFAULT_INSTRUCTIONS, HarmonyParser, HarmonyTokens, Turn
 from ggufllm.harmony.render import KNOWLEDGE_CUTOFF
-
 
 # openai-harmony's pinned hash of o200k_base.tiktoken (tiktoken_ext/public_encodings.rs)
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"

@@ -18,8 +18,6 @@ from ggufllm import LLMService
 from ggufllm.engine.native import NativeModel
 from ggufllm.engine.output import TextReader
 
-from .instruct_model import smollm2_gguf  # noqa: F401  (fixture)
-
 ANSWER = "Paris is the capital of France."
 # Long enough that the window holds back most of a short answer.
 NEVER = "<<a stop string that never comes>>"
