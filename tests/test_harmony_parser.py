@@ -166,6 +166,11 @@ def test_constrain_then_long_text_without_message_keeps_every_byte():
     assert a.text == body
 
 
+def test_text_around_a_stray_constrain_is_kept():
+    a, _ = run("Paris <|constrain|>is the capital.<|return|>")
+    assert a.text == "Paris is the capital."
+
+
 def test_role_word_after_start_is_not_answer_text():
     a, _ = run("<|channel|>analysis<|message|>r<|end|><|start|>assistantParis is the capital."
                "<|return|>")

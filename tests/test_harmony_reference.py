@@ -136,7 +136,11 @@ def _stream(rng: random.Random) -> str:
         body = "".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 30)))
         parts.append(f"{start}<|channel|>{channel}<|message|>{body}<|end|>")
     body = "".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 30)))
-    parts.append(f"<|start|>assistant<|channel|>final<|message|>{body}<|return|>")
+    if rng.random() < 0.3:  # a tool call ends the turn instead of an answer
+        parts.append("<|start|>assistant<|channel|>commentary to=functions.lookup "
+                     f"<|constrain|>json<|message|>{body}<|call|>")
+    else:
+        parts.append(f"<|start|>assistant<|channel|>final<|message|>{body}<|return|>")
     return "".join(parts)
 
 
@@ -154,7 +158,10 @@ def test_parser_agrees_with_streamable_parser(encoding, vocab, seed):
         assert text == (theirs.last_content_delta or "")
         if text:
             assert {d.channel for d in deltas} == {theirs.current_channel}
-    assert ours.done and ours.finish_reason == "stop"
+    last = theirs.messages[-1]
+    assert ours.done
+    assert ours.finish_reason == ("tool_call" if last.recipient else "stop")
+    assert ours.recipient == last.recipient
     answer = Answer.from_chunks(chunks)
     final = "".join(m.content[0].text for m in theirs.messages if m.channel == "final")
     other = "".join(m.content[0].text for m in theirs.messages if m.channel != "final")

@@ -156,13 +156,13 @@ class HarmonyParser:
     def _header_text(self, overflow: bool = False) -> tuple[Channel, bytes]:
         """A header that is not one: the channel its text belongs to, and the text."""
         if not self._saw_channel:
-            return "final", self._role_text()
+            return "final", self._role_text() + bytes(self._parts[_CONSTRAINT])
         chan = bytes(self._parts[_CHANNEL]).lstrip()
         words = chan.split(maxsplit=1)
         name = words[0] if words else b""
         channel = _channel_of(name) if name else "final"
         if overflow and name and name not in _CHANNELS_BYTES:
-            rest = chan  # one long unknown word is text, not a channel name
+            rest = chan  # an unknown first word may be text already: keep it (as reasoning)
         else:
             rest = words[1] if len(words) > 1 else b""
             m = _RECIPIENT.match(rest)
