@@ -8,7 +8,7 @@ a bad one raises :class:`~ggufllm.errors.ConfigError` naming the variable.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     default_top_k: int = Field(50, ge=0)
     default_seed: int | None = Field(None, ge=0, lt=1 << 32)
     reasoning_effort: ReasoningEffort = "low"
-    n_gpu_layers: int = Field(-1, ge=-1, description="layers to offload; -1 = all")
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(
+        "auto", description="layers to offload; -1 = all; auto = what fits the GPU (0 without one)")
     n_threads: int | None = Field(None, ge=1, le=1024)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     flash_attn: bool | None = Field(None, description="None: llama.cpp decides")
