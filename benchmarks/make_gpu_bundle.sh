@@ -26,7 +26,13 @@ V="$SRC/vendor/llama.cpp"
 # what a CUDA build of the library (and mtmd) never reads
 rm -rf "$V"/{models,docs,examples,tests,benches,media,gguf-py,conversion,scripts,pocs,app,ci,grammars,requirements} \
        "$V"/tools/ui "$V"/tools/server/public* "$V"/tools/server/webui \
-       "$SRC"/{docs,examples,tests,docker}
+       "$SRC"/{docs,examples,tests,docker,.github}
+# the sdist carries its git history (~40 MB), which no build needs
+rm -rf "$SRC/.git"
+# other GPU backends' sources: ggml adds a backend's folder only when it is switched on
+for b in vulkan sycl opencl cann metal webgpu zdnn hexagon openvino kompute musa; do
+  rm -rf "$V/ggml/src/ggml-$b"
+done
 # llama.cpp's CMakeLists adds these only when asked to; keep empty stubs where it checks
 mkdir -p "$V/examples" "$V/tests"
 tar -czf "$OUTDIR/llama_cpp_python-$VERSION-trimmed.tar.gz" -C "$TMP" "llama_cpp_python-$VERSION"
