@@ -16,7 +16,6 @@ from ggufllm.gpu.estimate import is_expert
 from ggufllm.gpu.placement import (GPU_MARGIN_BYTES, LoadReport, expert_patterns, observe_load,
                                    plan_placement)
 
-MiB = 2**20
 
 
 def loaded_report(path, **kwargs) -> LoadReport:

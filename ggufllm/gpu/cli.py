@@ -13,7 +13,6 @@ import click
 __all__ = ["backend", "doctor"]
 
 MiB = 1024 * 1024
-GiB = 1024 * MiB
 
 
 def doctor_report(model: str | None = None, max_length: int | None = None) -> dict[str, Any]:
