@@ -164,6 +164,9 @@ def build(preset_name: str, source: str | None, log: Path) -> int:
     from ggufllm.gpu.presets import load_presets
 
     preset = load_presets()[preset_name]
+    # The check never loads llava/mtmd (llama_cpp imports it lazily): skip building it.
+    preset = dataclasses.replace(preset, cache_variables={**preset.cache_variables,
+                                                          "LLAVA_BUILD": "OFF"})
     errors, warnings = preflight(preset)
     for line in warnings + errors:
         print(line, flush=True)

@@ -106,6 +106,8 @@ def test_offload_arithmetic_follows_llama_cpp_layer_order(tiny_gguf):
     moe = estimate_memory(summary, n_gpu_layers=-1, n_cpu_moe=1, cpu_features=cpu)
     assert moe.device_weights == everything.device_weights - experts0
     assert moe.host_weights == everything.host_weights + experts0
+    assert moe.layer_map() == ["0: GPU, experts CPU", "1: GPU", "output: GPU"]
+    assert output_only.layer_map() == ["0-1: CPU", "output: GPU"]
     all_moe = estimate_memory(summary, n_gpu_layers=-1, cpu_moe=True, cpu_features=cpu)
     assert all_moe.host_weights == size["token_embd.weight"] + all_moe.expert_bytes
     assert all_moe.device_kv == everything.device_kv > 0 and all_moe.host_kv == 0

@@ -88,6 +88,7 @@ def _print_report(r: dict[str, Any]) -> None:
         click.echo(f"predicted GPU:  {d['total']:.0f} MiB (weights {d['weights']:.0f}, "
                    f"KV {d['kv']:.0f}, compute {d['compute']:.0f}); {e['layers_on_gpu']} layers "
                    f"on the GPU, {e['layers_with_experts_on_cpu']} of them with experts on the CPU")
+        click.echo(f"layers: {'; '.join(e['layers'])}")
 
 
 @click.command()

@@ -116,6 +116,25 @@ class MemoryEstimate:
     def expert_bytes(self) -> int:
         return sum(layer.expert_bytes for layer in self.layers)
 
+    def layer_map(self) -> list[str]:
+        """Where each block goes, as runs of layers (``"0-11: CPU"``, ``"12-23: GPU, experts CPU"``)."""
+        def where(layer: LayerMemory) -> str:
+            if not layer.on_gpu:
+                return "CPU"
+            if layer.expert_bytes and not layer.experts_on_gpu:
+                return "GPU, experts CPU"
+            return "GPU"
+
+        runs: list[tuple[int, int, str]] = []
+        for layer in self.layers:
+            w = where(layer)
+            if runs and runs[-1][2] == w:
+                runs[-1] = (runs[-1][0], layer.index, w)
+            else:
+                runs.append((layer.index, layer.index, w))
+        out = [f"{a}-{b}: {w}" if a != b else f"{a}: {w}" for a, b, w in runs]
+        return out + [f"output: {'GPU' if self.n_gpu_layers > 0 else 'CPU'}"]
+
     def as_dict(self) -> dict[str, Any]:
         """Figures in MiB, for ``doctor --json`` and logs."""
         mib = lambda n: round(n / MiB, 2)  # noqa: E731
@@ -127,6 +146,7 @@ class MemoryEstimate:
                            "compute": mib(self.device_compute), "total": mib(self.device_total)},
             "kv_cells": self.kv_cells, "kv_cells_swa": self.kv_cells_swa,
             "n_gpu_layers": self.n_gpu_layers, "n_cpu_moe": self.n_cpu_moe,
+            "layers": self.layer_map(),
             "layers_on_gpu": sum(layer.on_gpu for layer in self.layers),
             "layers_with_experts_on_cpu": sum(layer.on_gpu and not layer.experts_on_gpu
                                               and layer.expert_bytes > 0
