@@ -24,15 +24,16 @@ KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
 
 
 def load_and_report(path: Path, *, n_ctx: int, n_parallel: int, kv_cache_type: str,
-                    swa_full: bool, n_ubatch: int, n_cpu_moe: int = 0) -> LoadReport:
-    """Loads the model and a unified-KV context as configured; returns what llama.cpp logged."""
+                    swa_full: bool, n_ubatch: int, kv_unified: bool = True,
+                    n_cpu_moe: int = 0) -> LoadReport:
+    """Loads the model and a context as configured; returns what llama.cpp logged."""
     logging.getLogger("ggufllm.llama_cpp").setLevel(logging.ERROR)
     with observe_load() as report:
         model = NativeModel(str(path), n_gpu_layers=0, n_cpu_moe=n_cpu_moe)
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx * n_parallel
         params.n_seq_max = n_parallel
-        params.kv_unified = True
+        params.kv_unified = kv_unified
         params.n_batch = params.n_ubatch = n_ubatch
         params.swa_full = swa_full
         params.type_k = params.type_v = KV_TYPES[kv_cache_type]
@@ -54,10 +55,13 @@ def assert_close(estimated: int, reported_mib: float, what: str) -> None:
 CONFIGS = [
     dict(n_ctx=4096, n_parallel=1, kv_cache_type="f16", swa_full=True, n_ubatch=512),
     dict(n_ctx=1024, n_parallel=4, kv_cache_type="q8_0", swa_full=False, n_ubatch=256),
+    dict(n_ctx=1000, n_parallel=3, kv_cache_type="f16", swa_full=False, n_ubatch=128,
+         kv_unified=False),
 ]
+IDS = ["4k-f16-swa_full", "4x1k-q8_0-window", "3x1000-f16-window-per-sequence"]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["4k-f16-swa_full", "4x1k-q8_0-window"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_estimate_matches_llama_cpp_for_the_default_model(default_gguf, cfg):
     report = load_and_report(default_gguf, **cfg)
     est = estimate_memory(default_gguf, **cfg)
@@ -68,10 +72,10 @@ def test_estimate_matches_llama_cpp_for_the_default_model(default_gguf, cfg):
 
 
 # the tiny fixture's heads are 16 wide: a q8_0 cache (blocks of 32) does not apply
-TINY_CONFIGS = [CONFIGS[0], dict(CONFIGS[1], kv_cache_type="f16")]
+TINY_CONFIGS = [CONFIGS[0], dict(CONFIGS[1], kv_cache_type="f16"), CONFIGS[2]]
 
 
-@pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=["4k-f16-swa_full", "4x1k-f16-window"])
+@pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=IDS)
 def test_estimate_matches_llama_cpp_for_tiny_gpt_oss(tiny_gguf, cfg):
     path = tiny_gguf("q8_0")
     report = load_and_report(path, **cfg, n_cpu_moe=1)

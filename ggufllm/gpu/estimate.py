@@ -220,6 +220,18 @@ def _cpu_features() -> frozenset[str]:
     return cpu_features()
 
 
+def _kv_cells(pool: int, n_seq: int, n_swa: int, n_ubatch: int, swa_full: bool,
+              unified: bool) -> tuple[int, int]:
+    """Cells of the full-attention and sliding-window caches (llama-context.cpp,
+    llama-kv-cache-iswa.cpp): padded to 256, per stream when not unified."""
+    if unified:
+        cells = _pad(pool)
+        return cells, cells if swa_full else _pad(min(cells, n_swa * n_seq + n_ubatch))
+    per_seq = _pad(_pad(pool) // n_seq)
+    swa = per_seq if swa_full else _pad(min(per_seq, n_swa + n_ubatch))
+    return per_seq * n_seq, swa * n_seq
+
+
 def _compute_bytes(hp: _Hparams, n_ubatch: int, cells: int, flash_attn: bool) -> int:
     per_embd = COMPUTE_PER_TOKEN_EMBD.get(hp.arch, _DEFAULT_PER_TOKEN_EMBD)
     output_phase = n_ubatch * (4 * hp.n_vocab + per_embd * hp.n_embd)
@@ -230,7 +242,8 @@ def _compute_bytes(hp: _Hparams, n_ubatch: int, cells: int, flash_attn: bool) ->
 def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: int = 4096,
                     n_parallel: int = 1, kv_tokens: int | None = None, n_gpu_layers: int = 0,
                     n_cpu_moe: int = 0, cpu_moe: bool = False, kv_cache_type: str = "f16",
-                    swa_full: bool = True, n_ubatch: int = 512, flash_attn: bool = True,
+                    swa_full: bool = True, kv_unified: bool = True, n_ubatch: int = 512,
+                    flash_attn: bool = True,
                     cpu_features: frozenset[str] | None = None) -> MemoryEstimate:
     """Predicts the bytes a load allocates on the host and on the (first) GPU.
 
@@ -244,6 +257,8 @@ def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: 
         cpu_moe: keep every expert tensor on the CPU.
         kv_cache_type: ``f16``, ``q8_0``, ``q4_0``...
         swa_full: sliding-window layers keep the whole pool (llama.cpp's default).
+        kv_unified: one pool shared by all sequences; False gives each sequence its
+            own stream of ``pool / n_parallel`` cells.
         n_ubatch: physical batch size (the compute buffers scale with it).
         flash_attn: whether flash attention is used (it is on the CPU and CUDA by default).
         cpu_features: CPU features for the repack term; None asks the bundled ggml.
@@ -263,8 +278,8 @@ def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: 
     n_gpu = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
     gpu_start = hp.n_layer + 1 - n_gpu  # layers from here on (and the output) go to the GPU
     n_cpu_moe = hp.n_layer if cpu_moe else min(n_cpu_moe, hp.n_layer)
-    cells = _pad(kv_tokens or n_ctx * n_parallel)
-    cells_swa = cells if swa_full else _pad(min(cells, hp.n_swa * n_parallel + n_ubatch))
+    cells, cells_swa = _kv_cells(kv_tokens or n_ctx * n_parallel, max(1, n_parallel), hp.n_swa,
+                                 n_ubatch, swa_full, kv_unified)
 
     dense = [0] * (hp.n_layer + 1)
     experts = [0] * (hp.n_layer + 1)
