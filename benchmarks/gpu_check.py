@@ -139,7 +139,9 @@ def write_synthetic(out: Path, size: str) -> Path:
         def make() -> np.ndarray:
             pool = pools.setdefault(job.qtype, _pool(job.qtype, rng))
             count = n_bytes(job.qtype, job.shape) // pool.itemsize
-            start = int(rng.integers(0, 64)) * (pool.size // 128)  # vary where tiling starts
+            # vary where the tiling starts, on a block boundary (scales stay in place)
+            unit = 1 if pool.dtype == np.float32 else gguf.GGML_QUANT_SIZES[job.qtype][1]
+            start = int(rng.integers(0, pool.size // unit)) * unit
             return np.resize(np.roll(pool, -start), count)
         return make
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ggufllm.gguf_file import read_gguf_header
+from ggufllm.gguf_file import read_gguf_header, tensor_array
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,14 @@ def test_gpu_check_cpu_mode_runs_end_to_end(tmp_path: Path):
     model = tmp_path / "work" / "gpt-oss-small-synthetic.gguf"
     summary = read_gguf_header(model)
     assert summary.architecture == "gpt-oss" and summary.array_lengths["tokenizer.ggml.tokens"] == 201088
+    for t in summary.tensors:  # random values, valid blocks: scales in a finite, small range
+        blocks = np.asarray(tensor_array(summary, t))
+        if t.ggml_type.name == "MXFP4":
+            scales = blocks.reshape(-1, 17)[:, 0]
+            assert 119 <= scales.min() and scales.max() < 124, t.name
+        elif t.ggml_type.name == "Q8_0":
+            d = blocks.reshape(-1, 34)[:, :2].copy().view(np.float16)
+            assert np.isfinite(d).all() and (np.abs(d) < 0.01).all(), t.name
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["device"] == "CPU only" and results["auto"]["n_gpu_layers"] == 0
     for name in ("all_on_gpu", "experts_on_cpu"):
