@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from ggufllm.cli import cli
-from ggufllm.gpu.install import diagnose, preflight
+from ggufllm.gpu.install import diagnose, preflight, supports_gpu_offload, verdict
 from ggufllm.gpu.presets import LLAMA_CPP_PYTHON, find_presets_file, load_presets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +120,24 @@ def test_build_log_diagnosis_names_the_known_causes():
     assert any("nvcc is not on PATH" in c for c in causes)
     assert any("host compiler is newer" in c for c in causes)
     assert diagnose("[12/40] Building CXX object ggml.cpp.o\n") == ()
+
+
+def test_a_gpu_preset_that_built_a_cpu_library_is_a_failure(tmp_path: Path):
+    log = tmp_path / "build.log"
+    bad = verdict(load_presets()["cuda"], log, False, "-- CUDA Toolkit not found\n")
+    assert not bad.ok and bad.causes[0].startswith("CPU fallback detected")
+    assert verdict(load_presets()["cuda"], log, True, "").ok
+    assert verdict(load_presets()["cpu"], log, False, "").ok
+    # this machine's own build, asked in a fresh interpreter
+    assert supports_gpu_offload() is bool(__import__("llama_cpp").llama_supports_gpu_offload())
+
+
+def test_a_failed_build_points_at_its_log(tmp_path: Path):
+    """pip fails at once on a missing source: nothing is built or reinstalled."""
+    log = tmp_path / "build.log"
+    result = CliRunner().invoke(cli, ["backend", "install", "--preset", "cpu", "--source",
+                                      str(tmp_path / "missing.tar.gz"), "--log", str(log)])
+    assert result.exit_code == 1
+    assert f"build failed; see {log}" in result.output
+    text = log.read_text()
+    assert text.startswith("$ ") and "--force-reinstall" in text and "missing.tar.gz" in text

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .presets import Preset, build_command
 
-__all__ = ["BuildResult", "KNOWN_CAUSES", "diagnose", "preflight", "run_build", "supports_gpu_offload"]
+__all__ = ["BuildResult", "KNOWN_CAUSES", "diagnose", "preflight", "run_build", "supports_gpu_offload",
+           "verdict"]
 
 # (pattern in the build log, what it means and what to do)
 KNOWN_CAUSES = (
@@ -118,21 +119,25 @@ def run_build(preset: Preset, log: Path, *, source: str | None = None,
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w", encoding="utf-8") as out:
         out.write(f"$ {' '.join(cmd)}\n# env: {extra_env}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **extra_env}, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            m = _STEP.search(line)
-            if m and on_progress is not None:
-                on_progress(int(m.group(1)), int(m.group(2)))
-        rc = proc.wait()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **extra_env}, bufsize=1) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                m = _STEP.search(line)
+                if m and on_progress is not None:
+                    on_progress(int(m.group(1)), int(m.group(2)))
+            rc = proc.wait()
     text = log.read_text(encoding="utf-8", errors="replace")
     if rc != 0:
         return BuildResult(False, log, None, diagnose(text))
-    offload = supports_gpu_offload()
+    return verdict(preset, log, supports_gpu_offload(), text)
+
+
+def verdict(preset: Preset, log: Path, offload: bool, log_text: str) -> BuildResult:
+    """A finished build's result: a GPU preset whose library has no GPU offload failed."""
     causes: tuple[str, ...] = ()
     if preset.backend != "cpu" and not offload:
         causes = ("CPU fallback detected: the build finished but llama_supports_gpu_offload() is "
-                  "false", *diagnose(text))
+                  "false", *diagnose(log_text))
     return BuildResult(not causes, log, offload, causes)
