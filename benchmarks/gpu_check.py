@@ -158,6 +158,34 @@ def write_synthetic(out: Path, size: str) -> Path:
     return out
 
 
+def synthetic_summary(size: str) -> Any:
+    """The header of the GGUF :func:`write_synthetic` would write, without writing it."""
+    import tempfile
+
+    _bare_packages()
+    from convert import gpt_oss
+    from convert.quant import ExpertType, OutType, n_bytes
+    from ggufllm.gguf_file import GGUFSummary, TensorInfo
+    from tests.gpt_oss_fixture import VOCAB_SIZE
+
+    cfg = model_config(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _SyntheticCheckpoint(cfg, Path(tmp))
+    jobs = gpt_oss.plan(ckpt, OutType.Q8_0, ExpertType.MXFP4)  # type: ignore[arg-type]
+    tensors = [TensorInfo(j.name, tuple(reversed(j.shape)), j.qtype, 0, n_bytes(j.qtype, j.shape))
+               for j in jobs]
+    a = "gpt-oss"
+    meta = {"general.architecture": a, f"{a}.block_count": cfg["num_hidden_layers"],
+            f"{a}.embedding_length": cfg["hidden_size"],
+            f"{a}.attention.head_count": cfg["num_attention_heads"],
+            f"{a}.attention.head_count_kv": cfg["num_key_value_heads"],
+            f"{a}.attention.key_length": cfg["head_dim"],
+            f"{a}.attention.value_length": cfg["head_dim"],
+            f"{a}.attention.sliding_window": cfg["sliding_window"]}
+    return GGUFSummary(Path(f"gpt-oss-{size}-synthetic.gguf"), 3, 0, meta,
+                       {"tokenizer.ggml.tokens": VOCAB_SIZE}, tensors)
+
+
 # -- the build -------------------------------------------------------------------
 
 def build(preset_name: str, source: str | None, log: Path) -> int:

@@ -120,3 +120,29 @@ def test_offload_arithmetic_follows_llama_cpp_layer_order(tiny_gguf):
 def test_unknown_kv_cache_type_is_refused(default_gguf):
     with pytest.raises(ValueError, match="q3_x"):
         estimate_memory(default_gguf, kv_cache_type="q3_x")
+
+
+def test_gpt_oss_20b_predictions_quoted_in_the_readme():
+    """Header arithmetic only (the converter's plan for the real shapes; no file is written)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_check import synthetic_summary
+
+    from ggufllm.gpu.placement import plan_placement
+
+    summary = synthetic_summary("full")
+    assert len(summary.tensors) == 459
+    assert round(sum(t.n_bytes for t in summary.tensors) / 1e9, 1) == 12.1
+    gib = lambda n: round(n / 2**30, 1)  # noqa: E731
+    none = frozenset()
+    full = estimate_memory(summary, n_ctx=8192, n_gpu_layers=-1, cpu_features=none)
+    moe = estimate_memory(summary, n_ctx=8192, n_gpu_layers=-1, cpu_moe=True, cpu_features=none)
+    assert (gib(full.device_total), gib(full.host_total)) == (11.5, 0.6)
+    assert (gib(moe.device_total), gib(moe.host_total)) == (2.0, 10.5)
+    long = estimate_memory(summary, n_ctx=32768, n_gpu_layers=-1, cpu_features=none)
+    assert gib(long.device_total) == 12.6
+    picks = {free: plan_placement(summary, free_bytes=int(free * 2**30), n_ctx=8192, n_parallel=1,
+                                  cpu_features=none)
+             for free in (16, 11.5, 7.5)}
+    assert [(p.n_gpu_layers, p.n_cpu_moe) for p in picks.values()] == [(-1, 0), (-1, 3), (-1, 13)]
