@@ -297,6 +297,12 @@ def verify_cmd(gguf_file: Path, reference: str, as_json: bool, logits: bool) -> 
 convert_command = _Group(commands={"convert": convert_cmd}).commands["convert"]
 
 
+from .gpu.cli import backend, doctor  # noqa: E402
+
+cli.add_command(doctor)
+cli.add_command(backend)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="ggufllm")

@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     default_top_k: TopK = 50
     default_seed: Seed = None
     reasoning_effort: ReasoningEffort = "low"
-    n_gpu_layers: int = Field(-1, ge=-1, description="layers to offload; -1 = all")
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(
+        "auto", description="layers to offload; -1 = all; auto = what fits the GPU (0 without one)")
     n_threads: int | None = Field(None, ge=1, le=1024)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     flash_attn: bool | None = Field(None, description="None: llama.cpp decides")
