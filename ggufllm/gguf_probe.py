@@ -82,8 +82,10 @@ def probe_model_file(path: str | os.PathLike[str], *, timeout: float = PROBE_TIM
     if (_cache_dir() / key).exists():
         return
     try:
+        # GGML_NO_BACKTRACE: an abort would otherwise attach gdb for a backtrace (seconds)
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         done = subprocess.run([sys.executable, str(_CHILD), str(p)], capture_output=True,
-                              text=True, errors="replace", timeout=timeout,
+                              text=True, errors="replace", timeout=timeout, env=env,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(str(p), [f"llama.cpp did not finish reading the file's metadata "
