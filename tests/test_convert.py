@@ -28,7 +28,7 @@ TYPES = ["q8_0", "q4_k_m", "bf16", "f16", "f32"]
 
 
 def tensors(path: Path) -> dict[str, tuple[Q, bytes]]:
-    s = read_gguf_header(path)
+    s = read_gguf_header(path, probe=False)
     return {t.name: (t.ggml_type, np.asarray(tensor_array(s, t)).tobytes()) for t in s.tensors}
 
 
@@ -47,7 +47,7 @@ def test_every_type_loads_in_llama_cpp_and_generates(tiny_gguf, out_type):
 
 
 def test_metadata_is_what_llama_cpp_expects(tiny_gguf, tiny_checkpoint):
-    r = read_gguf_header(tiny_gguf("q8_0"))
+    r = read_gguf_header(tiny_gguf("q8_0"), probe=False)
     f = r.metadata
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     assert f["general.architecture"] == "gpt-oss"
@@ -198,12 +198,49 @@ def test_verify_reports_fidelity(tiny_gguf, tiny_checkpoint):
     assert q4["blk.0.attn_output.weight"].rel_error < 0.1
 
 
+def _verify_cli(gguf_path: Path, reference: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ggufllm.cli", "verify", str(gguf_path),
+                           "--reference", str(reference), "--json"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tensor", ["blk.1.attn_q.weight", "blk.0.attn_norm.weight",
+                                    "output.weight"])
+def test_verify_exits_1_on_one_corrupted_tensor(tiny_gguf, tiny_checkpoint, tmp_path, tensor):
+    """Q8_0 / F32 tensors are held to their type's error bound, not only MXFP4 to its codes."""
+    good = tiny_gguf("q8_0")
+    r = _verify_cli(good, tiny_checkpoint)
+    assert r.returncode == 0, r.stderr
+    info = next(t for t in read_gguf_header(good, probe=False).tensors if t.name == tensor)
+    data = bytearray(good.read_bytes())
+    at = info.offset + info.n_bytes // 2
+    data[at:at + 68] = bytes(b ^ 0x5A for b in data[at:at + 68])  # 2 Q8_0 blocks, 17 floats
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(bytes(data))
+    r = _verify_cli(bad, tiny_checkpoint)
+    assert r.returncode == 1 and "1 tensor(s) differ" in r.stderr
+    failed = [json.loads(line) for line in r.stdout.splitlines()]
+    failed = [f for f in failed if not f["rel_error"] <= f["bound"]]
+    assert [f["name"] for f in failed] == [tensor]
+
+
+def test_error_bounds_hold_on_every_type_with_a_margin(tiny_gguf, tiny_checkpoint):
+    """Each type's worst tensor sits between a fifth and the whole of its bound."""
+    worst: dict[str, float] = {}
+    for out_type in ("q8_0", "q4_k_m"):
+        for r in verify(tiny_gguf(out_type), tiny_checkpoint):
+            assert r.ok, r
+            worst[r.qtype] = max(worst.get(r.qtype, 0.0), r.rel_error / r.bound if r.bound else 0)
+    assert {k: v > 0.2 for k, v in worst.items() if k not in ("F32", "MXFP4")} == \
+        {"Q8_0": True, "Q4_K": True, "Q5_0": True}
+
+
 def test_dry_run_predicts_the_tensor_bytes(tiny_gguf, tiny_checkpoint):
     r = subprocess.run([sys.executable, "-m", "convert", str(tiny_checkpoint), "--dry-run",
                         "--type", "q4_k_m"], capture_output=True, text=True, check=True)
     last = r.stdout.strip().splitlines()[-1]
     predicted = int(last.split(" tensors, ")[1].split(" bytes")[0].replace(",", ""))
-    actual = sum(t.n_bytes for t in read_gguf_header(tiny_gguf("q4_k_m")).tensors)
+    actual = sum(t.n_bytes for t in read_gguf_header(tiny_gguf("q4_k_m"), probe=False).tensors)
     assert predicted == actual
     assert "ffn_gate_exps.weight" in r.stdout and "MXFP4" in r.stdout
 
