@@ -74,6 +74,30 @@ def test_metadata_is_what_llama_cpp_expects(tiny_gguf, tiny_checkpoint):
     assert r.array_lengths["tokenizer.ggml.merges"] > 400_000
 
 
+def test_every_key_llama_cpp_reads_is_written_or_rightly_left_out(tiny_gguf, tiny_checkpoint):
+    """Our metadata against the table of every key llama.cpp's gpt-oss and vocab loaders read."""
+    from convert.llama_keys import ARRAY, GPT_OSS_KEYS, PRESENT, WRITTEN_BUT_NOT_READ
+
+    r = read_gguf_header(tiny_gguf("q8_0"), probe=False)
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    tok = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    ours = {**r.metadata, **{k: ARRAY for k in r.array_lengths}}
+    expected = {k: rule.value for k, rule in GPT_OSS_KEYS.items() if rule.value is not None}
+    expected |= WRITTEN_BUT_NOT_READ
+    for key, value in expected.items():
+        want = value(cfg, tok)
+        assert key in ours, f"llama.cpp reads {key}: not written"
+        if want is not PRESENT:
+            got = ours[key]
+            assert got == (want if want is ARRAY or isinstance(want, (bool, str))
+                           else pytest.approx(want, rel=1e-6)), key
+    for key, rule in GPT_OSS_KEYS.items():
+        if rule.value is None:
+            assert key not in ours and rule.default_fits(cfg, tok), key
+    written = {k for k in ours if k.startswith(("gpt-oss.", "tokenizer."))}
+    assert written <= expected.keys(), written - expected.keys()
+
+
 TEXT = ("The quick brown fox — it's 2024!  Thủ đô của Việt Nam là Hà Nội; tiếng Việt có dấu. "
         "def f(x):\n\treturn x**2  # code\n   \n🙂🇻🇳 1234567 3.14159 ÆØÅ Straße 東京 Привет мир")
 
@@ -265,6 +289,18 @@ def test_every_config_problem_is_listed(tiny_checkpoint, tmp_path):
         load_plan(d)
     text = "\n".join(err.value.problems)
     assert "hidden_size" in text and "num_local_experts" in text and "head_dim" in text
+
+
+def test_yarn_betas_llama_cpp_would_ignore_are_refused(tiny_checkpoint, tmp_path):
+    d = _copy(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    cfg["rope_scaling"] |= {"beta_fast": 16.0, "beta_slow": 2.0}
+    (d / "config.json").unlink()
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError) as err:
+        load_plan(d)
+    text = "\n".join(err.value.problems)
+    assert "beta_fast = 16.0" in text and "beta_slow = 2.0" in text
 
 
 def test_unknown_architecture_lists_supported(tiny_checkpoint, tmp_path):
