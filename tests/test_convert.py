@@ -222,6 +222,56 @@ def test_verify_reports_fidelity(tiny_gguf, tiny_checkpoint):
     assert q4["blk.0.attn_output.weight"].rel_error < 0.1
 
 
+@pytest.fixture(scope="module")
+def real_depth_checkpoint(tmp_path_factory, harmony_tokenizer) -> Path:
+    from .gpt_oss_fixture import REAL_DEPTH_CONFIG, write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-24"), harmony_tokenizer,
+                            config=REAL_DEPTH_CONFIG, seed=1)
+
+
+def test_q4_k_m_recipe_on_24_layers_equals_llama_cpp_quantizer(real_depth_checkpoint, tmp_path):
+    """The per-layer Q4_K_M choice (more bits in the first/last eighth and every third
+    layer) and real K-quant blocks, byte for byte against llama_model_quantize."""
+    bf16 = convert(real_depth_checkpoint, tmp_path / "bf16.gguf", "bf16").path
+    ours = tensors(convert(real_depth_checkpoint, tmp_path / "q4km.gguf", "q4_k_m").path)
+    reference = tmp_path / "llama-quantize.gguf"
+    _llama_quantize(bf16, reference, 15)
+    theirs = tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name][0] == theirs[name][0], name
+        assert ours[name][1] == theirs[name][1], name
+    v_types = [ours[f"blk.{i}.attn_v.weight"][0] for i in range(24)]
+    # layers 0-2, 21-23 and every third between (5, 8, ..., 20) get more bits
+    assert [i for i, t in enumerate(v_types) if t is Q.Q6_K] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]
+    assert v_types.count(Q.Q4_K) == 12
+    assert ours["output.weight"][0] is Q.Q6_K and ours["blk.5.attn_q.weight"][0] is Q.Q4_K
+
+
+def test_row_chunked_encoder_equals_llama_cpp_quantizer(tiny_gguf, tiny_checkpoint, tmp_path,
+                                                        monkeypatch):
+    """The chunked path (large matrices encoded a slice of rows at a time) writes the same
+    bytes as the one-shot path and as llama.cpp's quantizer."""
+    from convert import quant
+
+    calls: dict[tuple[int, ...], int] = {}
+    encode = quant.encode
+
+    def counting(values: np.ndarray, qtype: Q) -> np.ndarray:
+        calls[values.shape[1:]] = calls.get(values.shape[1:], 0) + 1
+        return encode(values, qtype)
+
+    # 12,9M-element embedding / lm_head in chunks of 16391 rows: 13 chunks, the last partial
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", (1 << 20) + 64 * 7)
+    monkeypatch.setattr(quant, "encode", counting)
+    chunked = tensors(convert(tiny_checkpoint, tmp_path / "chunked.gguf", "q8_0").path)
+    assert calls[(64,)] >= 2 * 13  # both big matrices went through the chunks
+    reference = tmp_path / "llama-quantize.gguf"
+    _llama_quantize(tiny_gguf("bf16"), reference, 7)
+    assert chunked == tensors(reference) == tensors(tiny_gguf("q8_0"))
+
+
 def _verify_cli(gguf_path: Path, reference: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ggufllm.cli", "verify", str(gguf_path),
                            "--reference", str(reference), "--json"],
