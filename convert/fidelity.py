@@ -17,11 +17,10 @@ against 0.21; F16/BF16/F32 from BF16 sources are exact).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import math
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q

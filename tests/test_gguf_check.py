@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ggufllm import LLMService, ModelLoadError
-from ggufllm import gguf_file
+from ggufllm import LLMService, ModelLoadError, gguf_file
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.gguf_probe import PROBE_ENV, probe_model_file
 
@@ -180,3 +179,16 @@ def test_probe_passes_once_per_file_and_gives_llama_cpp_reasons(
     monkeypatch.setenv(PROBE_ENV, "0")
     with pytest.raises(ModelLoadError, match="llama.cpp refused the file"):
         LLMService(bad).load()  # without the probe: the in-process load refuses it
+
+
+def test_quantization_comes_from_the_file_not_its_name(tmp_path: Path):
+    from ggufllm.service import _quantization_name
+
+    from .gguf_models import tiny_model
+
+    m = tiny_model("llama").drop("general.file_type")
+    p = tmp_path / "tiny-Q4_K_M.gguf"  # the name lies: every tensor is F32
+    p.write_bytes(m.build())
+    assert _quantization_name(p, None) == "F32"  # no general.file_type: the tensor types
+    assert [_quantization_name(p, ft) for ft in (0, 1, 7, 15, 38)] == \
+        ["F32", "F16", "Q8_0", "Q4_K_M", "MXFP4_MOE"]
