@@ -214,7 +214,16 @@ def _token_table(buf: memoryview, starts: list[int], end: int) -> TokenTable:
     offsets = np.array(starts, dtype=np.int64) - first
     lengths = np.diff(np.append(offsets, end - first)) - 8
     data = np.frombuffer(buf[first:end], dtype=np.uint8).copy()
-    return TokenTable(data, offsets + 8, lengths)
+    text = offsets + 8
+    # llama.cpp reads each token as a C string: it ends at its first NUL byte
+    data[(offsets[:, None] + np.arange(8)).ravel()] = 1  # hide the length prefixes
+    nul = np.flatnonzero(data == 0)
+    if len(nul):
+        owner = np.searchsorted(text, nul, side="right") - 1
+        cut = np.full(len(lengths), np.iinfo(np.int64).max)
+        np.minimum.at(cut, owner, nul - text[owner])
+        lengths = np.minimum(lengths, cut)
+    return TokenTable(data, text, lengths)
 
 
 def _read_tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], int, int]:

@@ -195,6 +195,9 @@ SEMANTIC: dict[str, Case] = {
     "duplicate_token_spm": Case("gemma3", _tokens(lambda t: t.__setitem__(270, t[271])), "load"),
     "empty_token_named_like_another": Case(
         "llama", _tokens(lambda t: t.__setitem__(slice(5, 7), ["", "[EMPTY_5]"])), "load"),
+    # llama.cpp reads a token as a C string: "x\0y" is "x", which id 120 already is
+    "token_with_nul_repeats_another": Case(
+        "llama", _tokens(lambda t: t.__setitem__(200, b"x\0y")), "load"),
     "byte_tokens_in_wordpiece": Case("llama", lambda m: (
         m.set("tokenizer.ggml.model", STR, "bert"), _types(lambda t: t.__setitem__(65, 6))(m)),
         "load"),
@@ -223,6 +226,7 @@ SEMANTIC: dict[str, Case] = {
         "gpt-oss", lambda m: m.set("tokenizer.ggml.eos_token_id", UINT32, 0xFFFFFFFF)),
     "pad_id_out_of_range": Case(
         "gemma3", lambda m: m.set("tokenizer.ggml.padding_token_id", UINT32, 99999)),
+    "token_starting_with_nul": Case("llama", _tokens(lambda t: t.__setitem__(200, b"\0q"))),
     "token_invalid_utf8": Case("llama", _tokens(lambda t: t.__setitem__(200, b"\xff\xfe"))),
     "valid_llama": Case("llama", lambda m: None),
     "valid_gemma3": Case("gemma3", lambda m: None),
