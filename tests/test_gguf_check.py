@@ -101,7 +101,7 @@ def _run_child(paths: list[Path]) -> tuple[list[str], str]:
     env = {**os.environ, PROBE_ENV: "0", "GGML_NO_BACKTRACE": "1"}
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD, *map(str, paths)], env=env,
-                              capture_output=True, timeout=180)
+                              capture_output=True, timeout=300)
         out, end = done.stdout, ("exit" if done.returncode >= 0
                                  else signal.Signals(-done.returncode).name)
     except subprocess.TimeoutExpired as exc:
