@@ -78,6 +78,9 @@ def probe_model_file(path: str | os.PathLike[str], *, timeout: float = PROBE_TIM
         ModelLoadError: llama.cpp aborted, hung or refused the file in the child.
     """
     p = Path(path)
+    if getattr(sys, "frozen", False):  # sys.executable is the app itself, not Python
+        logger.debug("probe load skipped in a frozen application")
+        return
     key = _identity(p)
     if (_cache_dir() / key).exists():
         return
