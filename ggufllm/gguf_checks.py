@@ -171,18 +171,30 @@ class TokenTable:
         return ids, self.data[self.starts[ids, None] + np.arange(n)]
 
 
-_MIX = np.random.default_rng(0).integers(1, 2**63, 4096, dtype=np.uint64) | np.uint64(1)
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd constant (the golden-ratio hash)
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """One uint64 per row of bytes: exact up to 8 bytes, a hash beyond."""
+    k, n = rows.shape
+    padded = np.zeros((k, n + (-n % 8)), dtype=np.uint8)
+    padded[:, :n] = rows
+    words = padded.view(np.uint64)
+    keys = words[:, 0].copy()
+    with np.errstate(over="ignore"):  # wrapping is the point
+        for j in range(1, words.shape[1]):
+            keys = keys * _MIX + words[:, j]
+    return keys
 
 
 def _duplicate_token(table: TokenTable) -> str | None:
     # llama-vocab.cpp load: an empty token becomes "[EMPTY_<id>]", then
     # GGML_ASSERT(id_to_token.size() == token_to_id.size()) fails on any duplicate
     for n in np.unique(table.lengths):
-        if n == 0 or n > len(_MIX):
+        if n == 0:
             continue
         ids, rows = table.of_length(int(n))
-        with np.errstate(over="ignore"):  # a hash: wrapping is the point
-            keys = rows.astype(np.uint64) @ _MIX[:n]
+        keys = _row_keys(rows)
         order = np.argsort(keys, kind="stable")
         for k in np.flatnonzero(keys[order][1:] == keys[order][:-1]):
             a, b = order[k], order[k + 1]
