@@ -26,8 +26,8 @@ def main() -> None:
         cfg["rope_scaling"]["truncate"] = True  # the YaRN rounding llama.cpp applies
         src = write_checkpoint(Path(tmp) / "src", config=cfg)
         print("| --type | --experts | size (bytes) | worst non-expert matrix rel. error | "
-              "experts | logits rel. error vs transformers | same argmax |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              "experts | verify | logits rel. error vs transformers | same argmax |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         emulated = {}
         for out_type, experts in ROWS:
             out = convert(src, Path(tmp) / f"{out_type}-{experts}.gguf", out_type, experts).path
@@ -37,8 +37,9 @@ def main() -> None:
             exp_text = ("bit-exact" if all(r.bit_exact for r in exp)
                         else f"rel {max(r.rel_error for r in exp):.1e}")
             rel, same = compare_logits(out, src)
+            verdict = "pass" if all(r.ok for r in reports) else "FAIL"  # within the type bounds
             print(f"| {out_type} | {experts} | {out.stat().st_size:,} | {worst:.2e} | {exp_text} "
-                  f"| {rel:.2e} | {same:.0%} |")
+                  f"| {verdict} | {rel:.2e} | {same:.0%} |")
             if (out_type, experts) == ("f32", "mxfp4"):
                 emulated[out] = compare_logits(out, src, emulate_q8_0_activations=True)
         for out, (rel, same) in emulated.items():

@@ -51,9 +51,10 @@ class SourceTensor:
         mm = np.memmap(self.file, dtype=np_dtype, mode="r", offset=self.start, shape=(count,))
         return mm.reshape(self.shape)
 
-    def float32(self, rows: slice = slice(None)) -> np.ndarray:
-        """The values (of the first-axis ``rows``) as float32 (exact for BF16/F16)."""
-        raw = self.array()[rows]
+    def float32(self, rows: slice | None = None) -> np.ndarray:
+        """The values (of the first-axis ``rows``, all by default) as float32 (exact for
+        BF16/F16)."""
+        raw = self.array() if rows is None else self.array()[rows]
         if self.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)

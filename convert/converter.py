@@ -81,6 +81,7 @@ def _write_vocab(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     for role, token_id in vocab.special_ids.items():
         setters[role](token_id)
     w.add_add_bos_token(vocab.add_bos)
+    w.add_add_eos_token(vocab.add_eos)
     if ckpt.chat_template:
         w.add_chat_template(ckpt.chat_template)
 

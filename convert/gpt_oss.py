@@ -32,6 +32,9 @@ __all__ = ["HF_ARCHITECTURE", "check_config", "check_tensors", "write_metadata",
 
 HF_ARCHITECTURE = "GptOssForCausalLM"
 ARCH = gguf.MODEL_ARCH.GPT_OSS
+# llama.cpp's YaRN betas for gpt-oss (llama-hparams.h defaults; its gpt-oss loader
+# does not read rope.scaling.yarn_beta_fast/slow from the file)
+YARN_BETAS_LLAMA_CPP_USES = {"beta_fast": 32.0, "beta_slow": 1.0}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "num_local_experts", "vocab_size",
              "rms_norm_eps", "rope_theta", "sliding_window", "max_position_embeddings")
@@ -75,6 +78,12 @@ def check_config(cfg: dict[str, Any]) -> list[str]:
     rs = cfg.get("rope_scaling") or {}
     if rs and rs.get("rope_type", rs.get("type")) not in ("yarn", None):
         problems.append(f"config.json: rope_scaling type {rs.get('rope_type')!r} is not yarn")
+    for key, used in YARN_BETAS_LLAMA_CPP_USES.items():
+        if rs.get(key, used) != used:
+            # written to the GGUF all the same, but this llama.cpp's gpt-oss loader does
+            # not read it: the model would run with another rope than it was trained with
+            problems.append(f"config.json: rope_scaling.{key} = {rs[key]!r}; llama.cpp's gpt-oss "
+                            f"loader ignores it and always uses {used}")
     return problems
 
 
@@ -150,6 +159,10 @@ def write_metadata(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rs["factor"])
         w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+        # llama.cpp's own converter writes them; so do we, so that the file says what
+        # the checkpoint says (check_config refuses values llama.cpp would not apply)
+        w.add_rope_scaling_yarn_beta_fast(float(rs.get("beta_fast", 32.0)))
+        w.add_rope_scaling_yarn_beta_slow(float(rs.get("beta_slow", 1.0)))
 
 
 def plan(ckpt: Checkpoint, out: OutType, experts: ExpertType) -> list[TensorJob]:

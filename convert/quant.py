@@ -23,7 +23,7 @@ __all__ = ["OutType", "ExpertType", "mxfp4_from_hf", "mxfp4_to_float", "encode",
 class SourceTensorLike(Protocol):
     shape: tuple[int, ...]
 
-    def float32(self, rows: slice = ...) -> np.ndarray: ...
+    def float32(self, rows: slice | None = None) -> np.ndarray: ...
 
 
 class OutType(str, enum.Enum):

@@ -21,6 +21,7 @@ class Vocab:
     merges: list[str]
     special_ids: dict[str, int]  # "bos", "eos", "pad", "unk" -> id
     add_bos: bool
+    add_eos: bool
 
 
 def _token_id(content: Any, lookup: dict[str, int]) -> int | None:
@@ -68,4 +69,5 @@ def read_vocab(tokenizer_json: Path, tokenizer_config: dict[str, Any], vocab_siz
         if i is not None:
             special[role] = i
     return Vocab([t for t in tokens if t is not None], [int(t) for t in types], merges, special,
-                 bool(tokenizer_config.get("add_bos_token", False)))
+                 bool(tokenizer_config.get("add_bos_token", False)),
+                 bool(tokenizer_config.get("add_eos_token", False)))

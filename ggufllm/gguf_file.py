@@ -22,6 +22,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelLoadError
+from .gguf_checks import TokenTable, hparam_problems, vocab_problems
+from .gguf_probe import probe_enabled, probe_model_file
 
 __all__ = ["GGUFSummary", "TensorInfo", "read_gguf_header", "tensor_array"]
 
@@ -36,8 +38,13 @@ MAX_KV = 1 << 16
 # Strings longer than this are not kept in the summary (token lists, templates
 # are kept; a 1 GB "string" is not).
 MAX_KEPT_STRING = 1 << 20
+# Numeric arrays up to this length (per-layer hyper-parameters) are kept as values.
+MAX_KEPT_ARRAY = 4096
+TOKENS_KEY, TOKEN_TYPE_KEY = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"
 
 # value type id -> (struct format, size); 8 = string, 9 = array
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+          10: "<u8", 11: "<i8", 12: "<f8"}
 _SCALARS: dict[int, tuple[str, int]] = {
     0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4),
     5: ("<i", 4), 6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8),
@@ -73,6 +80,7 @@ class GGUFSummary:
     file_size: int
     metadata: dict[str, Any] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
+    array_values: dict[str, np.ndarray] = field(default_factory=dict)  # short numeric arrays
     tensors: list[TensorInfo] = field(default_factory=list)
 
     @property
@@ -146,8 +154,11 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
     raise _Bad(f"key {key!r} has unknown value type {vtype}")
 
 
-def _read_array(cur: _Cursor, key: str) -> int:
-    """Skips an array value after checking it fits; returns its length."""
+def _read_array(cur: _Cursor, key: str, keep: dict[str, Any]) -> int:
+    """Skips an array value after checking it fits; returns its length.
+
+    Short numeric arrays, the token types and the token strings land in ``keep``.
+    """
     etype = cur.u32(f"array type of {key}")
     count = cur.u64(f"array length of {key}")
     remaining = len(cur.buf) - cur.pos
@@ -155,11 +166,16 @@ def _read_array(cur: _Cursor, key: str) -> int:
         size = _SCALARS[etype][1]
         if count > remaining // size:
             raise _Bad(f"array {key!r} claims {count} items, more than the file holds")
-        cur.take(count * size, f"array {key}")
+        raw = cur.take(count * size, f"array {key}")
+        if count <= MAX_KEPT_ARRAY or key == TOKEN_TYPE_KEY:
+            keep[key] = np.frombuffer(raw, dtype=_NUMPY[etype]).copy()
     elif etype == _STRING:
         if count > remaining // 8:
             raise _Bad(f"array {key!r} claims {count} strings, more than the file holds")
-        cur.pos = _skip_strings(cur.buf, cur.pos, count, key)
+        starts: list[int] | None = [] if key == TOKENS_KEY else None
+        cur.pos = _skip_strings(cur.buf, cur.pos, count, key, starts)
+        if starts is not None:
+            keep[key] = _token_table(cur.buf, starts, cur.pos)
     else:
         raise _Bad(f"array {key!r} has unsupported item type {etype}")
     return count
@@ -168,17 +184,46 @@ def _read_array(cur: _Cursor, key: str) -> int:
 _U64 = struct.Struct("<Q")
 
 
-def _skip_strings(buf: memoryview, pos: int, count: int, key: str) -> int:
-    """Walks ``count`` length-prefixed strings (token lists: the hot loop of the check)."""
+def _skip_strings(buf: memoryview, pos: int, count: int, key: str,
+                  starts: list[int] | None = None) -> int:
+    """Walks ``count`` length-prefixed strings (token lists: the hot loop of the check).
+
+    With ``starts``, each string's offset (of its length prefix) is appended to it.
+    """
     end = len(buf)
     unpack = _U64.unpack_from
-    for _ in range(count):
-        if pos + 8 > end:
-            raise _Bad(f"array {key!r} runs past the end of the file")
-        pos += 8 + unpack(buf, pos)[0]
+    if starts is None:
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Bad(f"array {key!r} runs past the end of the file")
+            pos += 8 + unpack(buf, pos)[0]
+    else:
+        append = starts.append
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Bad(f"array {key!r} runs past the end of the file")
+            append(pos)
+            pos += 8 + unpack(buf, pos)[0]
     if pos > end:
         raise _Bad(f"array {key!r} runs past the end of the file")
     return pos
+
+
+def _token_table(buf: memoryview, starts: list[int], end: int) -> TokenTable:
+    first = starts[0] if starts else end  # an empty list: an empty table
+    offsets = np.array(starts, dtype=np.int64) - first
+    lengths = np.diff(np.append(offsets, end - first)) - 8
+    data = np.frombuffer(buf[first:end], dtype=np.uint8).copy()
+    text = offsets + 8
+    # llama.cpp reads each token as a C string: it ends at its first NUL byte
+    data[(offsets[:, None] + np.arange(8)).ravel()] = 1  # hide the length prefixes
+    nul = np.flatnonzero(data == 0)
+    if len(nul):
+        owner = np.searchsorted(text, nul, side="right") - 1
+        cut = np.full(len(lengths), np.iinfo(np.int64).max)
+        np.minimum.at(cut, owner, nul - text[owner])
+        lengths = np.minimum(lengths, cut)
+    return TokenTable(data, text, lengths)
 
 
 def _read_tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], int, int]:
@@ -211,7 +256,7 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], type_id: int) -> tuple[GGML
     return qtype, n // block * type_size
 
 
-def _parse(buf: memoryview, path: Path) -> GGUFSummary:
+def _parse(buf: memoryview, path: Path) -> tuple[GGUFSummary, dict[str, Any]]:
     cur = _Cursor(buf)
     if bytes(cur.take(4, "magic")) != GGUF_MAGIC:
         raise _Bad("not a GGUF file (bad magic)")
@@ -223,13 +268,14 @@ def _parse(buf: memoryview, path: Path) -> GGUFSummary:
     if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
         raise _Bad(f"absurd counts: {n_tensors} tensors, {n_kv} metadata keys")
     summary = GGUFSummary(path=path, version=version, file_size=len(buf))
+    kept: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}").decode("utf-8", "replace")
         vtype = cur.u32(f"type of {key}")
         if key in summary.metadata or key in summary.array_lengths:
             raise _Bad(f"duplicate metadata key {key!r}")
         if vtype == _ARRAY:
-            summary.array_lengths[key] = _read_array(cur, key)
+            summary.array_lengths[key] = _read_array(cur, key, kept)
         else:
             summary.metadata[key] = _read_value(cur, vtype, key)
     alignment = summary.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -250,14 +296,26 @@ def _parse(buf: memoryview, path: Path) -> GGUFSummary:
             raise _Bad(f"tensor {name!r} data ({n_bytes} bytes at {start}) runs past "
                        f"the end of the file ({len(buf)} bytes)")
         summary.tensors.append(TensorInfo(name, shape, qtype, start, n_bytes))
-    return summary
+    summary.array_values = {k: v for k, v in kept.items()
+                            if isinstance(v, np.ndarray) and len(v) <= MAX_KEPT_ARRAY}
+    return summary, kept
 
 
-def read_gguf_header(path: str | os.PathLike[str]) -> GGUFSummary:
-    """Reads and checks a GGUF file's header and tensor extents.
+def _semantic_problems(summary: GGUFSummary, kept: dict[str, Any]) -> list[str]:
+    types = kept.get(TOKEN_TYPE_KEY)
+    types = types if isinstance(types, np.ndarray) and types.dtype.kind == "i" else None
+    return (hparam_problems(summary.metadata, summary.array_values)
+            + vocab_problems(summary.metadata, kept.get(TOKENS_KEY), types))
+
+
+def read_gguf_header(path: str | os.PathLike[str], *, probe: bool | None = None) -> GGUFSummary:
+    """Reads and checks a GGUF file's header, tensor extents and the values llama.cpp
+    would abort on.
 
     Args:
         path: the ``.gguf`` file.
+        probe: also run the one-time probe load in a child process
+            (:mod:`ggufllm.gguf_probe`); None follows ``GGUFLLM_PROBE`` (on by default).
 
     Returns:
         The header summary.
@@ -273,14 +331,19 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFSummary:
         with p.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
-                return _parse(view, p)
+                summary, kept = _parse(view, p)
             finally:
                 view.release()
+        problems = _semantic_problems(summary, kept)
+        if problems:
+            raise ModelLoadError(str(p), problems)
     except _Bad as exc:
         raise ModelLoadError(str(p), [str(exc)]) from None
     except OSError as exc:
         raise ModelLoadError(str(p), [f"cannot read the file: {exc.strerror or exc}"]) from None
-
+    if probe_enabled() if probe is None else probe:
+        probe_model_file(p)
+    return summary
 
 
 def tensor_array(summary: GGUFSummary, info: TensorInfo) -> np.ndarray:

@@ -25,7 +25,7 @@ from .errors import InvalidParameterError, LoadCancelledError, ServiceClosedErro
 from .gpu import gpu_info
 from .gpu.placement import LoadReport, observe_load, placement_for_settings
 from .harmony import Turn, rag_user_message
-from .resolve import ResolvedModel, quantization_of, resolve_model
+from .resolve import ResolvedModel, resolve_model
 
 __all__ = ["LLMService"]
 
@@ -345,12 +345,17 @@ class LLMService:
 
 
 def _quantization_name(path: Path, file_type: Any) -> str:
-    named = quantization_of(path)
-    if named != "unknown" or file_type is None:
-        return named
-    try:
-        from gguf import LlamaFileType
+    """The file's own word on its quantization (``general.file_type``), else the type
+    holding most tensor bytes; never the file name, which a rename can make lie."""
+    from gguf import LlamaFileType
 
-        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
-    except ValueError:
-        return f"file_type {file_type}"
+    if file_type is not None:
+        try:
+            name = LlamaFileType(int(file_type)).name
+        except (TypeError, ValueError):
+            return f"file_type {file_type}"
+        return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
+    from .gguf_file import read_gguf_header
+
+    table = read_gguf_header(path, probe=False).type_table()  # largest first
+    return table[0][0] if table else "unknown"

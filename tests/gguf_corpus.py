@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .gguf_models import ARR, I32, NORMAL, STR, TinyModel, tiny_model
 
 STRING, ARRAY, UINT32, FLOAT32 = 8, 9, 4, 6
 F32, Q8_0 = 0, 8
@@ -104,3 +107,138 @@ def corpus() -> dict[str, bytes]:
     files["truncated_in_tensor_info"] = good[: good.index(b"b.weight") + 4]
     files["truncated_in_data"] = good[:-10]
     return files
+
+
+# -- semantic cases: a well-formed tiny model with one value made wrong ---------------
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model with one wrong value, and what bare llama.cpp does with it.
+
+    ``crash``: where unguarded llama.cpp dies ("load": while loading the metadata or
+    vocabulary, "prompt": at the first prompt, "graph": at the first decode, "hang":
+    never returns), or None when it refuses the file cleanly or runs it.
+    """
+
+    arch: str
+    change: Callable[[TinyModel], object]
+    crash: str | None = None
+
+
+def _tokens(edit: Callable[[list], None]) -> Callable[[TinyModel], object]:
+    def change(m: TinyModel) -> None:
+        t = m.tokens()
+        edit(t)
+        m.set_tokens(t)
+    return change
+
+
+def _types(edit: Callable[[list], None]) -> Callable[[TinyModel], object]:
+    def change(m: TinyModel) -> None:
+        t = list(m.kv["tokenizer.ggml.token_type"][1][1])
+        edit(t)
+        m.set("tokenizer.ggml.token_type", ARR, (I32, t))
+    return change
+
+
+def _no_byte_tokens(m: TinyModel) -> None:
+    m.set_tokens([f"x{i}" if s.startswith("<0x") else s for i, s in enumerate(m.tokens())])
+    _types(lambda t: t.__setitem__(slice(4, 260), [NORMAL] * 256))(m)
+
+
+A = "{arch}."
+SEMANTIC: dict[str, Case] = {
+    # hyper-parameters: GGML_ASSERTs in llama-model.cpp load_hparams
+    "block_count_0": Case("llama", lambda m: m.set(A + "block_count", UINT32, 0), "load"),
+    "block_count_100000": Case("llama", lambda m: m.set(A + "block_count", UINT32, 100000), "load"),
+    "nextn_layers_over_block_count": Case(
+        "llama", lambda m: m.set(A + "nextn_predict_layers", UINT32, 5), "load"),
+    "expert_count_over_max": Case("gpt-oss", lambda m: m.set(A + "expert_count", UINT32, 5000), "load"),
+    "experts_used_over_count": Case(
+        "gpt-oss", lambda m: m.set(A + "expert_used_count", UINT32, 8), "load"),
+    "experts_used_zero": Case("gpt-oss", lambda m: m.set(A + "expert_used_count", UINT32, 0), "load"),
+    "experts_used_without_experts": Case(
+        "llama", lambda m: m.set(A + "expert_used_count", UINT32, 2), "load"),
+    "experts_used_per_layer_over_count": Case(
+        "gpt-oss", lambda m: m.set(A + "expert_used_count", ARR, (UINT32, [2, 9])), "load"),
+    "experts_used_zero_in_one_layer": Case(  # SIGSEGV
+        "gpt-oss", lambda m: m.set(A + "expert_used_count", ARR, (UINT32, [2, 0])), "graph"),
+    "expert_groups_not_below_count": Case(
+        "gpt-oss", lambda m: m.set(A + "expert_group_count", UINT32, 4), "load"),
+    "expert_groups_not_dividing": Case("gpt-oss", lambda m: m.set(
+        A + "expert_group_count", UINT32, 3).set(A + "expert_group_used_count", UINT32, 1), "load"),
+    "expert_groups_used_zero": Case(
+        "gpt-oss", lambda m: m.set(A + "expert_group_count", UINT32, 2), "load"),
+    "expert_groups_without_experts": Case(
+        "llama", lambda m: m.set(A + "expert_group_count", UINT32, 2), "load"),
+    "rope_scaling_type_unknown": Case(
+        "llama", lambda m: m.set(A + "rope.scaling.type", STR, "bogus"), "load"),
+    # hyper-parameters that pass the load and abort (or loop) in the first decode
+    "rms_eps_nan": Case(
+        "llama", lambda m: m.set(A + "attention.layer_norm_rms_epsilon", FLOAT32, float("nan")), "graph"),
+    "rms_eps_negative": Case(
+        "gpt-oss", lambda m: m.set(A + "attention.layer_norm_rms_epsilon", FLOAT32, -1.0), "graph"),
+    "rope_dims_odd": Case("gemma3", lambda m: m.set(A + "rope.dimension_count", UINT32, 7), "graph"),
+    "rope_dims_over_head": Case(
+        "gemma3", lambda m: m.set(A + "rope.dimension_count", UINT32, 64), "graph"),
+    "rope_dims_zero": Case("gemma3", lambda m: m.set(A + "rope.dimension_count", UINT32, 0), "hang"),
+    "rope_dims_swa_zero": Case(
+        "gemma3", lambda m: m.set(A + "rope.dimension_count_swa", UINT32, 0), "hang"),
+    "rope_dims_swa_over_head": Case(
+        "gemma3", lambda m: m.set(A + "rope.dimension_count_swa", UINT32, 64), "graph"),
+    "value_length_not_key_length": Case(
+        "gpt-oss", lambda m: m.set(A + "attention.value_length", UINT32, 4), "graph"),
+    "kv_heads_zero_in_one_layer": Case(
+        "llama", lambda m: m.set(A + "attention.head_count_kv", ARR, (UINT32, [2, 0])), "graph"),
+    # vocabulary: llama-vocab.cpp
+    "duplicate_token_bpe": Case("llama", _tokens(lambda t: t.__setitem__(200, t[201])), "load"),
+    "duplicate_token_spm": Case("gemma3", _tokens(lambda t: t.__setitem__(270, t[271])), "load"),
+    "empty_token_named_like_another": Case(
+        "llama", _tokens(lambda t: t.__setitem__(slice(5, 7), ["", "[EMPTY_5]"])), "load"),
+    # llama.cpp reads a token as a C string: "x\0y" is "x", which id 120 already is
+    "token_with_nul_repeats_another": Case(
+        "llama", _tokens(lambda t: t.__setitem__(200, b"x\0y")), "load"),
+    "byte_tokens_in_wordpiece": Case("llama", lambda m: (
+        m.set("tokenizer.ggml.model", STR, "bert"), _types(lambda t: t.__setitem__(65, 6))(m)),
+        "load"),
+    "spm_without_byte_tokens": Case("gemma3", _no_byte_tokens, "prompt"),
+    # refused cleanly by llama.cpp, or harmless: must stay that way
+    "block_count_missing": Case("llama", lambda m: m.drop(A + "block_count")),
+    "head_count_zero": Case("llama", lambda m: m.set(A + "attention.head_count", UINT32, 0)),
+    "kv_heads_not_dividing": Case("llama", lambda m: m.set(A + "attention.head_count_kv", UINT32, 3)),
+    "embedding_length_zero": Case("llama", lambda m: m.set(A + "embedding_length", UINT32, 0)),
+    "context_length_zero": Case("gpt-oss", lambda m: m.set(A + "context_length", UINT32, 0)),
+    "sliding_window_zero": Case("gpt-oss", lambda m: m.set(A + "attention.sliding_window", UINT32, 0)),
+    "architecture_unknown": Case("llama", lambda m: m.set("general.architecture", STR, "nosuch")),
+    "no_tokens": Case("llama", lambda m: (m.set_tokens([]), m.set(
+        "tokenizer.ggml.token_type", ARR, (I32, [])))),
+    "scores_shorter_than_tokens": Case(
+        "gemma3", lambda m: m.set("tokenizer.ggml.scores", ARR, (FLOAT32, [0.0]))),
+    "token_types_shorter_than_tokens": Case(
+        "llama", lambda m: m.set("tokenizer.ggml.token_type", ARR, (I32, [1]))),
+    "merges_missing": Case("llama", lambda m: m.drop("tokenizer.ggml.merges")),
+    "merges_malformed_or_unknown": Case("llama", lambda m: m.set(
+        "tokenizer.ggml.merges", ARR, (STR, ["ab", " ", "", "zz qq", "Ġt he"]))),
+    "tokenizer_model_unknown": Case("llama", lambda m: m.set("tokenizer.ggml.model", STR, "nosuch")),
+    "pre_tokenizer_unknown": Case("llama", lambda m: m.set("tokenizer.ggml.pre", STR, "nosuch")),
+    "bos_id_out_of_range": Case("llama", lambda m: m.set("tokenizer.ggml.bos_token_id", UINT32, 10**6)),
+    "eos_id_out_of_range": Case(
+        "gpt-oss", lambda m: m.set("tokenizer.ggml.eos_token_id", UINT32, 0xFFFFFFFF)),
+    "pad_id_out_of_range": Case(
+        "gemma3", lambda m: m.set("tokenizer.ggml.padding_token_id", UINT32, 99999)),
+    "token_starting_with_nul": Case("llama", _tokens(lambda t: t.__setitem__(200, b"\0q"))),
+    "token_invalid_utf8": Case("llama", _tokens(lambda t: t.__setitem__(200, b"\xff\xfe"))),
+    "valid_llama": Case("llama", lambda m: None),
+    "valid_gemma3": Case("gemma3", lambda m: None),
+    "valid_gpt_oss": Case("gpt-oss", lambda m: None),
+}
+
+
+def semantic_corpus() -> dict[str, bytes]:
+    """Each semantic case built: a loadable tiny model with its one change."""
+    out = {}
+    for name, case in SEMANTIC.items():
+        m = tiny_model(case.arch)
+        case.change(m)
+        out[name] = m.build()
+    return out

@@ -64,6 +64,13 @@ TINY_CONFIG = {
     },
 }
 
+# The real layer count (24, alternating sliding/full) with rows of 256, the K-quant
+# super-block, so that Q4_K_M picks real K-quants and its per-layer recipe is exercised.
+REAL_DEPTH_CONFIG = TINY_CONFIG | {
+    "num_hidden_layers": 24, "hidden_size": 256, "num_attention_heads": 16, "head_dim": 16,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+}
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ggufllm import LLMService, ModelLoadError
+from ggufllm import LLMService, ModelLoadError, gguf_file
 from ggufllm.gguf_file import read_gguf_header
+from ggufllm.gguf_probe import PROBE_ENV, probe_model_file
 
-from .gguf_corpus import corpus, valid_spec
+from .gguf_corpus import SEMANTIC, corpus, semantic_corpus, valid_spec
 
 CORPUS = corpus()
+SEMANTIC_FILES = semantic_corpus()
 
 
 def test_corpus_is_large_enough():
     assert len(CORPUS) >= 20
+    assert len(SEMANTIC) >= 40 and sum(c.crash is not None for c in SEMANTIC.values()) >= 20
 
 
 def test_valid_file_passes(tmp_path: Path):
     p = tmp_path / "ok.gguf"
     p.write_bytes(valid_spec().build())
-    s = read_gguf_header(p)
+    s = read_gguf_header(p, probe=False)
     assert [t.name for t in s.tensors] == ["a.weight", "b.weight"]
     assert s.tensors[1].n_bytes == 68 and s.architecture == "llama"
     assert s.array_lengths["tokenizer.ggml.tokens"] == 2 and s.context_length == 64
@@ -66,7 +73,122 @@ def test_truncated_real_model_is_refused(tmp_path: Path, default_gguf: Path, fra
 
 
 def test_real_model_header_summary(default_gguf: Path):
-    s = read_gguf_header(default_gguf)
+    s = read_gguf_header(default_gguf, probe=False)
     assert s.architecture == "gemma3" and s.context_length == 32768
     assert 2.6e8 < s.n_params < 2.8e8
     assert {t for t, _, _ in s.type_table()} >= {"Q8_0", "Q4_K", "F32"}
+
+
+# -- semantic cases: well-formed files whose values would abort llama.cpp ----------
+
+_CHILD = """
+import sys
+from ggufllm import LLMService, ModelLoadError
+for p in sys.argv[1:]:
+    print("START", flush=True)
+    try:
+        with LLMService(p, max_length=128) as svc:
+            svc.generate_answer("the", max_tokens=2, temperature=0)
+        print("DONE answers", flush=True)
+    except ModelLoadError:
+        print("DONE refused", flush=True)
+"""
+
+
+def _run_child(paths: list[Path]) -> tuple[list[str], str]:
+    """Outcomes of the files the child finished, and what stopped it."""
+    # the static checks alone must keep it alive; no gdb backtrace if it dies
+    env = {**os.environ, PROBE_ENV: "0", "GGML_NO_BACKTRACE": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, *map(str, paths)], env=env,
+                              capture_output=True, timeout=300)
+        out, end = done.stdout, ("exit" if done.returncode >= 0
+                                 else signal.Signals(-done.returncode).name)
+    except subprocess.TimeoutExpired as exc:
+        out, end = exc.stdout or b"", "hung"
+    return [ln.split()[1] for ln in out.decode().splitlines() if ln.startswith("DONE")], end
+
+
+@pytest.fixture(scope="module")
+def child_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Loads every semantic case through ggufllm in child processes (one after a crash)."""
+    folder = tmp_path_factory.mktemp("semantic")
+    paths = []
+    for name, data in SEMANTIC_FILES.items():
+        (folder / f"{name}.gguf").write_bytes(data)
+        paths.append(folder / f"{name}.gguf")
+    outcomes: dict[str, str] = {}
+    while paths:
+        finished, end = _run_child(paths)
+        outcomes |= {p.stem: o for p, o in zip(paths, finished, strict=False)}
+        if len(finished) < len(paths):  # the next one killed or hung the child
+            outcomes[paths[len(finished)].stem] = end
+        paths = paths[len(finished) + 1:]
+    return outcomes
+
+
+@pytest.mark.parametrize("name", sorted(SEMANTIC))
+def test_semantic_case_is_refused_or_answers(tmp_path: Path, name: str, child_outcomes,
+                                            monkeypatch: pytest.MonkeyPatch):
+    """No file kills or hangs the process: a subprocess first, then in this one."""
+    assert child_outcomes[name] in ("answers", "refused"), f"{name}: {child_outcomes[name]}"
+    monkeypatch.setenv(PROBE_ENV, "0")
+    p = tmp_path / f"{name}.gguf"
+    p.write_bytes(SEMANTIC_FILES[name])
+    case = SEMANTIC[name]
+    try:
+        with LLMService(p, max_length=128) as svc:
+            assert svc.generate_answer("the", max_tokens=2, temperature=0) is not None
+    except ModelLoadError as err:
+        assert err.problems and err.path == str(p)
+        if case.crash:  # refused by our check, which names the key
+            assert any("tokenizer.ggml." in m or f"{case.arch}." in m for m in err.problems)
+    else:
+        assert case.crash is None and child_outcomes[name] == "answers"
+
+
+LOAD_ABORTS = sorted(n for n, c in SEMANTIC.items() if c.crash in ("load", "prompt"))
+
+
+@pytest.mark.parametrize("name", LOAD_ABORTS)
+def test_probe_catches_load_aborts_the_static_check_missed(
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch):
+    """Second line of defence: with the static checks switched off, the probe refuses."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_file, "_semantic_problems", lambda *_: [])
+    p = tmp_path / f"{name}.gguf"
+    p.write_bytes(SEMANTIC_FILES[name])
+    read_gguf_header(p, probe=False)  # the static check is really off
+    with pytest.raises(ModelLoadError, match="aborts on this file"):
+        read_gguf_header(p, probe=True)
+
+
+def test_probe_passes_once_per_file_and_gives_llama_cpp_reasons(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = tmp_path / "good.gguf"
+    good.write_bytes(SEMANTIC_FILES["valid_llama"])
+    probe_model_file(good)
+    assert len(list((tmp_path / "cache" / "ggufllm" / "probed").iterdir())) == 1
+    probe_model_file(good)  # cached: no second child
+    assert len(list((tmp_path / "cache" / "ggufllm" / "probed").iterdir())) == 1
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(SEMANTIC_FILES["architecture_unknown"])
+    with pytest.raises(ModelLoadError, match="unknown model architecture: 'nosuch'"):
+        probe_model_file(bad)
+    monkeypatch.setenv(PROBE_ENV, "0")
+    with pytest.raises(ModelLoadError, match="llama.cpp refused the file"):
+        LLMService(bad).load()  # without the probe: the in-process load refuses it
+
+
+def test_quantization_comes_from_the_file_not_its_name(tmp_path: Path):
+    from ggufllm.service import _quantization_name
+
+    from .gguf_models import tiny_model
+
+    m = tiny_model("llama").drop("general.file_type")
+    p = tmp_path / "tiny-Q4_K_M.gguf"  # the name lies: every tensor is F32
+    p.write_bytes(m.build())
+    assert _quantization_name(p, None) == "F32"  # no general.file_type: the tensor types
+    assert [_quantization_name(p, ft) for ft in (0, 1, 7, 15, 38)] == \
+        ["F32", "F16", "Q8_0", "Q4_K_M", "MXFP4_MOE"]
