@@ -270,7 +270,7 @@ def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: 
         ModelLoadError: the file is not a readable GGUF.
         ValueError: an unknown ``kv_cache_type``.
     """
-    summary = model_path if isinstance(model_path, GGUFSummary) else read_gguf_header(model_path)
+    summary = model_path if isinstance(model_path, GGUFSummary) else read_gguf_header(model_path, probe=False)
     if kv_cache_type not in KV_TYPE_SIZES:
         raise ValueError(f"unknown KV cache type {kv_cache_type!r}; known: {sorted(KV_TYPE_SIZES)}")
     hp = _hparams(summary)

@@ -138,7 +138,7 @@ def plan_placement(model_path: str | os.PathLike[str] | GGUFSummary, *,
     Returns:
         The placement, with the estimate it was chosen from.
     """
-    summary = model_path if isinstance(model_path, GGUFSummary) else read_gguf_header(model_path)
+    summary = model_path if isinstance(model_path, GGUFSummary) else read_gguf_header(model_path, probe=False)
 
     def est(layers: int, moe: int, all_moe: bool = False) -> MemoryEstimate:
         return estimate_memory(summary, n_gpu_layers=layers, n_cpu_moe=moe, cpu_moe=all_moe, **kv)
