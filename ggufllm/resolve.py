@@ -164,9 +164,9 @@ def find_models(env_path: str | None) -> list[Path]:
             found.append(root)
         elif root.is_dir():
             found += sorted(p for p in root.rglob("*.gguf") if p.is_file())
-    unique: dict[Path, Path] = {}
-    for p in found:
-        unique.setdefault(p.resolve(), p)
+    unique: dict[str, Path] = {}
+    for p in found:  # links are kept apart: a link is how a user names a model
+        unique.setdefault(os.path.abspath(p), p)
     return list(unique.values())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,12 @@ def models(as_json: bool) -> None:
     settings = load_settings()
     paths = find_models(settings.llm_model_path)
     chosen = _would_use()
-    if chosen is not None and all(p.resolve() != chosen.resolve() for p in paths):
+    def same(a: Path, b: Path | None) -> bool:
+        return b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+    if chosen is not None and not any(same(p, chosen) for p in paths):
         paths.append(chosen)  # the embedded default model
-    rows = [_row(p) | {"default": chosen is not None and p.resolve() == chosen.resolve()}
-            for p in paths]
+    rows = [_row(p) | {"default": same(p, chosen)} for p in paths]
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
