@@ -16,7 +16,6 @@ from ggufllm.cli.common import supports
 
 from .gguf_corpus import corpus
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,7 +14,7 @@ from ..chunks import Answer
 from ..errors import InvalidParameterError
 from .common import CliError, flags_from, generation_options, quiet, state, verbose
 from .load import call_options, open_service
-from .output import after_answer, stream_to_terminal
+from .output import Streamed, after_answer, stream_to_terminal
 from .progress import PromptSpinner, is_terminal
 
 __all__ = ["ask", "read_text"]
@@ -97,6 +97,9 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
             extra = call_options(service.answer, system, None)
             answer = service.answer(question, context, **flags.params, **extra)
             _print_whole(answer, service, as_json, show_reasoning)
+            if not as_json:
+                after_answer(Streamed(answer, None, False), max_tokens=cfg.max_tokens,
+                             stats=stats or verbose() > 0, quiet=quiet())
             return
         spinner = PromptSpinner(enabled=is_terminal() and not quiet())
         extra = call_options(service.stream, system, spinner)
