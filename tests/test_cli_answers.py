@@ -1,8 +1,8 @@
 """Right answers on the first try from the embedded base model, at the shipped defaults.
 
 The completion prompt's worked question/answer frame is what makes the 270M base
-model answer these; without it (``_COMPLETION_FRAME = ""``) "Paris" came in 7 of 10
-runs. ``benchmarks/first_answer.py`` measures the rate over random seeds.
+model answer these (without it, Tokyo and Shakespeare came in 2 of 5 runs).
+``benchmarks/first_answer.py`` measures the rate over random seeds.
 """
 
 from __future__ import annotations

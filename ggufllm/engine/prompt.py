@@ -26,11 +26,12 @@ __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
 # the next question or a blank line would begin.
 _COMPLETION_STOPS = ("\nQuestion:", "\n\n")
 # A few worked question/answer pairs before the user's: a base model follows the
-# pattern (short, factual answers) far better than a bare "Question:". Measured with
-# benchmarks/first_answer.py on the embedded Gemma 3 270M at the default sampling
-# settings: "Paris" in 7 of 10 answers without the frame, 20 of 20 with it. The frame
-# comes first and never changes, so it stays in the KV cache across questions, and a
-# RAG context (inside the user's turn) still comes right before its question.
+# pattern (short, factual answers) far better than a bare "Question:". Measured on the
+# embedded Gemma 3 270M at the default sampling settings (benchmarks/first_answer.py):
+# with the frame Paris 20/20, Tokyo, Shakespeare and Leonardo 10/10 each; without it
+# Tokyo and Shakespeare 2/5, Leonardo 3/5. The frame comes first and never changes, so
+# it stays in the KV cache across questions, and a RAG context (inside the user's turn)
+# still comes right before its question.
 _COMPLETION_FRAME = (
     "Question: What is the capital of Germany?\nAnswer: Berlin.\n\n"
     "Question: Who wrote Romeo and Juliet?\nAnswer: William Shakespeare.\n\n"
