@@ -82,10 +82,10 @@ def stream_to_terminal(chunks: Iterable[Chunk], show_reasoning: bool, *,
 def stats_line(streamed: Streamed) -> str:
     """``ttft 0.31 s · prompt 52 tokens (40 cached, 12 evaluated) · 9 generated · 31.2 tok/s``."""
     t = streamed.answer.timings
-    ttft = f"ttft {streamed.ttft_s:.2f} s" if streamed.ttft_s is not None else "ttft -"
+    ttft = f"ttft {streamed.ttft_s:.2f} s · " if streamed.ttft_s is not None else ""
     if t is None:
-        return f"{ttft} · (no timings: the answer was interrupted)"
-    return (f"{ttft} · prompt {t.n_prompt} tokens ({t.n_cached} cached, "
+        return f"{ttft}(no timings: the answer was interrupted)"
+    return (f"{ttft}prompt {t.n_prompt} tokens ({t.n_cached} cached, "
             f"{t.n_prompt - t.n_cached} evaluated in {t.prompt_s:.2f} s) · {t.n_generated} "
             f"generated in {t.decode_s:.2f} s · {t.decode_tokens_per_s:.1f} tok/s")
 
