@@ -137,7 +137,9 @@ def context_remedies(exc: ContextLengthExceededError) -> str:
         fixes.append(f"--ctx {need} or more" + (f" (the model was trained on {trained})"
                                                  if trained else ""))
     if meta.get("has_context"):
-        fixes.append("a shorter context, or --overflow truncate-context")
+        typed_overflow = "overflow" in meta.get("flags", {})
+        fixes.append("a shorter context" + ("" if typed_overflow else
+                                            ", or --overflow truncate-context"))
     elif meta.get("in_chat"):
         fixes.append("/clear, or a shorter message")
     else:
