@@ -200,7 +200,7 @@ def test_info_without_a_path_describes_what_ask_would_use(models_dir: Path):
     assert facts["path"].endswith("gemma-3-270m-q4_k_m.gguf") and facts["quantization"] == "Q4_K_M"
 
 
-@pytest.mark.parametrize("command", ["ask", "chat", "models", "info"])
+@pytest.mark.parametrize("command", ["ask", "chat", "models", "info", "convert", "verify"])
 def test_short_help_shows_an_example(command: str):
     r = ggufllm(command, "-h")
     assert r.returncode == 0 and "Example" in r.stdout

@@ -29,7 +29,12 @@ _EXPERTS = ["mxfp4", "q8_0", "bf16", "f16", "f32"]
 @click.option("--download", is_flag=True, help="Allow fetching SRC from the Hugging Face hub.")
 def convert_cmd(src: str, out: Path | None, out_type: str, experts: str, dry_run: bool,
                 force: bool, download: bool) -> None:
-    """Convert a Hugging Face gpt-oss checkpoint (folder or cached repo id) to GGUF."""
+    """Convert a Hugging Face gpt-oss checkpoint (folder or cached repo id) to GGUF.
+
+    \b
+    Example:
+      ggufllm convert PATH/TO/gpt-oss-20b -o models/llm/gpt-oss-20b-Q8_0.gguf
+    """
     from convert import convert, load_plan
     from convert.quant import n_bytes
 
@@ -73,7 +78,12 @@ def convert_cmd(src: str, out: Path | None, out_type: str, experts: str, dry_run
               help="Also compare llama.cpp's logits with transformers' on 64 tokens "
                    "(small models; needs the 'reference' extra).")
 def verify_cmd(gguf_file: Path, reference: str, as_json: bool, logits: bool) -> None:
-    """Per-tensor fidelity of GGUF_FILE against its source checkpoint."""
+    """Per-tensor fidelity of GGUF_FILE against its source checkpoint.
+
+    \b
+    Example:
+      ggufllm verify models/llm/gpt-oss-20b-Q8_0.gguf --reference PATH/TO/gpt-oss-20b
+    """
     from convert import verify
 
     failed = 0

@@ -100,22 +100,23 @@ def models(as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("model", required=False,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @verbosity_options
 def info(model: Path | None, as_json: bool) -> None:
-    """Describe a GGUF file without loading it (default: the one `ask` would use).
+    """Describe a GGUF file (or the one a folder holds) from its header, without loading it
+    (default: the one `ask` would use).
 
     \b
     Examples:
       ggufllm info
       ggufllm info models/llm/gpt-oss-20b-Q8_0.gguf --json
     """
-    if model is None:
-        s = load_settings()
-        model = resolve_model(None, env_path=s.llm_model_path, use_quantization=s.use_quantization,
-                              load_in_8bit=s.load_in_8bit, load_in_4bit=s.load_in_4bit).path
+    settings = load_settings()
+    model = resolve_model(model, env_path=settings.llm_model_path,
+                          use_quantization=settings.use_quantization,
+                          load_in_8bit=settings.load_in_8bit,
+                          load_in_4bit=settings.load_in_4bit).path
     s = read_gguf_header(model)
     facts = {
         "path": str(model), "file_size": s.file_size, "gguf_version": s.version,
