@@ -41,8 +41,8 @@ def test_chat_in_a_terminal_survives_ctrl_c(tmp_path: Path, default_gguf: Path):
         child.sendline("/set temperature -1")
         child.expect("error: .*temperature")
         child.expect_exact(PROMPT)
-        child.sendline("/set max_tokens 200")
-        child.expect_exact("max_tokens = 200")
+        child.sendline("/set max_tokens 500")
+        child.expect_exact("max_tokens = 500")
         child.expect_exact(PROMPT)
         # turn 2, interrupted once the answer has started
         child.sendline("List the first fifty prime numbers.")
@@ -72,7 +72,7 @@ def test_chat_in_a_terminal_survives_ctrl_c(tmp_path: Path, default_gguf: Path):
     assert not messages[1].get("interrupted")
     # the third turn was built from the whole history, the first turn included
     assert messages[4]["content"] == "What is\nmy name?"
-    assert saved["settings"]["max_tokens"] == 200 and saved["settings"]["temperature"] == 0
+    assert saved["settings"]["max_tokens"] == 500 and saved["settings"]["temperature"] == 0
 
 
 def chat_piped(args: list[str], lines: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
