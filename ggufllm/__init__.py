@@ -9,12 +9,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 # Offline always: the hub client must never reach the network from this package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A library never writes to an application's stderr on its own: without this
+# handler, Python's last-resort handler would print ggufllm's (and llama.cpp's)
+# warnings whenever the application has not configured logging. The CLI and
+# applications that configure logging decide what to show.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from .chunks import Answer, Chunk, Timings  # noqa: E402
 from .config import GenerationConfig, Settings, load_settings  # noqa: E402

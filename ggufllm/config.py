@@ -8,7 +8,7 @@ a bad one raises :class:`~ggufllm.errors.ConfigError` naming the variable.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,20 @@ OverflowPolicy = Literal["error", "truncate_context", "shrink_max_tokens", "drop
 KVCacheType = Literal["f16", "q8_0", "q4_0"]
 DEFAULT_MODEL_DIR = "models/llm"
 
+# llama.cpp reads the seed 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed":
+# it is refused, so that a seed given always reproduces; None asks for random.
+MAX_SEED = 0xFFFFFFFE
+
+# The bounds of each generation parameter, shared by the per-call field and its
+# DEFAULT_* setting so that the two can never disagree.
+MaxTokens = Annotated[int, Field(ge=1, le=1 << 20)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=1 << 20)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+RepeatPenalty = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)]
+Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED)]
+
 
 class GenerationConfig(BaseModel):
     """Sampling parameters of one call. Unknown keys and non-finite floats are rejected."""
@@ -30,13 +44,14 @@ class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
                               frozen=True)
 
-    max_tokens: int = Field(1000, ge=1, le=1 << 20, description="most tokens to generate")
-    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: int = Field(50, ge=0, le=1 << 20, description="0 disables top-k")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="min-p sampling; 0 disables")
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 disables")
-    seed: int | None = Field(None, ge=0, lt=1 << 32, description="None: random")
+    max_tokens: MaxTokens = Field(1000, description="most tokens to generate")
+    temperature: Temperature = Field(0.7, description="0 means greedy")
+    top_p: TopP = Field(0.9, description="nucleus sampling mass")
+    top_k: TopK = Field(50, description="0 disables top-k")
+    min_p: MinP = Field(0.0, description="min-p sampling; 0 disables")
+    repeat_penalty: RepeatPenalty = Field(1.0, description="1 disables")
+    seed: Seed = Field(None, description=f"0..{MAX_SEED} reproduces a sampled answer; "
+                       "None: random")
     reasoning_effort: ReasoningEffort = Field("low", description="gpt-oss reasoning level")
     stop: tuple[str, ...] = Field((), description="extra stop strings")
     overflow: OverflowPolicy = Field("error", description="a prompt that does not fit: raise "
@@ -46,10 +61,14 @@ class GenerationConfig(BaseModel):
     def updated(self, **changes: Any) -> GenerationConfig:
         """Returns a copy with ``changes`` applied and validated.
 
+        None leaves a parameter as it is (``max_tokens=None`` means "not given"),
+        except where None is a value of its own: ``seed=None`` returns to random
+        sampling.
+
         Raises:
             InvalidParameterError: an unknown key or an invalid value.
         """
-        changes = {k: v for k, v in changes.items() if v is not None}
+        changes = {k: v for k, v in changes.items() if v is not None or k in _NULLABLE}
         try:
             return GenerationConfig.model_validate({**self.model_dump(), **changes})
         except ValidationError as exc:
@@ -57,6 +76,10 @@ class GenerationConfig(BaseModel):
             name = str(err["loc"][0]) if err["loc"] else None
             raise InvalidParameterError(f"{name}: {err['msg']} (got {err.get('input')!r})",
                                         name) from None
+
+
+# parameters for which None is a value (not "leave as it is")
+_NULLABLE = frozenset({"seed"})
 
 
 class Settings(BaseSettings):
@@ -70,13 +93,14 @@ class Settings(BaseSettings):
     use_quantization: bool = Field(True, description="prefer a quantized file in the folder")
     load_in_8bit: bool = Field(True, description="prefer the Q8_0 file")
     load_in_4bit: bool = Field(False, description="prefer the Q4_K_M file")
-    default_max_tokens: int = Field(1000, ge=1, le=1 << 20)
-    default_temperature: float = Field(0.7, ge=0.0, le=100.0, allow_inf_nan=False)
-    default_top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
-    default_top_k: int = Field(50, ge=0)
-    default_seed: int | None = Field(None, ge=0, lt=1 << 32)
+    default_max_tokens: MaxTokens = 1000
+    default_temperature: Temperature = 0.7
+    default_top_p: TopP = 0.9
+    default_top_k: TopK = 50
+    default_seed: Seed = None
     reasoning_effort: ReasoningEffort = "low"
-    n_gpu_layers: int = Field(-1, ge=-1, description="layers to offload; -1 = all")
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(
+        "auto", description="layers to offload; -1 = all; auto = what fits the GPU (0 without one)")
     n_threads: int | None = Field(None, ge=1, le=1024)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     flash_attn: bool | None = Field(None, description="None: llama.cpp decides")

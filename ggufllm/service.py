@@ -23,6 +23,7 @@ from .engine import Engine, EngineOptions
 from .engine.native import ProgressFn
 from .errors import InvalidParameterError, LoadCancelledError, ServiceClosedError
 from .gpu import gpu_info
+from .gpu.placement import LoadReport, observe_load, placement_for_settings
 from .harmony import Turn, rag_user_message
 from .resolve import ResolvedModel, quantization_of, resolve_model
 
@@ -59,6 +60,7 @@ class LLMService:
         self._progress = progress
         self._engine: Engine | None = None
         self._resolved: ResolvedModel | None = None
+        self._load_report: LoadReport | None = None
         self._load_lock = threading.Lock()
         self._cancel_load = threading.Event()
         self._closed = False
@@ -87,12 +89,16 @@ class LLMService:
                     return False
                 return user_progress(fraction) is not False if user_progress else True
 
-            options = EngineOptions(n_ctx=s.max_length, n_gpu_layers=s.n_gpu_layers,
+            placement = placement_for_settings(s, resolved.path)  # resolves N_GPU_LAYERS=auto
+            options = EngineOptions(n_ctx=s.max_length, n_gpu_layers=placement.n_gpu_layers,
+                                    cpu_moe=placement.cpu_moe, n_cpu_moe=placement.n_cpu_moe,
                                     n_threads=s.n_threads, n_batch=s.n_batch,
                                     flash_attn=s.flash_attn)
             if self._cancel_load.is_set():
                 raise LoadCancelledError(str(resolved.path))
-            self._engine = Engine(str(resolved.path), options, on_progress)
+            with observe_load() as report:  # what llama.cpp placed where, from its log
+                self._engine = Engine(str(resolved.path), options, on_progress)
+            self._load_report = report
             self._resolved = resolved
             logger.info("loaded %s (%s prompts, n_ctx=%d)", resolved.path,
                         self._engine.prompt_kind.value, self._engine.n_ctx)
@@ -286,11 +292,13 @@ class LLMService:
             "loaded": engine is not None,
             "model_name": None, "model_path": None, "architecture": None,
             "quantization": None, "n_ctx": self.settings.max_length,
-            "n_gpu_layers": self.settings.n_gpu_layers if gpu.available else 0,
+            "n_gpu_layers": 0,
             "device": gpu.device, "gpu_name": gpu.name,
             "gpu_memory_total": gpu.memory_total_gb,
             "gpu_memory_allocated": gpu.memory_used_gb,
         }
+        if engine is not None and self._load_report is not None:  # as llama.cpp reported it
+            info.update(self._load_report.as_info())
         if engine is not None and resolved is not None:
             meta = engine.summary.metadata
             file_type = meta.get("general.file_type")

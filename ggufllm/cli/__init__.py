@@ -67,6 +67,11 @@ cli.add_command(info)
 cli.add_command(convert_cmd)
 cli.add_command(verify_cmd)
 
+from ..gpu.cli import backend, doctor  # noqa: E402
+
+cli.add_command(doctor)
+cli.add_command(backend)
+
 convert_command = _Group(commands={"convert": convert_cmd}).commands["convert"]
 
 

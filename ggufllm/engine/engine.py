@@ -36,6 +36,8 @@ class EngineOptions:
 
     n_ctx: int = 4096
     n_gpu_layers: int = -1
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
     n_threads: int | None = None
     n_batch: int = 512
     flash_attn: bool | None = None
@@ -59,7 +61,8 @@ class Engine:
         self.path = path
         self.options = options
         self._lock = threading.Lock()
-        self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, progress=progress)
+        self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, cpu_moe=options.cpu_moe,
+                                  n_cpu_moe=options.n_cpu_moe, progress=progress)
         try:
             n_ctx = options.n_ctx
             self._ctx = NativeContext(self._model, n_ctx=n_ctx, n_batch=options.n_batch,

@@ -68,14 +68,23 @@ class NativeModel:
     Args:
         path: a GGUF file that passed :func:`ggufllm.gguf_file.read_gguf_header`.
         n_gpu_layers: layers to offload (-1 = all; ignored by a CPU build).
+        cpu_moe: keep every MoE expert tensor in CPU memory.
+        n_cpu_moe: keep the expert tensors of the first N layers in CPU memory.
         progress: called with 0..1 while loading; returning False cancels.
     """
 
-    def __init__(self, path: str, *, n_gpu_layers: int = -1,
-                 progress: ProgressFn | None = None, vocab_only: bool = False) -> None:
+    def __init__(self, path: str, *, n_gpu_layers: int = -1, cpu_moe: bool = False,
+                 n_cpu_moe: int = 0, progress: ProgressFn | None = None,
+                 vocab_only: bool = False) -> None:
+        from ..gpu.placement import TensorOverrides
+
         ensure_backend()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+        # the array must outlive the load: llama.cpp reads it while placing tensors
+        self._overrides = TensorOverrides.for_experts(cpu_moe, n_cpu_moe)
+        if self._overrides is not None:
+            params.tensor_buft_overrides = self._overrides.address
         params.vocab_only = vocab_only
         cancelled = False
 

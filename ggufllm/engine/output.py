@@ -32,7 +32,9 @@ class HarmonyReader:
     """gpt-oss output: channels parsed from the token stream.
 
     Ends at ``<|return|>`` / ``<|call|>`` or another end-of-generation token of the
-    vocabulary, never at ``<|end|>`` (that only closes a message).
+    vocabulary, never at ``<|end|>`` (that only closes a message). A stop string
+    ends the answer and drops what follows it; an end-of-generation token ends it
+    and keeps everything the parser and the stop window still hold.
     """
 
     def __init__(self, model: NativeModel, tokens: HarmonyTokens, stops: Sequence[str] = ()) -> None:
@@ -41,6 +43,7 @@ class HarmonyReader:
         self._parser = HarmonyParser(tokens, model.piece)
         # extra stop strings apply to the answer (final channel) only
         self._stops = StopScanner(stops) if stops else None
+        self._ended = False
 
     def feed(self, token: int) -> tuple[list[Chunk], FinishReason | None]:
         deltas = self._parser.feed(token)
@@ -49,12 +52,16 @@ class HarmonyReader:
             deltas, hit = self._cut_final(deltas)
         chunks = _with_token(deltas, token)
         if hit:
+            self._ended = True  # the stop string and whatever follows it are never shown
             return chunks, "stop"
         if self._parser.done:
-            return chunks + self._flush_final(), self._parser.finish_reason or "stop"
+            return chunks + self._drain(), self._parser.finish_reason or "stop"
         if token != self._end and self._model.is_eog(token):
-            return chunks + self._flush_final(), "stop"
+            return chunks + self._drain(), "stop"
         return chunks, None
+
+    def flush(self, finish: FinishReason) -> list[Chunk]:
+        return self._drain()
 
     def _cut_final(self, deltas: Sequence[Delta]) -> tuple[list[Delta], bool]:
         assert self._stops is not None
@@ -70,43 +77,61 @@ class HarmonyReader:
                 return out, True
         return out, False
 
-    def _flush_final(self) -> list[Chunk]:
-        tail = self._stops.flush() if self._stops is not None else ""
-        return [Chunk(tail)] if tail else []
-
-    def flush(self, finish: FinishReason) -> list[Chunk]:
+    def _drain(self) -> list[Chunk]:
+        """Everything still held (parser, stop window), once; nothing after a stop string."""
+        if self._ended:
+            return []
+        self._ended = True
         deltas = self._parser.finish()
+        hit = False
         if self._stops is not None:
-            deltas, _ = self._cut_final(deltas)
+            deltas, hit = self._cut_final(deltas)
         chunks = [Chunk(d.text, d.channel) for d in deltas if d.text]
-        return chunks if finish == "stop" else chunks + self._flush_final()
+        tail = self._stops.flush() if self._stops is not None and not hit else ""
+        return chunks + [Chunk(tail)] if tail else chunks
 
 
 class TextReader:
-    """Plain text on the ``final`` channel, cut at stop strings and end-of-generation tokens."""
+    """Plain text on the ``final`` channel, cut at stop strings and end-of-generation tokens.
+
+    A stop string ends the answer before it; an end-of-generation token ends it
+    after everything decoded so far, including what the stop window holds back.
+    """
 
     def __init__(self, model: NativeModel, stops: Sequence[str]) -> None:
         self._model = model
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stops = StopScanner(stops)
         self._at_start = True
+        self._ended = False
 
     def feed(self, token: int) -> tuple[list[Chunk], FinishReason | None]:
         if self._model.is_eog(token):
-            return [Chunk("", "final", (token,))], "stop"
+            return [Chunk(self._drain(), "final", (token,))], "stop"
         text = self._decoder.decode(self._model.piece(token))
         if self._at_start:  # an answer does not begin with the prompt's trailing space
             text = text.lstrip()
             self._at_start = not text
         text, hit = self._stops.push(text)
-        return [Chunk(text, "final", (token,))], "stop" if hit else None
+        if hit:
+            self._ended = True
+            return [Chunk(text, "final", (token,))], "stop"
+        return [Chunk(text, "final", (token,))], None
 
     def flush(self, finish: FinishReason) -> list[Chunk]:
-        if finish == "stop":
-            return []
-        rest, _ = self._stops.push(self._decoder.decode(b"", final=True))
-        rest += self._stops.flush()
+        rest = self._drain()
         return [Chunk(rest)] if rest else []
+
+    def _drain(self) -> str:
+        """The decoder's and the stop window's held-back text, once; none after a stop string."""
+        if self._ended:
+            return ""
+        self._ended = True
+        rest = self._decoder.decode(b"", final=True)
+        if self._at_start:
+            rest = rest.lstrip()
+        rest, hit = self._stops.push(rest)
+        return rest if hit else rest + self._stops.flush()
 
 
 def _with_token(deltas: Sequence[Delta], token: int) -> list[Chunk]:

@@ -1,8 +1,8 @@
 """Prompt formats: harmony for gpt-oss, the model's own chat template, or plain completion.
 
-Chat templates come from model files, so they are untrusted code: they are
-rendered in Jinja's immutable sandbox (CVE-2024-34359 was a template that
-escaped a non-sandboxed environment).
+In every format the text a user supplied (questions, context passages, earlier
+turns, instructions) is tokenized as plain text and only the format's own markup
+with special-token parsing, so user text cannot forge a message.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from ..config import GenerationConfig
-from ..errors import ModelLoadError
+from ..errors import InvalidParameterError
 from ..harmony import DEFAULT_INSTRUCTIONS, HarmonyTokens, Segment, Turn, render_conversation
+from ..harmony.render import INSTRUCTION_ROLES, ROLES
+from .chat_template import ChatTemplate
 from .native import NativeModel
 
 __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
@@ -53,22 +52,21 @@ class Prompt:
     stops: tuple[str, ...]
 
 
-def _raise(message: str) -> None:
-    raise TemplateError(message)
-
-
 class PromptBuilder:
     """Builds prompts for one model in the format it was trained on.
 
     Args:
         model: the loaded model (its vocabulary and metadata).
         architecture: ``general.architecture`` of the file.
+
+    Raises:
+        ModelLoadError: the model's chat template does not parse.
     """
 
     def __init__(self, model: NativeModel, architecture: str) -> None:
         self._model = model
         self.harmony: HarmonyTokens | None = None
-        self._template = None
+        self._template: ChatTemplate | None = None
         if architecture == "gpt-oss":
             self.harmony = HarmonyTokens.from_lookup(model.special_token_id)
         if self.harmony is not None:
@@ -76,51 +74,80 @@ class PromptBuilder:
             return
         source = model.meta("tokenizer.chat_template")
         if source:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals.update(raise_exception=_raise,
-                               strftime_now=lambda fmt: _dt.datetime.now().strftime(fmt))
-            try:
-                self._template = env.from_string(source)
-            except TemplateError as exc:
-                raise ModelLoadError(model.path, [f"chat template does not parse: {exc}"]) from None
+            self._template = ChatTemplate(source, model.path, self._text_of(model.bos_id),
+                                          self._text_of(model.eos_id))
             self.kind = PromptKind.CHAT_TEMPLATE
         else:
             self.kind = PromptKind.COMPLETION
 
+    def _text_of(self, token: int) -> str:
+        return self._model.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
     def build(self, turns: Sequence[Turn], cfg: GenerationConfig,
-              instructions: str | None = None) -> Prompt:
-        """Renders and tokenizes a conversation that ends with the user's turn."""
+              instructions: str | None = None, *, date: _dt.date | None = None) -> Prompt:
+        """Renders and tokenizes a conversation that ends with the user's turn.
+
+        Args:
+            turns: the conversation; ``system`` / ``developer`` turns are instructions.
+            cfg: the generation parameters (reasoning effort, stop strings).
+            instructions: the application's instructions: gpt-oss's developer
+                message (the default instructions when None and no instruction
+                turn is given), a chat template's system message.
+            date: the date shown to the model (today when None).
+
+        Raises:
+            InvalidParameterError: a turn has an unknown role, or the chat
+                template refused the conversation.
+            ModelLoadError: the chat template failed or left its sandbox.
+        """
+        for turn in turns:
+            if turn.role not in ROLES:
+                raise InvalidParameterError(f"turn role must be one of {', '.join(ROLES)} "
+                                            f"(got {turn.role!r})", "turns")
         if self.kind is PromptKind.HARMONY:
+            if instructions is None and not any(t.role in INSTRUCTION_ROLES for t in turns):
+                instructions = DEFAULT_INSTRUCTIONS
             segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort,
-                                           instructions=instructions or DEFAULT_INSTRUCTIONS)
+                                           instructions=instructions, date=date)
             return Prompt(self._tokenize_segments(segments), cfg.stop)
         if self.kind is PromptKind.CHAT_TEMPLATE:
-            return Prompt(self._render_template(turns, instructions), cfg.stop)
+            return Prompt(self._render_template(turns, instructions, date), cfg.stop)
         return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
 
-    def _tokenize_segments(self, segments: Sequence[Segment]) -> list[int]:
+    def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False) -> list[int]:
         m = self._model
-        tokens: list[int] = []
+        tokens: list[int] = [m.bos_id] if add_bos and m.bos_id >= 0 else []
         for seg in segments:
             tokens += m.tokenize(seg.text, add_special=False, parse_special=seg.special)
         return tokens
 
-    def _render_template(self, turns: Sequence[Turn], instructions: str | None) -> list[int]:
-        m = self._model
-        messages = [{"role": t.role, "content": t.content} for t in turns]
-        if instructions:
-            messages.insert(0, {"role": "system", "content": instructions})
-        bos = m.piece(m.bos_id, special=True).decode("utf-8", "replace") if m.bos_id >= 0 else ""
-        eos = m.piece(m.eos_id, special=True).decode("utf-8", "replace") if m.eos_id >= 0 else ""
+    def _render_template(self, turns: Sequence[Turn], instructions: str | None,
+                         date: _dt.date | None) -> list[int]:
+        # Instructions become one system message first, as most templates expect.
+        system = [instructions] if instructions else []
+        system += [t.content for t in turns if t.role in INSTRUCTION_ROLES]
+        messages = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+        messages += [{"role": t.role, "content": t.content} for t in turns
+                     if t.role not in INSTRUCTION_ROLES]
         assert self._template is not None
-        try:
-            text = self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=bos, eos_token=eos)
-        except TemplateError as exc:
-            raise ModelLoadError(m.path, [f"chat template failed: {exc}"]) from None
+        segments = self._template.render(messages, date)
         # The template writes the BOS itself when it wants one.
-        add_bos = m.add_bos and not (bos and text.startswith(bos))
-        return m.tokenize(text, add_special=add_bos, parse_special=True)
+        bos = self._text_of(self._model.bos_id)
+        add_bos = self._model.add_bos and not (bos and segments and segments[0].special
+                                                and segments[0].text.startswith(bos))
+        safe = self._tokenize_segments(segments, add_bos)
+        # Tokenized in one piece the text gives the tokens the model was trained
+        # on (merges across span edges, SentencePiece's space prefix only at the
+        # start); that is used whenever it holds exactly the markup's control
+        # tokens, i.e. no user span turned into one.
+        whole = self._tokenize_segments([Segment("".join(s.text for s in segments), True)],
+                                        add_bos)
+        return whole if self._controls(whole) == self._controls(safe) else safe
+
+    def _controls(self, tokens: Sequence[int]) -> list[int]:
+        """The control tokens (those with no text of their own) among ``tokens``, in order."""
+        m = self._model
+        return [t for t in tokens if not m.piece(t) and m.piece(t, special=True)]
 
     def _completion(self, turns: Sequence[Turn], instructions: str | None = None) -> list[int]:
         """A question/answer document: instructions, the worked examples, then the turns."""
@@ -131,7 +158,7 @@ class PromptBuilder:
             if turn.role == "assistant":
                 parts.append(f" {content}\n\n")
                 continue
-            if turn.role in ("system", "developer"):
+            if turn.role in INSTRUCTION_ROLES:
                 parts.append(f"{content}\n\n")
                 continue
             if "Question:" not in content:

@@ -14,17 +14,22 @@ from dataclasses import dataclass
 
 from ..config import ReasoningEffort
 
-__all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "DEFAULT_INSTRUCTIONS"]
+__all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "DEFAULT_INSTRUCTIONS",
+           "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
 
-# The system message gpt-oss was trained with (harmony specification); only the
-# date and the reasoning level vary.
+# The system message gpt-oss was trained with (harmony specification; openai-harmony's
+# SystemContent renders the same text); only the date and the reasoning level vary.
+KNOWLEDGE_CUTOFF = "2024-06"
 _SYSTEM = (
     "You are ChatGPT, a large language model trained by OpenAI.\n"
-    "Knowledge cutoff: 2024-06\n"
+    "Knowledge cutoff: {cutoff}\n"
     "Current date: {date}\n\n"
     "Reasoning: {effort}\n\n"
     "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 )
+# Turn roles: instructions from the application, or the conversation itself.
+INSTRUCTION_ROLES = ("system", "developer")
+ROLES = ("user", "assistant") + INSTRUCTION_ROLES
 
 DEFAULT_INSTRUCTIONS = (
     "Answer the user's question. When context passages are given, base the answer on them "
@@ -42,7 +47,12 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One earlier message of a conversation (``role`` is ``user`` or ``assistant``)."""
+    """One message of a conversation.
+
+    ``role`` is ``user`` or ``assistant``, or ``system`` / ``developer`` for
+    instructions (gpt-oss gets them in its developer message; chat-template
+    models in their system message).
+    """
 
     role: str
     content: str
@@ -80,25 +90,31 @@ def render_conversation(
     """Renders a conversation that ends with a user turn, ready for the assistant's reply.
 
     Earlier assistant turns carry only their final answer (harmony drops past
-    reasoning from the prompt).
+    reasoning from the prompt). ``system`` and ``developer`` turns are
+    instructions: they join ``instructions`` in the one developer message, in
+    order (the harmony system message is the model's own and stays as trained).
 
     Args:
         turns: the conversation so far; the last one is the user's.
         reasoning_effort: ``low``, ``medium`` or ``high``.
-        instructions: the developer message; None leaves it out.
+        instructions: the developer instructions; None (with no system or
+            developer turn) leaves the developer message out.
         date: the current date shown to the model (today by default).
 
     Returns:
         The prompt segments, ending with ``<|start|>assistant``.
     """
     day = (date or _dt.date.today()).isoformat()
-    segments = _message("system", _SYSTEM.format(date=day, effort=reasoning_effort))
-    if instructions:
-        segments += _message("developer", f"# Instructions\n\n{instructions}")
+    segments = _message("system", _SYSTEM.format(cutoff=KNOWLEDGE_CUTOFF, date=day,
+                                                 effort=reasoning_effort))
+    parts = [instructions] if instructions else []
+    parts += [t.content for t in turns if t.role in INSTRUCTION_ROLES]
+    if parts:
+        segments += _message("developer", "# Instructions\n\n" + "\n\n".join(parts))
     for turn in turns:
         if turn.role == "assistant":
             segments += _message("assistant", turn.content, channel="final")
-        else:
+        elif turn.role not in INSTRUCTION_ROLES:
             segments += _message("user", turn.content)
     segments.append(Segment("<|start|>assistant", special=True))
     return segments
