@@ -107,3 +107,15 @@ def test_slash_commands_and_system(tmp_path: Path, default_gguf: Path):
     saved = json.loads((tmp_path / "empty.json").read_text())
     assert saved["messages"] == [] and saved["system"] == "Answer in French."
     assert saved["settings"]["top_k"] == 5 and saved["settings"]["seed"] == 7
+
+
+def test_a_message_too_long_for_the_window_is_refused_and_the_chat_goes_on(tmp_path: Path,
+                                                                           default_gguf: Path):
+    lines = ["What is the capital of France?", "word " * 400, "/save chat.json"]
+    r = chat_piped(["--model", str(default_gguf), "--ctx", "256", "--max-tokens", "16",
+                    "--temperature", "0"], lines, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "error: the prompt is" in r.stderr and "/clear, or a shorter message" in r.stderr
+    messages = json.loads((tmp_path / "chat.json").read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # nothing lost, nothing added
+    assert "Paris" in messages[1]["content"]

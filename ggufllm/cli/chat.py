@@ -111,6 +111,7 @@ class ChatSession:
     def _open(self, spinner: PromptSpinner) -> Iterator[Chunk]:
         """Starts the answer, dropping the oldest turns while the prompt does not fit."""
         dropped = 0
+        kept = list(self.messages)
         while True:
             extra = call_options(self.service.chat_stream, self.system, spinner)
             try:
@@ -119,6 +120,7 @@ class ChatSession:
                 break
             except ContextLengthExceededError:
                 if not self._drop_oldest():
+                    self.messages[:] = kept  # the message alone does not fit: lose nothing
                     raise
                 dropped += 1
         if dropped and not quiet():
