@@ -47,10 +47,15 @@ def test_ask_json_with_the_context_piped_in(default_gguf: Path):
 
 
 def test_no_stream_prints_the_same_answer(default_gguf: Path):
-    args = ["ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--temperature", "0"]
+    # --top-k 1 is greedy whatever the temperature and the seed
+    args = ["ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--temperature", "1.5",
+            "--top-k", "1", "--top-p", "0.5", "--seed", "5"]
     streamed, whole = ggufllm(*args), ggufllm(*args, "--no-stream")
     assert streamed.returncode == whole.returncode == 0
-    assert streamed.stdout == whole.stdout
+    assert streamed.stdout == whole.stdout and "Shakespeare" in streamed.stdout
+    stopped = ggufllm(*args, "--stop", "Shakespeare")
+    assert stopped.returncode == 0
+    assert stopped.stdout.strip() == streamed.stdout[: streamed.stdout.index("Shakespeare")].strip()
 
 
 @pytest.mark.parametrize("args,needle", [
