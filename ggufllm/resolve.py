@@ -6,6 +6,7 @@ of :mod:`ggufllm`, and the default model comes from an installed package.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from .config import DEFAULT_MODEL_DIR
 from .errors import CONVERT_HINT, ModelNotFoundError
 
 __all__ = ["ResolvedModel", "resolve_model", "pick_in_directory", "quantization_of",
-           "default_model_path"]
+           "default_model_path", "find_models", "near_matches"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,59 @@ def resolve_model(path: str | os.PathLike[str] | None, *, env_path: str | None =
         if picked is not None:
             return ResolvedModel(picked, source)
     if source != DEFAULT_MODEL_DIR:
-        raise ModelNotFoundError(str(candidate))
+        raise _not_found(candidate, source)
     default = default_model_path()
     logger.warning("no GGUF in %s: using the embedded default model %s (Gemma 3 270M base); "
                    "to run gpt-oss, %s", candidate, default.name, CONVERT_HINT)
     return ResolvedModel(default, "default", is_default=True)
+
+
+def _not_found(candidate: Path, source: str) -> ModelNotFoundError:
+    """Says which path was looked at and suggests near matches; the convert hint only
+    for a folder without any model."""
+    where = "LLM_MODEL_PATH " if source == "LLM_MODEL_PATH" else ""
+    looked = f"{where}{str(candidate)!r}"
+    if candidate.resolve() != candidate:
+        looked += f" (looked at {candidate.resolve()})"
+    if candidate.is_dir():
+        message = f"no .gguf file in the folder {looked}; {CONVERT_HINT}"
+    else:
+        matches = near_matches(candidate)
+        if matches:
+            message = (f"no file at {looked}; did you mean "
+                       + " or ".join(repr(str(m)) for m in matches) + "?")
+        else:
+            found = find_models(None)
+            message = f"no file at {looked}" + (
+                f"; `ggufllm models` lists the {len(found)} model(s) found" if found else
+                f"; there is no model in {DEFAULT_MODEL_DIR}/ either: {CONVERT_HINT}")
+    error = ModelNotFoundError(str(candidate))
+    error.args = (message,)  # the message above replaces the generic one (and its hint)
+    return error
+
+
+def find_models(env_path: str | None) -> list[Path]:
+    """The GGUF files under ``models/llm/`` (and its subfolders) and ``LLM_MODEL_PATH``."""
+    found: list[Path] = []
+    roots = [Path(DEFAULT_MODEL_DIR)] + ([Path(env_path)] if env_path else [])
+    for root in roots:
+        if root.is_file() and root.suffix == ".gguf":
+            found.append(root)
+        elif root.is_dir():
+            found += sorted(p for p in root.rglob("*.gguf") if p.is_file())
+    unique: dict[str, Path] = {}
+    for p in found:  # links are kept apart: a link is how a user names a model
+        unique.setdefault(os.path.abspath(p), p)
+    return list(unique.values())
+
+
+def near_matches(path: Path, limit: int = 3) -> list[Path]:
+    """GGUF files whose names look like ``path``'s, in its folder and in ``models/llm/``."""
+    folders = [path.parent, Path(DEFAULT_MODEL_DIR)]
+    candidates: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for p in sorted(folder.glob("*.gguf")):
+                candidates.setdefault(p.name.lower(), p)
+    names = difflib.get_close_matches(path.name.lower(), list(candidates), n=limit, cutoff=0.6)
+    return [candidates[n] for n in names]

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ggufllm import LLMService
+from ggufllm.cli.common import supports
+
 from .gguf_corpus import corpus
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def ggufllm(*args: str, input: str | None = None, cwd: Path | None = None):
+
+def ggufllm(*args: str, input: str | bytes | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None):
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", "ggufllm.cli", *args], capture_output=True,
-                          text=True, input=input, cwd=cwd, timeout=300)
+                          text=not isinstance(input, bytes), input=input if input is not None else "",
+                          cwd=cwd, timeout=300, env=full_env)
 
 
 def test_ask_answers_with_the_default_model(tmp_path: Path):
@@ -26,11 +36,10 @@ def test_ask_answers_with_the_default_model(tmp_path: Path):
     assert len(notices) == 1 and "default model" in notices[0] and "convert" in notices[0]
 
 
-def test_ask_json_with_context_file(tmp_path: Path, default_gguf: Path):
-    ctx = tmp_path / "ctx.txt"
-    ctx.write_text("The Zorblat festival is held every spring in the town of Quenby.")
-    r = ggufllm("ask", "Where is the Zorblat festival held?", "--context-file", str(ctx),
-                "--model", str(default_gguf), "--temperature", "0", "--json")
+def test_ask_json_with_the_context_piped_in(default_gguf: Path):
+    r = ggufllm("ask", "Where is the Zorblat festival held?", "--context-file", "-",
+                "--model", str(default_gguf), "--temperature", "0", "--json",
+                input="The Zorblat festival is held every spring in the town of Quenby.")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "Quenby" in out["answer"] and out["finish_reason"] == "stop"
@@ -38,22 +47,32 @@ def test_ask_json_with_context_file(tmp_path: Path, default_gguf: Path):
 
 
 def test_no_stream_prints_the_same_answer(default_gguf: Path):
-    args = ["ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--temperature", "0"]
+    # --top-k 1 is greedy whatever the temperature and the seed
+    args = ["ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--temperature", "1.5",
+            "--top-k", "1", "--top-p", "0.5", "--seed", "5"]
     streamed, whole = ggufllm(*args), ggufllm(*args, "--no-stream")
     assert streamed.returncode == whole.returncode == 0
-    assert streamed.stdout == whole.stdout
+    assert streamed.stdout == whole.stdout and "Shakespeare" in streamed.stdout
+    stopped = ggufllm(*args, "--stop", "Shakespeare")
+    assert stopped.returncode == 0
+    assert stopped.stdout.strip() == streamed.stdout[: streamed.stdout.index("Shakespeare")].strip()
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["ask", "q", "--model", "/no/such/model.gguf"], "no GGUF model"),
-    (["ask", "q", "--temperature", "nan"], "temperature"),
-    (["ask", "q", "--max-tokens", "0"], "max_tokens"),
+    (["ask", "q", "--model", "/no/such/model.gguf"], "no file at '/no/such/model.gguf'"),
+    (["ask", "q", "--temperature", "nan"], "--temperature: "),
+    (["ask", "q", "--max-tokens", "0"], "--max-tokens: "),
+    (["ask", "q", "--top-k", "-3"], "--top-k: "),
+    (["ask", "q", "--ctx", "10"], "--ctx: "),
+    (["ask", "   "], "the question is empty"),
+    (["ask", "q", "--max-tokens", "5000"], "--max-tokens 5000 leaves no room"),
+    (["ask", "q", "--context", "a", "--context-file", "-"], "not both"),
 ])
 def test_known_failures_print_one_line(args, needle, tmp_path: Path):
-    r = ggufllm(*args, cwd=tmp_path)
+    r = ggufllm(*args, "-q", cwd=tmp_path)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    # one line: parameters are checked before a model is even resolved (no notice line)
+    # one line: checked before a model loads (-q silences the embedded-model notice)
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert needle in r.stderr
 
@@ -67,11 +86,7 @@ def test_corrupt_model_is_one_line(tmp_path: Path):
 
 
 def test_bad_environment_is_one_line(default_gguf: Path):
-    import os
-
-    env = dict(os.environ, DEFAULT_TEMPERATURE="hot")
-    r = subprocess.run([sys.executable, "-m", "ggufllm.cli", "ask", "q", "--model",
-                        str(default_gguf)], capture_output=True, text=True, env=env)
+    r = ggufllm("ask", "q", "--model", str(default_gguf), env={"DEFAULT_TEMPERATURE": "hot"})
     assert r.returncode == 1 and "DEFAULT_TEMPERATURE" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -87,24 +102,124 @@ def test_info_describes_the_file(default_gguf: Path):
     assert "parameters" in human.stdout and "Q8_0" in human.stdout
 
 
-def test_chat_keeps_the_conversation(default_gguf: Path):
-    r = ggufllm("chat", "--model", str(default_gguf), "--temperature", "0", "--max-tokens", "16",
-                input="What is the capital of France?\nAnd of Italy?\n\n")
-    assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
-    assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
-
-
 def test_reasoning_goes_to_stderr_and_the_answer_to_stdout(capsys):
     from ggufllm import Chunk
-    from ggufllm.cli import _print_stream
+    from ggufllm.cli import print_stream
 
     chunks = [Chunk("Thinking", "analysis", (1,)), Chunk(" hard", "analysis", (2,)),
               Chunk("Par", "final", (3,)), Chunk("is", "final", (4,)),
               Chunk("", finish_reason="stop")]
-    answer = _print_stream(iter(chunks), show_reasoning=True)
+    answer = print_stream(iter(chunks), show_reasoning=True)
     out, err = capsys.readouterr()
     assert out == "Paris\n" and "Thinking hard" in err and answer.reasoning == "Thinking hard"
-    _print_stream(iter(chunks), show_reasoning=False)
+    print_stream(iter(chunks), show_reasoning=False)
     out, err = capsys.readouterr()
     assert out == "Paris\n" and err == ""
+
+
+def test_a_piped_question_with_stats_and_a_flag_over_a_bad_environment(default_gguf: Path):
+    # DEFAULT_TEMPERATURE is invalid, but --temperature replaces it: no error
+    r = ggufllm("ask", "-", "--model", str(default_gguf), "--temperature", "0", "--stats", "-q",
+                input="Who wrote Hamlet?\n", env={"DEFAULT_TEMPERATURE": "hot"})
+    assert r.returncode == 0, r.stderr
+    assert "Shakespeare" in r.stdout
+    lines = r.stderr.strip().splitlines()  # -q: no notice; --stats: one line
+    assert len(lines) == 1, r.stderr
+    m = re.match(r"ttft (\d+\.\d+) s · prompt (\d+) tokens \((\d+) cached, (\d+) evaluated", lines[0])
+    assert m and int(m[2]) == int(m[3]) + int(m[4]) > 0 and "tok/s" in lines[0]
+
+
+def test_an_answer_cut_by_max_tokens_says_so(default_gguf: Path):
+    # -v after the subcommand works, and implies the stats line
+    r = ggufllm("ask", "List the first fifty prime numbers.", "--model", str(default_gguf),
+                "--temperature", "0", "--max-tokens", "3", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "cut at --max-tokens 3" in r.stderr and "3 generated" in r.stderr
+
+
+def test_a_context_that_does_not_fit_names_the_numbers_and_the_fixes(default_gguf: Path):
+    r = ggufllm("ask", "What is this about?", "--model", str(default_gguf), "--ctx", "256",
+                "--max-tokens", "64", "--context", "The quick brown fox jumps. " * 30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    m = re.search(r"the prompt is (\d+) tokens and --max-tokens is 64: (\d+) tokens do not fit "
+                  r"the context window of 256 \(--ctx\); use (.*)", error)
+    assert m, error
+    n_prompt = int(m[1])
+    assert int(m[2]) == n_prompt + 64 and f"--ctx {n_prompt + 64} or more" in m[3]
+    assert "--overflow truncate-context" in m[3]
+
+
+def test_context_file_that_is_not_utf8_is_one_line(tmp_path: Path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait".encode("latin-1"))
+    r = ggufllm("ask", "q", "--context-file", str(bad), "-q")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "not UTF-8" in r.stderr and "0xe9 at offset 3" in r.stderr
+    r = ggufllm("ask", "-", "-q", input=b"\xff\xfe question")
+    assert r.returncode == 1 and b"stdin is not UTF-8" in r.stderr
+
+
+def test_ctx_past_the_trained_length_warns_before_loading(default_gguf: Path):
+    r = ggufllm("ask", "q", "--model", str(default_gguf), "--ctx", "40000", "--max-tokens", "40000")
+    assert r.returncode == 1
+    warning, error = r.stderr.strip().splitlines()
+    assert "--ctx 40000 is past the 32768 tokens" in warning
+    assert "--max-tokens 40000 leaves no room" in error
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, default_gguf: Path) -> Path:
+    folder = tmp_path / "models" / "llm"
+    folder.mkdir(parents=True)
+    (folder / "gemma-3-270m-q4_k_m.gguf").symlink_to(default_gguf)
+    return tmp_path
+
+
+def test_a_mistyped_path_suggests_near_matches(models_dir: Path):
+    r = ggufllm("ask", "q", "--model", "models/llm/gemma-3-270m-q4km.gguf", cwd=models_dir)
+    assert r.returncode == 1
+    assert "no file at 'models/llm/gemma-3-270m-q4km.gguf'" in r.stderr
+    assert "did you mean 'models/llm/gemma-3-270m-q4_k_m.gguf'" in r.stderr
+    assert "convert" not in r.stderr  # the convert hint is for when there is no model at all
+
+
+def test_models_lists_what_ask_would_use(models_dir: Path, default_gguf: Path):
+    other = models_dir / "elsewhere"
+    other.mkdir()
+    (other / "chosen-Q8_0.gguf").symlink_to(default_gguf)
+    rows = [json.loads(line) for line in ggufllm("models", "--json", cwd=models_dir).stdout.splitlines()]
+    assert [r["default"] for r in rows] == [True]
+    assert rows[0]["quantization"] == "Q4_K_M" and rows[0]["architecture"] == "gemma3"
+    r = ggufllm("models", "--json", cwd=models_dir, env={"LLM_MODEL_PATH": str(other)})
+    rows = {Path(r["path"]).name: r for r in map(json.loads, r.stdout.splitlines())}
+    assert rows["chosen-Q8_0.gguf"]["default"] and not rows["gemma-3-270m-q4_k_m.gguf"]["default"]
+    human = ggufllm("models", cwd=models_dir).stdout
+    assert "* " in human and "Q4_K_M" in human and "gemma3" in human
+
+
+def test_info_without_a_path_describes_what_ask_would_use(models_dir: Path):
+    r = ggufllm("info", "--json", cwd=models_dir)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["path"].endswith("gemma-3-270m-q4_k_m.gguf") and facts["quantization"] == "Q4_K_M"
+
+
+@pytest.mark.parametrize("command", ["ask", "chat", "models", "info", "convert", "verify"])
+def test_short_help_shows_an_example(command: str):
+    r = ggufllm(command, "-h")
+    assert r.returncode == 0 and "Example" in r.stdout
+    if command in ("ask", "chat"):
+        assert "[default: 0.7]" in " ".join(r.stdout.split())  # --temperature shows its default
+
+
+@pytest.mark.xfail(not supports(LLMService.stream, "instructions"), strict=False,
+                   reason="needs engine branch: instructions= on LLMService.stream")
+def test_system_really_sets_the_instructions(default_gguf: Path):
+    def n_prompt(*extra: str) -> int:
+        r = ggufllm("ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--json",
+                    "--max-tokens", "4", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["timings"]["n_prompt"]
+
+    assert n_prompt("--system", "Answer in one short sentence, in French.") > n_prompt()

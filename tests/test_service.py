@@ -98,7 +98,7 @@ def test_cancelled_async_stream_frees_the_model(service):
 
     async def main() -> None:
         async def consume() -> None:
-            async for _ in service.astream("Tell me a long story.", temperature=0.0,
+            async for _ in service.astream("List the first fifty prime numbers.", temperature=0.0,
                                            max_tokens=500):
                 await asyncio.sleep(0)
 
@@ -291,7 +291,9 @@ def test_optimize_for_gpu_picks_the_file_of_the_folder(tmp_path: Path, default_g
 
 def test_stop_strings_cut_the_answer(service):
     full = service.generate_answer("Why is the sky blue?", **GREEDY)
-    assert "because" in full
-    cut = service.answer("Why is the sky blue?", stop=("because",), **GREEDY)
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = f" {words[2]}"  # a word inside the greedy answer, whatever the prompt's wording
+    cut = service.answer("Why is the sky blue?", stop=(stop,), **GREEDY)
     assert cut.finish_reason == "stop"
-    assert cut.text == full[: full.index("because")]
+    assert cut.text == full[: full.index(stop)]

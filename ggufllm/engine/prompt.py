@@ -24,6 +24,18 @@ __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
 # A base model has no turns: frame the question as a document and stop where
 # the next question or a blank line would begin.
 _COMPLETION_STOPS = ("\nQuestion:", "\n\n")
+# A few worked question/answer pairs before the user's: a base model follows the
+# pattern (short, factual answers) far better than a bare "Question:". Measured on the
+# embedded Gemma 3 270M at the default sampling settings (benchmarks/first_answer.py):
+# with the frame Paris 20/20, Tokyo, Shakespeare and Leonardo 10/10 each; without it
+# Tokyo and Shakespeare 2/5, Leonardo 3/5. The frame comes first and never changes, so
+# it stays in the KV cache across questions, and a RAG context (inside the user's turn)
+# still comes right before its question.
+_COMPLETION_FRAME = (
+    "Question: What is the capital of Germany?\nAnswer: Berlin.\n\n"
+    "Question: Who wrote Romeo and Juliet?\nAnswer: William Shakespeare.\n\n"
+    "Question: How many legs does a spider have?\nAnswer: Eight.\n\n"
+)
 
 
 class PromptKind(enum.Enum):
@@ -100,7 +112,7 @@ class PromptBuilder:
             return Prompt(self._tokenize_segments(segments), cfg.stop)
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions, date), cfg.stop)
-        return Prompt(self._completion(turns), _COMPLETION_STOPS + cfg.stop)
+        return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
 
     def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False) -> list[int]:
         m = self._model
@@ -137,15 +149,20 @@ class PromptBuilder:
         m = self._model
         return [t for t in tokens if not m.piece(t) and m.piece(t, special=True)]
 
-    def _completion(self, turns: Sequence[Turn]) -> list[int]:
-        parts: list[str] = []
+    def _completion(self, turns: Sequence[Turn], instructions: str | None = None) -> list[int]:
+        """A question/answer document: instructions, the worked examples, then the turns."""
+        parts: list[str] = [f"{instructions.strip()}\n\n"] if instructions else []
+        parts.append(_COMPLETION_FRAME)
         for turn in turns:
+            content = turn.content.strip()
             if turn.role == "assistant":
-                parts.append(f" {turn.content.strip()}\n\n")
-            else:
-                content = turn.content.strip()
-                if "Question:" not in content:
-                    content = f"Question: {content}"
-                parts.append(f"{content}\nAnswer:")
+                parts.append(f" {content}\n\n")
+                continue
+            if turn.role in INSTRUCTION_ROLES:
+                parts.append(f"{content}\n\n")
+                continue
+            if "Question:" not in content:
+                content = f"Question: {content}"
+            parts.append(f"{content}\nAnswer:")
         text = "".join(parts)
         return self._model.tokenize(text, add_special=self._model.add_bos, parse_special=False)

@@ -1,0 +1,5 @@
+"""``python -m ggufllm.cli`` runs the ``ggufllm`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,130 @@
+"""``ggufllm ask``: one answer, streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import IO, Any
+
+import click
+
+from ..chunks import Answer
+from ..errors import InvalidParameterError
+from .common import CliError, flags_from, generation_options, quiet, state, verbose
+from .load import call_options, open_service
+from .output import Streamed, after_answer, stream_to_terminal
+from .progress import PromptSpinner, is_terminal
+
+__all__ = ["ask", "read_text"]
+
+
+def read_text(stream: IO[bytes], what: str) -> str:
+    """Reads UTF-8 text (a BOM is dropped).
+
+    Raises:
+        CliError: the bytes are not UTF-8 (says where).
+    """
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                       f"{exc.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _inputs(question: str | None, context: str | None, context_file: str | None) -> tuple[str, str | None]:
+    """The question and the context, from arguments, files or stdin."""
+    if context is not None and context_file is not None:
+        raise CliError("give --context or --context-file, not both")
+    stdin_used = context_file == "-"
+    if context_file is not None:
+        name = "stdin" if stdin_used else f"--context-file {context_file}"
+        try:
+            if stdin_used:
+                context = read_text(sys.stdin.buffer, name)
+            else:
+                with open(context_file, "rb") as f:
+                    context = read_text(f, name)
+        except OSError as exc:
+            raise CliError(f"--context-file {context_file}: {exc.strerror}") from None
+    if question is None and not sys.stdin.isatty() and not stdin_used:
+        question = "-"
+    if question == "-":
+        if stdin_used:
+            raise CliError("stdin cannot hold both the question and --context-file -")
+        question = read_text(sys.stdin.buffer, "stdin")
+    if question is None or not question.strip():
+        raise InvalidParameterError("the question is empty: give it as an argument, or `-` to "
+                                    "read it from stdin", "question")
+    state()["has_context"] = bool(context)
+    return question.strip(), context
+
+
+@click.command()
+@click.argument("question", required=False)
+@click.option("--context", default=None, help="Retrieved passages to answer from.")
+@click.option("--context-file", default=None, metavar="PATH",
+              help="Read the context from a UTF-8 file ('-' for stdin).")
+@generation_options
+@click.option("--overflow", type=click.Choice(["error", "truncate-context", "shrink-max-tokens"]),
+              default=None, help="When the prompt does not fit the window: fail, cut the context, "
+                                 "or lower --max-tokens [default: error].")
+@click.option("--no-stream", is_flag=True, help="Print the answer when it is complete.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def ask(question: str | None, context: str | None, context_file: str | None, model: str | None,
+        system: str | None, show_reasoning: bool, stats: bool, no_stream: bool, as_json: bool,
+        **kw: Any) -> None:
+    """Answer QUESTION, optionally from retrieved context.
+
+    QUESTION '-' (or none, with a pipe) reads the question from stdin.
+
+    \b
+    Examples:
+      ggufllm ask "What is the capital of France?" --stats
+      ggufllm ask "Where is the festival held?" --context-file notes.txt
+      cat notes.txt | ggufllm ask "Summarize this." --context-file -
+      echo "Who wrote Hamlet?" | ggufllm ask -
+    """
+    if kw.get("overflow"):
+        kw["overflow"] = kw["overflow"].replace("-", "_")
+    question, context = _inputs(question, context, context_file)
+    flags = flags_from(kw)
+    service, cfg = open_service(model, flags)
+    with service:
+        if as_json or no_stream:
+            extra = call_options(service.answer, system, None)
+            answer = service.answer(question, context, **flags.params, **extra)
+            _print_whole(answer, service, as_json, show_reasoning)
+            if not as_json:
+                after_answer(Streamed(answer, None, False), max_tokens=cfg.max_tokens,
+                             stats=stats or verbose() > 0, quiet=quiet())
+            return
+        spinner = PromptSpinner(enabled=is_terminal() and not quiet())
+        extra = call_options(service.stream, system, spinner)
+        started = time.perf_counter()
+        spinner.start()
+        try:
+            chunks = service.stream(question, context, **flags.params, **extra)
+            streamed = stream_to_terminal(chunks, show_reasoning, started=started,
+                                          on_first=spinner.stop)
+        finally:
+            spinner.stop()
+        after_answer(streamed, max_tokens=cfg.max_tokens, stats=stats or verbose() > 0,
+                     quiet=quiet())
+
+
+def _print_whole(answer: Answer, service: Any, as_json: bool, show_reasoning: bool) -> None:
+    if as_json:
+        info = service.get_model_info()
+        click.echo(json.dumps({
+            "answer": answer.text, "reasoning": answer.reasoning,
+            "finish_reason": answer.finish_reason,
+            "timings": asdict(answer.timings) if answer.timings else None,
+            "model": info.get("model_path"),
+        }, ensure_ascii=False))
+        return
+    if show_reasoning and answer.reasoning:
+        click.secho(answer.reasoning, err=True, dim=True)
+    click.echo(answer.text)

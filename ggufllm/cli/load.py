@@ -1,0 +1,80 @@
+"""From flags to a loaded service: checks that need only the GGUF header come first,
+so a mistake is reported before a 12 GB model loads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..config import GenerationConfig
+from ..gguf_file import read_gguf_header
+from ..resolve import resolve_model
+from ..service import LLMService
+from .common import CliError, Flags, quiet, state, supports
+from .progress import LoadBar, PromptSpinner, is_terminal
+
+__all__ = ["open_service", "call_options"]
+
+logger = logging.getLogger("ggufllm.cli")
+
+
+def open_service(model: str | None, flags: Flags) -> tuple[LLMService, GenerationConfig]:
+    """Validates the flags, resolves and checks the model file, then loads it.
+
+    Returns:
+        The loaded service (close it) and the generation parameters of this call.
+
+    Raises:
+        ConfigError, InvalidParameterError: a flag or setting is invalid.
+        CliError: ``--max-tokens`` leaves no room in the window.
+        ModelNotFoundError, ModelLoadError: no usable model.
+    """
+    settings = flags.settings()
+    cfg = flags.generation(settings)
+    resolved = resolve_model(model, env_path=settings.llm_model_path,
+                             use_quantization=settings.use_quantization,
+                             load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
+    header = read_gguf_header(resolved.path)
+    trained = header.context_length
+    state()["trained_ctx"] = trained
+    typed = state().get("flags", {})
+    ctx_name = "--ctx" if "max_length" in typed else "--ctx (MAX_LENGTH)"
+    budget_name = "--max-tokens" if "max_tokens" in typed else "--max-tokens (DEFAULT_MAX_TOKENS)"
+    if trained and settings.max_length > trained and not quiet():
+        logger.warning("%s %d is past the %d tokens %s was trained on: answers past that "
+                       "length may degrade", ctx_name, settings.max_length, trained,
+                       resolved.path.name)
+    if cfg.max_tokens >= settings.max_length:
+        raise CliError(f"{budget_name} {cfg.max_tokens} leaves no room for the prompt in the "
+                       f"context window of {settings.max_length} tokens ({ctx_name}); use "
+                       f"--max-tokens {settings.max_length // 2} or less, or --ctx above {cfg.max_tokens}")
+    service = LLMService(resolved.path, settings=settings)
+    bar = LoadBar(resolved.path.name, enabled=is_terminal() and not quiet())
+    try:
+        service.load(progress=bar)
+    except BaseException:
+        service.close()
+        raise
+    finally:
+        bar.close()
+    return service, cfg
+
+
+def call_options(fn: Callable[..., Any], instructions: str | None,
+                 spinner: PromptSpinner | None) -> dict[str, Any]:
+    """The keyword arguments for ``fn`` that this engine supports.
+
+    ``instructions=`` and ``on_prompt_progress=`` come with the engine branch; an
+    older service gets neither (and a note when instructions were asked for).
+    """
+    extra: dict[str, Any] = {}
+    if instructions:
+        if supports(fn, "instructions"):
+            extra["instructions"] = instructions
+        elif not state().get("warned_instructions"):
+            state()["warned_instructions"] = True
+            logger.warning("this engine cannot take instructions yet: --system is ignored")
+    if spinner is not None and supports(fn, "on_prompt_progress"):
+        extra["on_prompt_progress"] = spinner.progress
+    return extra
