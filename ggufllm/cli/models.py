@@ -49,7 +49,7 @@ def _would_use() -> Path | None:
 
 def _row(path: Path) -> dict[str, Any]:
     try:
-        summary = read_gguf_header(path)
+        summary = read_gguf_header(path, probe=False)
     except GgufllmError as exc:
         return {"path": str(path), "size": path.stat().st_size, "quantization": None,
                 "architecture": None, "context_length": None, "problem": str(exc)}
@@ -117,7 +117,7 @@ def info(model: Path | None, as_json: bool) -> None:
                           use_quantization=settings.use_quantization,
                           load_in_8bit=settings.load_in_8bit,
                           load_in_4bit=settings.load_in_4bit).path
-    s = read_gguf_header(model)
+    s = read_gguf_header(model, probe=False)
     facts = {
         "path": str(model), "file_size": s.file_size, "gguf_version": s.version,
         "architecture": s.architecture, "name": s.metadata.get("general.name"),
