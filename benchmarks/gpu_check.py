@@ -182,8 +182,8 @@ def synthetic_summary(size: str) -> Any:
             f"{a}.attention.key_length": cfg["head_dim"],
             f"{a}.attention.value_length": cfg["head_dim"],
             f"{a}.attention.sliding_window": cfg["sliding_window"]}
-    return GGUFSummary(Path(f"gpt-oss-{size}-synthetic.gguf"), 3, 0, meta,
-                       {"tokenizer.ggml.tokens": VOCAB_SIZE}, tensors)
+    return GGUFSummary(Path(f"gpt-oss-{size}-synthetic.gguf"), 3, 0, metadata=meta,
+                       array_lengths={"tokenizer.ggml.tokens": VOCAB_SIZE}, tensors=tensors)
 
 
 # -- the build -------------------------------------------------------------------
