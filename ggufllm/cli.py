@@ -294,6 +294,11 @@ def verify_cmd(gguf_file: Path, reference: str, as_json: bool, logits: bool) -> 
         sys.exit(1)
 
 
+from .server.cli import bench, serve  # noqa: E402  (the server's commands live with it)
+
+cli.add_command(serve)
+cli.add_command(bench)
+
 convert_command = _Group(commands={"convert": convert_cmd}).commands["convert"]
 
 
