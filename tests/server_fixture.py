@@ -38,10 +38,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_health(url: str, want: int = 200, timeout_s: float = 120.0) -> httpx.Response:
+def wait_health(url: str, want: int = 200, timeout_s: float = 120.0,
+                proc: Any = None) -> httpx.Response:
+    """Polls /health until it answers ``want`` (fails early if ``proc`` exits)."""
     deadline = time.monotonic() + timeout_s
     last: httpx.Response | None = None
     while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, f"the server exited ({proc.returncode})"
         with contextlib.suppress(httpx.TransportError):
             last = httpx.get(f"{url}/health", timeout=5)
             if last.status_code == want:

@@ -3,7 +3,7 @@
     ggufllm serve --model models/llm/gpt-oss-20b-Q8_0.gguf        # 127.0.0.1:8000
     uvicorn ggufllm.server:app                                    # model from LLM_MODEL_PATH
 
-Layout: :mod:`.app` (the factory), :mod:`.state` (service, background load,
+Layout: :mod:`.factory` (the app factory), :mod:`.state` (service, background load,
 shutdown), :mod:`.routes` and :mod:`.chat` (routes of a few lines each),
 :mod:`.generate` and :mod:`.streaming` (one generation over HTTP: first chunk
 before headers, SSE, cancel on disconnect), :mod:`.schemas` (OpenAI's request
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .app import create_app
+from .factory import create_app
 from .config import ServerConfig
 
 if TYPE_CHECKING:

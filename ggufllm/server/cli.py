@@ -42,11 +42,11 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     import uvicorn
 
     from ..service import LLMService
-    from .app import create_app
-    from .config import ServerConfig
+    from .factory import create_app
+    from .config import load_server_config
 
-    config = ServerConfig(**_overrides(api_key=api_key, cors_origins=cors_origins or None,
-                                       model_alias=alias))
+    config = load_server_config(api_key=api_key, cors_origins=cors_origins or None,
+                                model_alias=alias)
     service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
                                              max_length=max_length))
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:

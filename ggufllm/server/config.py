@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from pydantic import field_validator
 
-__all__ = ["ServerConfig"]
+from ..errors import ConfigError
+
+__all__ = ["ServerConfig", "load_server_config"]
 
 
 class ServerConfig(BaseSettings):
@@ -32,9 +33,28 @@ class ServerConfig(BaseSettings):
     model_alias: str | None = Field(None, min_length=1, max_length=256,
                                     description="the model id clients use (default: file stem)")
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
+
+
+def load_server_config(**overrides: Any) -> ServerConfig:
+    """Reads :class:`ServerConfig` from the environment with ``overrides`` on top.
+
+    Raises:
+        ConfigError: a value is invalid (the message names the variable).
+    """
+    try:
+        return ServerConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "GGUFLLM_" + str(err["loc"][0]).upper() if err["loc"] else None
+        raise ConfigError(f"invalid setting: {name}: {err['msg']}", name) from None

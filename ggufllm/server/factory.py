@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..service import LLMService
 from . import chat, routes
-from .config import ServerConfig
+from .config import ServerConfig, load_server_config
 from .errors import install_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, StatusCountMiddleware
 from .state import ServerState, lifespan
@@ -32,7 +32,7 @@ def create_app(service: LLMService | None = None, config: ServerConfig | None = 
     Raises:
         ConfigError: a setting is invalid.
     """
-    config = config if config is not None else ServerConfig()
+    config = config if config is not None else load_server_config()
     if service is None:
         service = LLMService(settings.pop("llm_model_path", None), **settings)
     app = FastAPI(title="ggufllm", version="0.1.0", lifespan=lifespan,
