@@ -151,3 +151,16 @@ def test_uvicorn_app_reads_the_model_from_the_environment(default_gguf: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_readme_openai_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text("utf-8")
+    section = readme.split("## HTTP server", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "OpenAI(" in block
+    code = block.replace("8011", str(free_port()))
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=ROOT, timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.splitlines()[:2]
+    assert first.strip() and second.strip()

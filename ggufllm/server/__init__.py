@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .factory import create_app
 from .config import ServerConfig
+from .factory import create_app
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -42,8 +42,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     import uvicorn
 
     from ..service import LLMService
-    from .factory import create_app
     from .config import load_server_config
+    from .factory import create_app
 
     config = load_server_config(api_key=api_key, cors_origins=cors_origins or None,
                                 model_alias=alias)

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from ..service import LLMService
 from .config import ServerConfig
-from .errors import APIError, RETRY_AFTER_S, to_api_error
+from .errors import RETRY_AFTER_S, APIError, to_api_error
 from .metrics import Metrics
 
 __all__ = ["ServerState", "lifespan"]
