@@ -95,6 +95,17 @@ def test_system_message_and_multi_turn(server: Running, client: openai.OpenAI) -
     assert resp.usage.completion_tokens <= 8
 
 
+def test_without_max_tokens_the_budget_is_what_the_context_leaves(server: Running,
+                                                                  client: openai.OpenAI) -> None:
+    # the service's default budget (1000) plus the prompt exceeds the 1024-token context
+    assert server.service.generation_config.max_tokens + 13 > 1024
+    resp = client.chat.completions.create(
+        model=server.model_id(), temperature=0,
+        messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.total_tokens <= 1024
+
+
 def test_completions_stream_and_not(server: Running, client: openai.OpenAI) -> None:
     whole = client.completions.create(model=server.model_id(), prompt=QUESTIONS[0],
                                       max_tokens=10, temperature=0)

@@ -106,6 +106,14 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "ggufllm_requests_in_flight 0.0" in metrics
 
+        # the same for a non-streamed request whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={**LONG, "stream": False},
+                       timeout=httpx.Timeout(60, read=1.0))
+        gave_up = time.perf_counter()
+        assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
+        assert time.perf_counter() - gave_up < 1.0 + alone_s
+
 
 def test_keepalive_comments_while_a_long_prompt_is_evaluated() -> None:
     with running_server(config=ServerConfig(api_key=None, keepalive_s=0.02)) as server:

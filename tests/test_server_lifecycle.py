@@ -46,6 +46,7 @@ def test_health_is_503_while_loading_then_200(default_gguf: Path) -> None:
             assert wait_health(server.url, 200).json() == {"status": "ok"}
             ok = httpx.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=120)
             assert ok.status_code == 200
+        assert not service.is_loaded  # the server's shutdown freed the model
     finally:
         release.set()
 

@@ -87,9 +87,6 @@ class _Sampling(BaseModel):
             max_tokens=budget, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=self.seed,
             stop=tuple(stop) if stop else None)
-        if budget is None:
-            # OpenAI's meaning of an absent max_tokens: as much as the context allows.
-            params["overflow"] = "shrink_max_tokens"
         return {k: v for k, v in params.items() if v is not None}
 
 
@@ -155,8 +152,6 @@ class AnswerRequest(BaseModel):
     def generation_params(self) -> dict[str, Any]:
         params: dict[str, Any] = dict(max_tokens=self.max_tokens, temperature=self.temperature,
                                       reasoning_effort=self.reasoning_effort, seed=self.seed)
-        if self.max_tokens is None:
-            params["overflow"] = "shrink_max_tokens"
         return {k: v for k, v in params.items() if v is not None}
 
 

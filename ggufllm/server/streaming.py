@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from ..chunks import Chunk, FinishReason, Timings
+from ..errors import ContextLengthExceededError
 from ..harmony import Turn
 
 __all__ = ["ChunkStream", "Fold", "open_chat", "open_answer", "PromptProgress"]
@@ -52,10 +53,11 @@ def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
 
     ``instructions`` and ``on_prompt_progress`` are newer keywords of the
     service; with an older one, instructions are put before the first user
-    message and progress is not reported.
+    message and progress is not reported. Without ``max_tokens`` in ``params``
+    the budget is what the context leaves (see :func:`_fit_budget`).
     """
     fn = service.achat_stream
-    kwargs = dict(params)
+    kwargs: dict[str, Any] = {}
     if instructions:
         if _accepts(fn, "instructions"):
             kwargs["instructions"] = instructions
@@ -63,16 +65,44 @@ def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
             turns = _fold_instructions(turns, instructions)
     if progress is not None and _accepts(fn, "on_prompt_progress"):
         kwargs["on_prompt_progress"] = progress
-    return fn(list(turns), **kwargs)
+    turns = list(turns)
+    return _fit_budget(lambda p: fn(turns, **kwargs, **p), params)
 
 
 def open_answer(service: Any, question: str, context: str | None,
                 progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.astream(question, context)`` with prompt progress when the service reports it."""
-    kwargs = dict(params)
-    if progress is not None and _accepts(service.astream, "on_prompt_progress"):
+    fn = service.astream
+    kwargs: dict[str, Any] = {}
+    if progress is not None and _accepts(fn, "on_prompt_progress"):
         kwargs["on_prompt_progress"] = progress
-    return service.astream(question, context, **kwargs)
+    return _fit_budget(lambda p: fn(question, context, **kwargs, **p), params)
+
+
+async def _fit_budget(open_fn: Callable[[dict[str, Any]], AsyncIterator[Chunk]],
+                      params: dict[str, Any]) -> AsyncIterator[Chunk]:
+    """OpenAI's meaning of an absent ``max_tokens``: as much as the context leaves.
+
+    The service's default budget is tried first; when prompt plus default does
+    not fit, the request is reopened with the room the error reports. A prompt
+    that leaves no room raises the original error (a 400 with the counts).
+    """
+    chunks = open_fn(params)
+    try:
+        try:
+            first = await chunks.__anext__()
+        except ContextLengthExceededError as exc:
+            room = exc.n_ctx - exc.n_prompt
+            if "max_tokens" in params or room < 1:
+                raise
+            await chunks.aclose()
+            chunks = open_fn({**params, "max_tokens": room})
+            first = await chunks.__anext__()
+        yield first
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await chunks.aclose()
 
 
 def _fold_instructions(turns: Sequence[Turn], instructions: str) -> list[Turn]:
