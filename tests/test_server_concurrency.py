@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
              "Who wrote Hamlet?", "What colour is the sky?", "How many legs has a spider?",
              "What is the boiling point of water?", "Name a large ocean."]
+CLIENTS, PER_CLIENT = 16, 8
 LONG = {"messages": [{"role": "user", "content": "Count from 1 to 500: 1, 2, 3,"}],
         "max_tokens": 400, "temperature": 0, "stream": True}
 
@@ -54,14 +55,14 @@ def test_16_clients_x_8_requests_equal_sequential_answers(server: Running) -> No
 
     def client(c: int) -> list[tuple[str, int, str]]:
         out = []
-        for j in range(8):
+        for j in range(PER_CLIENT):
             q = QUESTIONS[(c + j) % len(QUESTIONS)]
             out.append((q, *_ask(server.url, q, stream=(c + j) % 2 == 0)))
         return out
 
-    with ThreadPoolExecutor(16) as pool:
-        results = [r for rs in pool.map(client, range(16)) for r in rs]
-    assert len(results) == 128
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
+    assert len(results) == CLIENTS * PER_CLIENT
     assert [s for _, s, _ in results if s != 200] == []
     info = server.service.get_model_info()
     # The lock engine decodes one request at a time (trivially batch-invariant). A batching
