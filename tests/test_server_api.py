@@ -97,11 +97,14 @@ def test_system_message_and_multi_turn(server: Running, client: openai.OpenAI) -
 
 def test_without_max_tokens_the_budget_is_what_the_context_leaves(server: Running,
                                                                   client: openai.OpenAI) -> None:
-    # the service's default budget (1000) plus the prompt exceeds the 1024-token context
-    assert server.service.generation_config.max_tokens + 13 > 1024
+    context = ("Paris is the capital and the largest city of France. It lies on the Seine, in "
+               "the north of the country, and has been the seat of the French government for "
+               "most of the last thousand years. ")
     resp = client.chat.completions.create(
         model=server.model_id(), temperature=0,
-        messages=[{"role": "user", "content": QUESTIONS[0]}])
+        messages=[{"role": "user", "content": context + QUESTIONS[0]}])
+    # the service's default budget plus this prompt exceeds the 1024-token context
+    assert server.service.generation_config.max_tokens + resp.usage.prompt_tokens > 1024
     assert resp.choices[0].message.content.strip()
     assert resp.usage.total_tokens <= 1024
 
@@ -276,3 +279,20 @@ def _samples(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+# -- the bench client ------------------------------------------------------------
+
+
+def test_bench_reports_every_level_against_one_at_a_time(server: Running) -> None:
+    from ggufllm.server.bench import BenchOptions, parse_levels, percentile, run_bench
+
+    assert parse_levels("1, 4,8") == (1, 4, 8)
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
+    lines = list(run_bench(server.url, BenchOptions(levels=(2,), n_requests=2, max_tokens=2)))
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2"]  # one at a time is always measured
+    for r in rows:
+        assert float(r[1]) > 0 and int(r[5]) >= 2
+    assert rows[0][2] == "1.00"

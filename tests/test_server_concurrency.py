@@ -64,13 +64,10 @@ def test_16_clients_x_8_requests_equal_sequential_answers(server: Running) -> No
         results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
     assert len(results) == CLIENTS * PER_CLIENT
     assert [s for _, s, _ in results if s != 200] == []
-    info = server.service.get_model_info()
-    # The lock engine decodes one request at a time (trivially batch-invariant). A batching
-    # engine is held to equality unless it reports that it is not batch-invariant.
-    if (info.get("scheduler") or {}).get("batch_invariant") is False:
-        assert all(text for _, _, text in results)
-    else:
-        assert [(q, t) for q, _, t in results if t != reference[q][1]] == []
+    # Greedy answers under load equal the sequential ones: a lock engine decodes one request at
+    # a time; the batching engine never puts prompt pages and decode steps in one batch, and
+    # batched decode steps alone are bit-identical on this CPU build (the engine's README).
+    assert [(q, t) for q, _, t in results if t != reference[q][1]] == []
 
 
 def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:

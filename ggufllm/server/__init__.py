@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ServerConfig
-from .factory import create_app
-
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from .config import ServerConfig
+    from .factory import create_app
 
     app: FastAPI
 
@@ -31,11 +31,21 @@ _app: Any = None
 
 
 def __getattr__(name: str) -> Any:
-    # ``uvicorn ggufllm.server:app``: the app is made on first access (from the environment),
-    # so importing the package reads no settings and loads nothing.
+    # Lazy: ``ggufllm``'s CLI imports this package for its commands, and must stay quick to start.
+    # ``uvicorn ggufllm.server:app`` makes the app on first access, from the environment.
     global _app
+    if name == "create_app":
+        from .factory import create_app
+
+        return create_app
+    if name == "ServerConfig":
+        from .config import ServerConfig
+
+        return ServerConfig
     if name == "app":
         if _app is None:
+            from .factory import create_app
+
             _app = create_app()
         return _app
     raise AttributeError(f"module 'ggufllm.server' has no attribute {name!r}")

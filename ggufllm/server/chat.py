@@ -62,7 +62,6 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     gen = await _start(request, req.model, lambda p: open_chat(
         state.service, turns, instructions, p, req.generation_params()))
-    first = await gen.first()
     env = _Envelope("chatcmpl", "chat.completion.chunk", state.model_id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -84,7 +83,7 @@ async def chat_completions(request: Request) -> Response:
             if include_usage:
                 yield env(choices=[], usage=fold.usage())
 
-        return gen.response(first, render, epilogue)
+        return gen.response(await gen.first(), render, epilogue)
     fold = await gen.collect(request)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(fold.text)}
     if fold.reasoning:
@@ -104,7 +103,6 @@ async def completions(request: Request) -> Response:
     turns = [Turn("user", req.text())]
     gen = await _start(request, req.model, lambda p: open_chat(
         state.service, turns, None, p, req.generation_params()))
-    first = await gen.first()
     env = _Envelope("cmpl", "text_completion", state.model_id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -120,7 +118,7 @@ async def completions(request: Request) -> Response:
             if include_usage:
                 yield env(choices=[], usage=fold.usage())
 
-        return gen.response(first, render, epilogue)
+        return gen.response(await gen.first(), render, epilogue)
     fold = await gen.collect(request)
     return JSONResponse(env(choices=[{
         "index": 0, "text": "".join(fold.text), "logprobs": None,

@@ -69,8 +69,9 @@ class Generation:
             self.state.metrics.finished(chunk.timings)
 
     async def first(self) -> Chunk | None:
-        """The first chunk, or None when the prompt is still being evaluated after the grace
-        period. Errors the service raises for this request propagate (after closing)."""
+        """The first chunk of a stream, or None when the prompt is still being evaluated after
+        the grace period (``keepalive_s``). Errors the service raises for this request
+        propagate (after closing), before any header is sent."""
         try:
             chunk = await self.stream.next(self.state.config.keepalive_s, self.state.shutdown)
         except StopAsyncIteration:
@@ -101,7 +102,6 @@ class Generation:
         """
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
-            await self.first()
             while not self.stream.done:
                 if self.state.shutdown.is_set():
                     raise _shutting_down()

@@ -20,18 +20,20 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-# keys the scheduler / KV-cache dicts of get_model_info() may carry, and the metric each feeds
+# the engine's get_model_info()["scheduler"] / ["kv_cache"] keys each gauge reads (absent: skipped)
 _ENGINE_GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "queue_depth": ("scheduler", "requests waiting for a slot",
-                    ("queue_depth", "queued", "waiting", "n_waiting")),
-    "slots_busy": ("scheduler", "slots generating or evaluating a prompt",
-                   ("running", "active", "n_running", "slots_busy")),
-    "slots_total": ("scheduler", "slots (N_PARALLEL)", ("n_parallel", "slots")),
-    "kv_cache_hits": ("kv_cache", "prompts that reused a cached prefix (engine count)",
-                      ("hits",)),
-    "kv_cache_misses": ("kv_cache", "prompts that reused no cached prefix (engine count)",
-                        ("misses",)),
-    "kv_cache_tokens_used": ("kv_cache", "KV cells in use", ("tokens_used", "n_tokens", "used")),
+    "queue_depth": ("scheduler", "requests waiting for a slot", ("waiting",)),
+    "slots_busy": ("scheduler", "requests holding a slot", ("running",)),
+    "max_queue": ("scheduler", "wait-queue capacity (MAX_QUEUE)", ("max_queue",)),
+    "slots_total": ("kv_cache", "slots (N_PARALLEL)", ("n_parallel",)),
+    "kv_cache_hits": ("kv_cache", "prompts that reused a cached prefix", ("hits",)),
+    "kv_cache_misses": ("kv_cache", "prompts that reused no cached prefix", ("misses",)),
+    "kv_cache_tokens_reused": ("kv_cache", "prompt tokens reused from the cache",
+                               ("tokens_reused",)),
+    "kv_cache_tokens_evaluated": ("kv_cache", "prompt tokens evaluated",
+                                  ("tokens_evaluated",)),
+    "kv_cache_tokens_in_use": ("kv_cache", "KV cells in use", ("tokens_in_use",)),
+    "kv_cache_bytes": ("kv_cache", "memory of the KV cache", ("bytes",)),
 }
 
 

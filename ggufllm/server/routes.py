@@ -69,7 +69,6 @@ async def answer(request: Request) -> Response:
     state = _state(request)
     gen = await _start(request, None, lambda p: open_answer(
         state.service, req.question, req.context, p, req.generation_params()))
-    first = await gen.first()
     if req.stream:
         def render(chunk: Chunk, fold: Fold) -> Iterable[dict[str, Any]]:
             if chunk.text:
@@ -79,7 +78,7 @@ async def answer(request: Request) -> Response:
             yield {"finish_reason": fold.finish_reason, "usage": fold.usage(),
                    "timings": _timings(fold)}
 
-        return gen.response(first, render, epilogue)
+        return gen.response(await gen.first(), render, epilogue)
     fold = await gen.collect(request)
     return JSONResponse({"answer": "".join(fold.text), "reasoning": "".join(fold.reasoning),
                          "finish_reason": fold.finish_reason, "usage": fold.usage(),

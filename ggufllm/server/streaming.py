@@ -44,7 +44,8 @@ class PromptProgress:
         self.latest: str = ""
 
     def __call__(self, *args: Any) -> None:
-        self.latest = " ".join(f"{a:.3g}" if isinstance(a, float) else str(a) for a in args)
+        # the engine calls it with (prompt tokens in the cache, prompt length)
+        self.latest = "/".join(f"{a:.3g}" if isinstance(a, float) else str(a) for a in args)
 
 
 def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
