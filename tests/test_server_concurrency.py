@@ -74,9 +74,15 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
     with running_server(n_parallel=1, max_queue=8,
                         config=ServerConfig(api_key=None, keepalive_s=0.05)) as server:
         url = server.url
-        t = time.perf_counter()
-        assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
-        alone_s = time.perf_counter() - t
+        alone_s = 0.0  # one short request alone, the slowest of two (this machine may be busy)
+        for _ in range(2):
+            t = time.perf_counter()
+            assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
+            alone_s = max(alone_s, time.perf_counter() - t)
+        # Not cancelled, the rest of the long answer (~400 tokens) would hold the slot for
+        # ~100x alone_s; cancelled, the slot frees within a second plus the next request's own
+        # time (x3 for a loaded machine's jitter).
+        bound_s = 1.0 + 3 * alone_s
 
         waiting: dict[str, float] = {}
 
@@ -100,7 +106,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         other.join(120)
         assert waiting["status"] == 200
         # what is left of the long stream (about 400 tokens) would take many seconds
-        assert waiting["done"] - dropped < 1.0 + alone_s
+        assert waiting["done"] - dropped < bound_s
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert "ggufllm_requests_in_flight 0.0" in metrics
 
@@ -110,7 +116,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
                        timeout=httpx.Timeout(60, read=1.0))
         gave_up = time.perf_counter()
         assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
-        assert time.perf_counter() - gave_up < 1.0 + alone_s
+        assert time.perf_counter() - gave_up < bound_s
 
 
 def test_keepalive_comments_while_a_long_prompt_is_evaluated() -> None:
