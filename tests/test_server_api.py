@@ -79,8 +79,10 @@ def test_streamed_text_equals_non_streamed_at_temperature_0(server: Running,
 
 def test_second_identical_prompt_reports_cached_tokens(server: Running,
                                                        client: openai.OpenAI) -> None:
-    _chat(client, server.model_id(), QUESTIONS[1])
-    again = _chat(client, server.model_id(), QUESTIONS[1])
+    # long enough for an engine that reuses whole 64-token pages of a prefix
+    question = "The sky is blue and the grass is green. " * 20 + QUESTIONS[1]
+    _chat(client, server.model_id(), question)
+    again = _chat(client, server.model_id(), question)
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
 
 
