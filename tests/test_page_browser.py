@@ -34,7 +34,7 @@ def browser() -> Iterator[object]:
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=900,720", "--force-device-scale-factor=1"):
+                "--window-size=900,560", "--force-device-scale-factor=1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:

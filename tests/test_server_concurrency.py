@@ -100,15 +100,16 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         events = 0
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=120) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
-                events += line.startswith("data: {")
-                if events == 3:
-                    break
+            # kept in a variable: a dropped line iterator would close the connection at once
+            lines = r.iter_lines()
+            while events < 3:
+                events += next(lines).startswith("data: {")
             other = threading.Thread(target=second)
             other.start()
-            time.sleep(0.5)  # the second request is queued behind the long stream
+            time.sleep(1.0)  # the second request is queued behind the long stream
             assert "done" not in waiting, "the second request did not wait for the only slot"
             dropped = time.perf_counter()
+            r.close()
         other.join(120)
         assert waiting["status"] == 200
         # what is left of the long stream (about 400 tokens) would take many seconds

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
@@ -124,9 +125,7 @@ class Generation:
                  epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> StreamingResponse:
         """An SSE response: ``render`` turns each chunk into payloads, ``epilogue`` adds the
         closing ones; ``data: [DONE]`` ends it."""
-        return StreamingResponse(self._events(first, render, epilogue),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(self._events(first, render, epilogue), self.close)
 
     async def _events(self, first: Chunk | None, render: Render,
                       epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> AsyncIterator[bytes]:
@@ -163,6 +162,23 @@ class Generation:
     def _keepalive(self) -> bytes:
         latest = self.progress.latest if self.progress is not None else ""
         return f": keep-alive{' prompt ' + latest if latest else ''}\n\n".encode()
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its generation however the response ends (even when the
+    client left before the body started, so the generator's own ``finally`` never ran)."""
+
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
 
 
 async def _disconnected(request: Request) -> None:
