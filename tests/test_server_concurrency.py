@@ -83,7 +83,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         alone_s = 0.0  # one short request alone, the slowest of two (this machine may be busy)
         for _ in range(2):
             t = time.perf_counter()
-            assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
+            assert _ask(url, "Hi", stream=True, max_tokens=2)[0] == 200
             alone_s = max(alone_s, time.perf_counter() - t)
         # Not cancelled, the rest of the long answer (~400 tokens) would hold the slot for
         # ~100x alone_s; cancelled, the slot frees within a second plus the next request's own
@@ -93,7 +93,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         waiting: dict[str, float] = {}
 
         def second() -> None:
-            status, _ = _ask(url, "Hi", stream=True, max_tokens=1)
+            status, _ = _ask(url, "Hi", stream=True, max_tokens=2)
             waiting["done"] = time.perf_counter()
             waiting["status"] = status
 
@@ -122,7 +122,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
             httpx.post(f"{url}/v1/chat/completions", json={**LONG, "stream": False},
                        timeout=httpx.Timeout(60, read=1.0))
         gave_up = time.perf_counter()
-        assert _ask(url, "Hi", stream=True, max_tokens=1)[0] == 200
+        assert _ask(url, "Hi", stream=True, max_tokens=2)[0] == 200
         assert time.perf_counter() - gave_up < bound_s
 
 

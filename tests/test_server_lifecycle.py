@@ -71,9 +71,9 @@ def test_api_key_is_required_on_every_route_but_health_and_the_page() -> None:
     key = "s3cret-key"
     with running_server(config=ServerConfig(api_key=key)) as server:
         def call(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
-            body = {"/v1/completions": {"prompt": "Hi", "max_tokens": 1},
-                    "/answer": {"question": "Hi", "max_tokens": 1}}.get(path, {**MSG,
-                                                                           "max_tokens": 1})
+            body = {"/v1/completions": {"prompt": "Hi", "max_tokens": 2},
+                    "/answer": {"question": "Hi", "max_tokens": 2}}.get(path, {**MSG,
+                                                                           "max_tokens": 2})
             return httpx.request(method, f"{server.url}{path}", headers=headers,
                                  json=body if method == "POST" else None, timeout=120)
 
