@@ -91,7 +91,10 @@ def test_api_key_is_required_on_every_route_but_health_and_the_page() -> None:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether a new server can listen on ``port`` (SO_REUSEADDR, as uvicorn sets it: the
+    closed connections' TIME_WAIT entries do not count, a socket still listening does)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
