@@ -72,6 +72,11 @@ from ..gpu.cli import backend, doctor  # noqa: E402
 cli.add_command(doctor)
 cli.add_command(backend)
 
+from ..server.cli import bench, serve  # noqa: E402
+
+cli.add_command(serve)
+cli.add_command(bench)
+
 convert_command = _Group(commands={"convert": convert_cmd}).commands["convert"]
 
 

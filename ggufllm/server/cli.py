@@ -1,0 +1,85 @@
+"""``ggufllm serve`` and ``ggufllm bench`` (registered on the main CLI)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+__all__ = ["serve", "bench"]
+
+logger = logging.getLogger(__name__)
+
+
+def _overrides(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@click.command()
+@click.option("--model", "-m", type=click.Path(), default=None,
+              help="A .gguf file or a folder of them (default: LLM_MODEL_PATH, then the embedded "
+                   "model).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="GGUFLLM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health and the page "
+                   "(env GGUFLLM_API_KEY).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=None,
+              help="Requests decoded together (N_PARALLEL, default 4).")
+@click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=None,
+              help="Requests waiting for a slot before 429 (MAX_QUEUE, default 64).")
+@click.option("--ctx", "max_length", type=int, default=None,
+              help="Context window in tokens (MAX_LENGTH, default 4096).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="An origin allowed to call the API from a browser (repeatable).")
+@click.option("--alias", default=None, help="The model id clients use (default: the file name).")
+def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int | None,
+          max_queue: int | None, max_length: int | None, cors_origins: tuple[str, ...],
+          alias: str | None) -> None:
+    """Serve the model over HTTP: OpenAI's API, /answer, /metrics and a page at /."""
+    import uvicorn
+
+    from ..service import LLMService
+    from .config import load_server_config
+    from .factory import create_app
+
+    config = load_server_config(api_key=api_key, cors_origins=cors_origins or None,
+                                model_alias=alias)
+    service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
+                                             max_length=max_length))
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use it",
+                       host)
+    app = create_app(service, config)
+    click.echo(f"ggufllm: serving on http://{host}:{port} (the model loads in the background; "
+               "GET /health says when it is ready)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@click.command()
+@click.option("--url", default=None,
+              help="A running server (ggufllm or any OpenAI-compatible one); default: start "
+                   "ggufllm on a free local port.")
+@click.option("--concurrency", default="1,4,8", show_default=True,
+              help="Comma-separated numbers of concurrent clients.")
+@click.option("--requests", "n_requests", type=click.IntRange(1, 10_000), default=16,
+              show_default=True, help="Requests per concurrency level.")
+@click.option("--max-tokens", type=click.IntRange(1, 1 << 16), default=64, show_default=True)
+@click.option("--model", "-m", type=click.Path(), default=None,
+              help="Model for the server bench starts (ignored with --url).")
+@click.option("--api-key", envvar="GGUFLLM_API_KEY", default=None)
+@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="completions",
+              show_default=True, help="Which OpenAI route the requests use.")
+def bench(url: str | None, concurrency: str, n_requests: int, max_tokens: int, model: str | None,
+          api_key: str | None, endpoint: str) -> None:
+    """Aggregate tokens/s and p50/p95 time to first token at each concurrency, against the same
+    requests sent one at a time."""
+    from .bench import BenchOptions, parse_levels, run_bench
+
+    levels = parse_levels(concurrency)
+    options = BenchOptions(levels=levels, n_requests=n_requests, max_tokens=max_tokens,
+                           api_key=api_key, endpoint=endpoint)
+    for line in run_bench(url, options, model):
+        click.echo(line)

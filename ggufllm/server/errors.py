@@ -1,0 +1,145 @@
+"""Every failure as OpenAI's error body: ``{"error": {"message", "type", "code", "param"}}``.
+
+One place translates: :func:`error_response` maps ggufllm's error tree (and
+request validation) to a status and a body; :func:`install_handlers` registers
+it on the app. Known failures never show a traceback; an unexpected one is
+logged here and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    ConfigError,
+    ContextLengthExceededError,
+    GgufllmError,
+    InvalidParameterError,
+    ModelLoadError,
+    ServerBusyError,
+    ServiceClosedError,
+)
+
+__all__ = ["APIError", "error_body", "error_response", "install_handlers", "validate"]
+
+logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    """An HTTP error raised by the server itself (auth, unknown model, loading...)."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status, message, type_, code, param)
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def error_body(err: APIError) -> dict[str, Any]:
+    return {"error": {"message": err.message, "type": err.type, "code": err.code,
+                      "param": err.param, **err.extra}}
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The status and OpenAI error for any exception (the one translation table)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthExceededError):
+        return APIError(400, f"request ({exc.n_prompt} tokens) exceeds the available context "
+                        f"size ({exc.n_ctx} tokens) with max_tokens={exc.max_tokens}, try "
+                        "increasing it", "exceed_context_size_error", "context_length_exceeded",
+                        "messages", n_prompt_tokens=exc.n_prompt, n_ctx=exc.n_ctx)
+    if isinstance(exc, InvalidParameterError):
+        return APIError(400, str(exc), "invalid_request_error", "invalid_value", exc.name)
+    if isinstance(exc, ServerBusyError):
+        return APIError(429, str(exc), "rate_limit_error", "server_busy",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ServiceClosedError):
+        return APIError(503, "the server is shutting down", "unavailable_error", "shutting_down",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, (ModelLoadError, ConfigError)):
+        return APIError(500, f"the model could not be loaded: {exc}", "server_error",
+                        "model_load_failed")
+    if isinstance(exc, GgufllmError):
+        return APIError(500, str(exc), "server_error", "internal_error")
+    logger.error("unexpected error", exc_info=exc)
+    return APIError(500, "internal server error", "server_error", "internal_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = to_api_error(exc)
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", "invalid_request_error",
+                        "invalid_json")
+    where = ".".join(loc) or "body"
+    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", "invalid_request_error",
+                    "invalid_value", where)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Registers the translation for ggufllm errors, validation, HTTP errors and the rest."""
+
+    async def on_api(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(_validation_error(exc))
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code,
+                                                                          "invalid_request_error")
+        return error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    app.add_exception_handler(APIError, on_api)
+    app.add_exception_handler(GgufllmError, on_api)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_api)
+
+
+def reject_constant(name: str) -> float:
+    """``json.loads`` hook: ``NaN`` / ``Infinity`` literals are not JSON."""
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: invalid text or non-finite literals raise :class:`APIError` (400)."""
+    try:
+        value = json.loads(body, parse_constant=reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}",
+                       "invalid_request_error", "invalid_json") from None
+    return value
+
+
+def validate(model: type[M], body: bytes) -> M:
+    """Parses and validates a request body; every problem is an :class:`APIError` (400)."""
+    data = parse_json(body)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise APIError(400, f"{where}: {first['msg']}", "invalid_request_error", "invalid_value",
+                       where) from None

@@ -1,0 +1,189 @@
+"""The life of one generation request: first chunk before headers, then SSE or a fold.
+
+Routes hand :class:`Generation` the service's chunk iterator and a function
+that turns chunks into payloads; it keeps the metrics, sends keep-alive
+comments while the prompt is evaluated, ends streams on shutdown, and cancels
+the generation when the client goes away (the service frees the slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..chunks import Chunk
+from .errors import APIError, error_body, to_api_error
+from .state import ServerState
+from .streaming import ChunkStream, Fold, PromptProgress
+
+__all__ = ["Generation", "sse"]
+
+Render = Callable[[Chunk, Fold], Iterable[dict[str, Any]]]
+DONE = b"data: [DONE]\n\n"
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", "unavailable_error", "shutting_down")
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+class Generation:
+    """One request's generation.
+
+    Args:
+        state: the server state (metrics, shutdown, config).
+        chunks: the service's async chunk iterator (not started yet).
+        progress: the prompt-progress receiver passed to the service, if any.
+    """
+
+    def __init__(self, state: ServerState, chunks: AsyncIterator[Chunk],
+                 progress: PromptProgress | None = None) -> None:
+        self.state = state
+        self.stream = ChunkStream(chunks)
+        self.progress = progress
+        self.fold = Fold()
+        self.t0 = time.perf_counter()
+        self.ttft_s: float | None = None
+        self._closed = False
+        state.metrics.in_flight.inc()
+        state.metrics.waiting.inc()
+
+    # -- pulling -------------------------------------------------------------
+
+    def _seen(self, chunk: Chunk) -> None:
+        if self.ttft_s is None and (chunk.token_ids or chunk.finish_reason is not None):
+            self.ttft_s = time.perf_counter() - self.t0
+            self.state.metrics.ttft.observe(self.ttft_s)
+            self.state.metrics.waiting.dec()
+        self.fold.add(chunk)
+        if chunk.finish_reason is not None:
+            self.state.metrics.finished(chunk.timings)
+
+    async def first(self) -> Chunk | None:
+        """The first chunk of a stream, or None when the prompt is still being evaluated after
+        the grace period (``keepalive_s``). Errors the service raises for this request
+        propagate (after closing), before any header is sent."""
+        try:
+            chunk = await self.stream.next(self.state.config.keepalive_s, self.state.shutdown)
+        except StopAsyncIteration:
+            return None
+        except BaseException:
+            await self.close()
+            raise
+        if chunk is not None:
+            self._seen(chunk)
+        return chunk
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.stream.aclose()
+        self.state.metrics.in_flight.dec()
+        if self.ttft_s is None:
+            self.state.metrics.waiting.dec()
+
+    # -- non-streamed --------------------------------------------------------
+
+    async def collect(self, request: Request) -> Fold:
+        """Folds the whole generation; a client disconnect or shutdown cancels it.
+
+        Raises:
+            APIError: 503 when the server shuts down meanwhile; the service's errors.
+        """
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            while not self.stream.done:
+                if self.state.shutdown.is_set():
+                    raise _shutting_down()
+                if watcher.done():
+                    break  # nobody to answer: stop generating
+                try:
+                    chunk = await self.stream.next(None, self.state.shutdown, watcher)
+                except StopAsyncIteration:
+                    break
+                if chunk is not None:
+                    self._seen(chunk)
+            return self.fold
+        finally:
+            watcher.cancel()
+            await self.close()
+
+    # -- streamed ------------------------------------------------------------
+
+    def response(self, first: Chunk | None, render: Render,
+                 epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> StreamingResponse:
+        """An SSE response: ``render`` turns each chunk into payloads, ``epilogue`` adds the
+        closing ones; ``data: [DONE]`` ends it."""
+        return _EventStream(self._events(first, render, epilogue), self.close)
+
+    async def _events(self, first: Chunk | None, render: Render,
+                      epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> AsyncIterator[bytes]:
+        keepalive = self.state.config.keepalive_s
+        try:
+            if first is not None:
+                for payload in render(first, self.fold):
+                    yield sse(payload)
+            failure: APIError | None = None
+            while not self.stream.done:
+                if self.state.shutdown.is_set():
+                    failure = _shutting_down()
+                    break
+                try:
+                    chunk = await self.stream.next(keepalive, self.state.shutdown)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:  # headers are sent: the error becomes an event
+                    failure = to_api_error(exc)
+                    break
+                if chunk is None:
+                    yield self._keepalive()
+                    continue
+                self._seen(chunk)
+                for payload in render(chunk, self.fold):
+                    yield sse(payload)
+            payloads = [error_body(failure)] if failure else epilogue(self.fold)
+            for payload in payloads:
+                yield sse(payload)
+            yield DONE
+        finally:
+            await self.close()
+
+    def _keepalive(self) -> bytes:
+        latest = self.progress.latest if self.progress is not None else ""
+        return f": keep-alive{' prompt ' + latest if latest else ''}\n\n".encode()
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its generation however the response ends (even when the
+    client left before the body started, so the generator's own ``finally`` never ran)."""
+
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,165 @@
+"""Request and response bodies, mirroring OpenAI's schema (and the seed's ``/answer``).
+
+Requests are validated strictly (no string-to-number coercion, finite floats
+only, ranges checked): anything else is a 400 in OpenAI's error shape. Fields
+OpenAI defines that this server does not implement are rejected when they ask
+for something (``n > 1``, ``logprobs``, ``echo``); unknown extra fields are
+ignored, as OpenAI-compatible servers do, so clients that send more still work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "AnswerRequest", "Usage",
+           "StreamOptions", "ContentPart"]
+
+_REQUEST = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+Role = Literal["system", "developer", "user", "assistant"]
+MAX_STOPS = 16
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are supported."""
+
+    model_config = _REQUEST
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of ``messages``."""
+
+    model_config = _REQUEST
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Parameters shared by every generation route."""
+
+    model_config = _REQUEST
+    model: str | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, lt=1 << 32)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} non-empty stop strings")
+        return value
+
+    def budget(self) -> int | None:
+        return self.max_tokens
+
+    def generation_params(self) -> dict[str, Any]:
+        """The service's per-call parameters this request sets (None: the default)."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        budget = self.budget()
+        params: dict[str, Any] = dict(
+            max_tokens=budget, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=self.seed,
+            stop=tuple(stop) if stop else None)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    logprobs: Literal[False] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("messages must contain at least one user message")
+        return messages
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def generation_params(self) -> dict[str, Any]:
+        params = super().generation_params()
+        if self.reasoning_effort is not None:
+            params["reasoning_effort"] = self.reasoning_effort
+        return params
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: the prompt is answered as one user turn."""
+
+    prompt: str | list[str] = Field(...)
+    max_tokens: int | None = Field(16, ge=1, le=1 << 20)  # OpenAI's default for completions
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request")
+        if not (value if isinstance(value, str) else value[0]).strip():
+            raise ValueError("the prompt is empty")
+        return value
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class AnswerRequest(BaseModel):
+    """``POST /answer``: the seed service's RAG call."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    question: str = Field(min_length=1)
+    context: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    seed: int | None = Field(None, ge=0, lt=1 << 32)
+    stream: bool = False
+
+    def generation_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = dict(max_tokens=self.max_tokens, temperature=self.temperature,
+                                      reasoning_effort=self.reasoning_effort, seed=self.seed)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class Usage(BaseModel):
+    """OpenAI's ``usage`` object, with the cache and reasoning details."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+    completion_tokens_details: dict[str, int]

@@ -1,0 +1,142 @@
+"""The app's state: the service, its background load, metrics and the shutdown signal.
+
+The model loads in a background task started by the app's lifespan, so the
+server accepts connections (and ``/health`` answers 503) while it loads. On
+SIGTERM / Ctrl-C the shutdown event is set at once: running streams end, new
+requests get 503, and when uvicorn runs the lifespan's shutdown the service is
+closed (the model freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..service import LLMService
+from .config import ServerConfig
+from .errors import RETRY_AFTER_S, APIError, to_api_error
+from .metrics import Metrics
+
+__all__ = ["ServerState", "lifespan"]
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """Everything the routes share.
+
+    Args:
+        service: the (not yet loaded) service the server owns and closes.
+        config: the server's settings.
+    """
+
+    def __init__(self, service: LLMService, config: ServerConfig) -> None:
+        self.service = service
+        self.config = config
+        self.metrics = Metrics(service.get_model_info)
+        self.load_error: str | None = None
+        self.shutdown = asyncio.Event()
+        self.model_id: str = config.model_alias or "ggufllm"
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- loading -------------------------------------------------------------
+
+    async def _load(self) -> None:
+        try:
+            await self.service.load_model()
+        except Exception as exc:
+            self.load_error = to_api_error(exc).message
+            logger.error("model load failed: %s", exc)
+            return
+        info = self.service.get_model_info()
+        path = info.get("model_path") or ""
+        if not self.config.model_alias and path:
+            self.model_id = path.rsplit("/", 1)[-1].removesuffix(".gguf")
+        logger.info("model %s ready", self.model_id)
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.create_task(self._load(), name="ggufllm-load")
+
+    @property
+    def status(self) -> str:
+        if self.load_error is not None:
+            return "error"
+        return "ok" if self.service.is_loaded else "loading"
+
+    def require_ready(self) -> None:
+        """Raises the 503 / 500 a generation route answers before the model is usable."""
+        if self.shutdown.is_set():
+            raise APIError(503, "the server is shutting down", "unavailable_error",
+                           "shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.load_error is not None:
+            raise APIError(500, self.load_error, "server_error", "model_load_failed")
+        if not self.service.is_loaded:
+            raise APIError(503, "Loading model", "unavailable_error", "model_loading",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def check_model(self, name: str | None) -> None:
+        """Raises 404 for a model name this server does not serve (None: the default)."""
+        if name is not None and name not in (self.model_id, "default"):
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.model_id!r}", "not_found_error", "model_not_found", "model")
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def close(self) -> None:
+        self.shutdown.set()
+        task = self._load_task
+        if task is not None and not task.done():
+            self.service.cancel_load()
+            with contextlib.suppress(BaseException):
+                await task
+        await self.service.cleanup()
+        logger.info("model freed")
+
+
+def _chain_exit_signals(on_exit: Callable[[], None]) -> Callable[[], None]:
+    """Calls ``on_exit`` before the handlers uvicorn installed for SIGINT/SIGTERM.
+
+    uvicorn waits for open responses before its lifespan shutdown: without this,
+    a long stream would hold the shutdown until it ends. Returns the undo.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals only reach the main thread (tests run servers in threads)
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        prev = signal.getsignal(sig)
+        if not callable(prev):
+            continue
+        previous[sig] = prev
+
+        def handler(signum: int, frame: Any, prev: Any = prev) -> None:
+            on_exit()
+            prev(signum, frame)
+
+        signal.signal(sig, handler)
+
+    def undo() -> None:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+
+    return undo
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Starts the background load; on shutdown ends streams and frees the model."""
+    state: ServerState = app.state.ggufllm
+    loop = asyncio.get_running_loop()
+    undo = _chain_exit_signals(lambda: loop.call_soon_threadsafe(state.shutdown.set))
+    state.start_loading()
+    try:
+        yield
+    finally:
+        undo()
+        await state.close()

@@ -1,0 +1,205 @@
+"""One generation as the HTTP layer sees it: opened on the service's public API,
+pulled chunk by chunk with a timeout (for SSE keep-alives), closed on disconnect.
+
+Errors the service raises for a request (bad parameters, a prompt over the
+context, a full queue) come from the first ``__anext__``; a route awaits that
+first pull before it sends headers, so they become real HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ..chunks import Chunk, FinishReason, Timings
+from ..errors import ContextLengthExceededError
+from ..harmony import Turn
+
+__all__ = ["ChunkStream", "Fold", "open_chat", "open_answer", "PromptProgress"]
+
+logger = logging.getLogger(__name__)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class PromptProgress:
+    """Receives the engine's prompt-evaluation progress; shown in SSE keep-alive comments.
+
+    It may be called from the engine's thread: it only replaces one string.
+    """
+
+    def __init__(self) -> None:
+        self.latest: str = ""
+
+    def __call__(self, *args: Any) -> None:
+        # the engine calls it with (prompt tokens in the cache, prompt length)
+        self.latest = "/".join(f"{a:.3g}" if isinstance(a, float) else str(a) for a in args)
+
+
+def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
+              progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
+    """``service.achat_stream`` with the keywords this service version accepts.
+
+    ``instructions`` and ``on_prompt_progress`` are newer keywords of the
+    service; with an older one, instructions are put before the first user
+    message and progress is not reported. Without ``max_tokens`` in ``params``
+    the budget is what the context leaves (see :func:`_fit_budget`).
+    """
+    fn = service.achat_stream
+    kwargs: dict[str, Any] = {}
+    if instructions:
+        if _accepts(fn, "instructions"):
+            kwargs["instructions"] = instructions
+        else:
+            turns = _fold_instructions(turns, instructions)
+    if progress is not None and _accepts(fn, "on_prompt_progress"):
+        kwargs["on_prompt_progress"] = progress
+    turns = list(turns)
+    return _fit_budget(lambda p: fn(turns, **kwargs, **p), params)
+
+
+def open_answer(service: Any, question: str, context: str | None,
+                progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
+    """``service.astream(question, context)`` with prompt progress when the service reports it."""
+    fn = service.astream
+    kwargs: dict[str, Any] = {}
+    if progress is not None and _accepts(fn, "on_prompt_progress"):
+        kwargs["on_prompt_progress"] = progress
+    return _fit_budget(lambda p: fn(question, context, **kwargs, **p), params)
+
+
+async def _fit_budget(open_fn: Callable[[dict[str, Any]], AsyncIterator[Chunk]],
+                      params: dict[str, Any]) -> AsyncIterator[Chunk]:
+    """OpenAI's meaning of an absent ``max_tokens``: as much as the context leaves.
+
+    The service's default budget is tried first; when prompt plus default does
+    not fit, the request is reopened with the room the error reports. A prompt
+    that leaves no room raises the original error (a 400 with the counts).
+    """
+    chunks = open_fn(params)
+    try:
+        try:
+            first = await chunks.__anext__()
+        except ContextLengthExceededError as exc:
+            room = exc.n_ctx - exc.n_prompt
+            if "max_tokens" in params or room < 1:
+                raise
+            await chunks.aclose()
+            chunks = open_fn({**params, "max_tokens": room})
+            first = await chunks.__anext__()
+        yield first
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await chunks.aclose()
+
+
+def _fold_instructions(turns: Sequence[Turn], instructions: str) -> list[Turn]:
+    out = list(turns)
+    for i, turn in enumerate(out):
+        if turn.role == "user":
+            out[i] = Turn("user", f"{instructions}\n\n{turn.content}")
+            break
+    return out
+
+
+class ChunkStream:
+    """Pulls chunks from a service generator with timeouts, and closes it on any exit.
+
+    A pull that times out leaves the pending ``__anext__`` running, so a
+    keep-alive can be sent and the pull resumed without losing a chunk.
+    """
+
+    def __init__(self, chunks: AsyncIterator[Chunk]) -> None:
+        self._chunks = chunks
+        self._pending: asyncio.Future[Chunk] | None = None
+        self.done = False
+
+    async def next(self, timeout: float | None, *wake: asyncio.Event | asyncio.Future[Any]
+                   ) -> Chunk | None:
+        """The next chunk; None when ``timeout`` passed or a ``wake`` event/future came first.
+
+        Raises:
+            StopAsyncIteration: the generation has ended.
+            Exception: whatever the service raised for this request.
+        """
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._chunks.__anext__())
+        waiters: set[asyncio.Future[Any]] = {self._pending}
+        made = [asyncio.ensure_future(w.wait()) for w in wake if isinstance(w, asyncio.Event)]
+        waiters.update(made)
+        waiters.update(w for w in wake if isinstance(w, asyncio.Future))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in made:
+                waiter.cancel()
+        if not self._pending.done():
+            return None
+        pending, self._pending = self._pending, None
+        try:
+            return pending.result()
+        except StopAsyncIteration:
+            self.done = True
+            raise
+
+    async def aclose(self) -> None:
+        """Cancels the generation (the service frees its slot) and waits until it let go."""
+        with anyio.CancelScope(shield=True):
+            pending, self._pending = self._pending, None
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            elif pending is not None and not pending.cancelled():
+                pending.exception()  # retrieved: no "exception never retrieved" warning
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+@dataclass
+class Fold:
+    """What the chunks of one generation add up to."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    n_reasoning_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.channel == "final":
+            self.text.append(chunk.text)
+        else:
+            self.reasoning.append(chunk.text)
+            self.n_reasoning_tokens += len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self.finish_reason, self.timings = chunk.finish_reason, chunk.timings
+
+    def usage(self) -> dict[str, Any]:
+        t = self.timings
+        n_prompt, n_cached, n_gen = (t.n_prompt, t.n_cached, t.n_generated) if t else (0, 0, 0)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                "total_tokens": n_prompt + n_gen,
+                "prompt_tokens_details": {"cached_tokens": n_cached},
+                "completion_tokens_details": {"reasoning_tokens": self.n_reasoning_tokens}}
+
+
+def openai_finish(reason: FinishReason | None) -> str:
+    """ggufllm's finish reason in OpenAI's words."""
+    return {"length": "length", "tool_call": "tool_calls"}.get(reason or "stop", "stop")
+

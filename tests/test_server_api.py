@@ -1,0 +1,300 @@
+"""The OpenAI-compatible API on a real server (embedded model): the official client for the
+happy paths, raw HTTP for every error case."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from ggufllm.server import ServerConfig
+
+from .server_fixture import Running, running_server
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+LIMIT = 32 * 1024
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Running]:
+    with running_server(config=ServerConfig(api_key=None, max_body_bytes=LIMIT)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: Running) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _chat(client: openai.OpenAI, model: str, question: str, **kw: object) -> object:
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=12,
+        temperature=0, **kw)
+
+
+# -- the official client -------------------------------------------------------
+
+
+def test_models_lists_the_loaded_model(server: Running, client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.model_id()]
+    assert server.model_id() == "gemma-3-270m-q4_k_m"
+
+
+def test_chat_non_stream_has_answer_and_usage(server: Running, client: openai.OpenAI) -> None:
+    resp = _chat(client, server.model_id(), QUESTIONS[0])
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 0
+    assert 0 < resp.usage.completion_tokens <= 12
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_streamed_text_equals_non_streamed_at_temperature_0(server: Running,
+                                                           client: openai.OpenAI) -> None:
+    for question in QUESTIONS:
+        whole = _chat(client, server.model_id(), question)
+        stream = _chat(client, server.model_id(), question, stream=True,
+                       stream_options={"include_usage": True})
+        parts, finish, usage = [], None, None
+        for event in stream:
+            if event.usage is not None:
+                usage = event.usage
+            for choice in event.choices:
+                parts.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(parts) == whole.choices[0].message.content
+        assert finish == whole.choices[0].finish_reason
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_second_identical_prompt_reports_cached_tokens(server: Running,
+                                                       client: openai.OpenAI) -> None:
+    # long enough for an engine that reuses whole 64-token pages of a prefix
+    question = "The sky is blue and the grass is green. " * 20 + QUESTIONS[1]
+    _chat(client, server.model_id(), question)
+    again = _chat(client, server.model_id(), question)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
+def test_system_message_and_multi_turn(server: Running, client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=server.model_id(), max_completion_tokens=8, temperature=0, messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]}])
+    assert resp.choices[0].message.content is not None
+    assert resp.usage.completion_tokens <= 8
+
+
+def test_without_max_tokens_the_budget_is_what_the_context_leaves(server: Running,
+                                                                  client: openai.OpenAI) -> None:
+    context = ("Paris is the capital and the largest city of France. It lies on the Seine, in "
+               "the north of the country, and has been the seat of the French government for "
+               "most of the last thousand years. ")
+    resp = client.chat.completions.create(
+        model=server.model_id(), temperature=0,
+        messages=[{"role": "user", "content": context + QUESTIONS[0]}])
+    # the service's default budget plus this prompt exceeds the 1024-token context
+    assert server.service.generation_config.max_tokens + resp.usage.prompt_tokens > 1024
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.total_tokens <= 1024
+
+
+def test_completions_stream_and_not(server: Running, client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=server.model_id(), prompt=QUESTIONS[0],
+                                      max_tokens=10, temperature=0)
+    assert whole.choices[0].text.strip()
+    assert whole.usage.completion_tokens <= 10
+    text = "".join(e.choices[0].text for e in client.completions.create(
+        model=server.model_id(), prompt=QUESTIONS[0], max_tokens=10, temperature=0,
+        stream=True))
+    assert text == whole.choices[0].text
+
+
+def test_answer_route_stream_equals_non_stream(server: Running) -> None:
+    body = {"question": "What is the capital of France?", "context": "Paris is the capital of "
+            "France.", "max_tokens": 10, "temperature": 0}
+    whole = httpx.post(f"{server.url}/answer", json=body, timeout=120).json()
+    assert set(whole) >= {"answer", "reasoning", "finish_reason", "usage"}
+    events = _sse(httpx.post(f"{server.url}/answer", json={**body, "stream": True}, timeout=120))
+    assert "".join(e.get("answer", "") for e in events) == whole["answer"]
+    assert events[-1]["finish_reason"] == whole["finish_reason"]
+    assert events[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+def test_metrics_count_requests_tokens_and_ttft(server: Running, client: openai.OpenAI) -> None:
+    _chat(client, server.model_id(), QUESTIONS[2])
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    samples = _samples(text)
+    assert samples['ggufllm_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
+    assert samples["ggufllm_generated_tokens_total"] >= 1
+    assert samples["ggufllm_prompt_tokens_total"] >= 1
+    assert samples["ggufllm_time_to_first_token_seconds_count"] >= 1
+    assert samples["ggufllm_requests_in_flight"] == 0
+    assert samples["ggufllm_requests_waiting_first_token"] == 0
+    assert "ggufllm_kv_cache_hits_total" in samples
+
+
+# -- errors: raw HTTP ------------------------------------------------------------
+
+MSG = [{"role": "user", "content": "Hi"}]
+BAD_BODIES = [
+    ("not json", b'{"messages": [', "invalid_json"),
+    ("NaN literal", b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+     "invalid_json"),
+    ("Infinity in an ignored field", b'{"messages": [{"role": "user", "content": "Hi"}], '
+     b'"x": Infinity}', "invalid_json"),
+    ("string for a number", json.dumps({"messages": MSG, "max_tokens": "5"}).encode(), None),
+    ("bool for a number", json.dumps({"messages": MSG, "max_tokens": True}).encode(), None),
+    ("temperature out of range", json.dumps({"messages": MSG, "temperature": 7}).encode(), None),
+    ("negative max_tokens", json.dumps({"messages": MSG, "max_tokens": -1}).encode(), None),
+    ("top_p zero", json.dumps({"messages": MSG, "top_p": 0}).encode(), None),
+    ("empty messages", json.dumps({"messages": []}).encode(), None),
+    ("no user message", json.dumps({"messages": [{"role": "system", "content": "x"}]}).encode(),
+     None),
+    ("unknown role", json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), None),
+    ("image content", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}).encode(), None),
+    ("n > 1", json.dumps({"messages": MSG, "n": 2}).encode(), None),
+    ("body is a list", b"[1, 2]", None),
+    ("bad reasoning_effort", json.dumps({"messages": MSG, "reasoning_effort": "max"}).encode(),
+     None),
+    ("seed too large", json.dumps({"messages": MSG, "seed": 1 << 40}).encode(), None),
+    ("empty stop", json.dumps({"messages": MSG, "stop": [""]}).encode(), None),
+]
+
+
+@pytest.mark.parametrize("name,body,code", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_chat_bodies_are_400_in_openai_shape(server: Running, name: str, body: bytes,
+                                                 code: str | None, stream: bool) -> None:
+    if stream and body.startswith(b"{") and code is None:
+        body = json.dumps({**json.loads(body), "stream": True}).encode()
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=30)
+    err = _error(r, 400)
+    assert err["type"] == "invalid_request_error"
+    if code:
+        assert err["code"] == code
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": ["a", "b"]}),
+    ("/v1/completions", {"prompt": "x", "echo": True}),
+    ("/v1/completions", {"prompt": 5}),
+    ("/answer", {"question": ""}),
+    ("/answer", {"question": "q", "context": 5}),
+    ("/answer", {"question": "q", "model_path": "/etc/passwd"}),
+    ("/answer", {"question": "q", "temperature": -1}),
+])
+def test_bad_bodies_on_other_routes_are_400(server: Running, path: str, body: dict) -> None:
+    _error(httpx.post(f"{server.url}{path}", json=body, timeout=30), 400)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "/etc/passwd", "../models/llm/x.gguf"])
+def test_unknown_model_is_404_and_never_a_path(server: Running, model: str) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": model, "messages": MSG},
+                   timeout=30)
+    err = _error(r, 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/answer"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_over_the_context_is_400_with_counts(server: Running, route: str,
+                                                    stream: bool) -> None:
+    long_text = "word " * 1500  # over the 1024-token context of the test server
+    body = {"/v1/chat/completions": {"messages": [{"role": "user", "content": long_text}]},
+            "/v1/completions": {"prompt": long_text},
+            "/answer": {"question": "Why?", "context": long_text}}[route]
+    r = httpx.post(f"{server.url}{route}", json={**body, "stream": stream, "max_tokens": 8},
+                   timeout=60)
+    err = _error(r, 400)
+    assert err["type"] == "exceed_context_size_error"
+    assert err["n_ctx"] == 1024 and err["n_prompt_tokens"] > 1024
+
+
+def test_budget_over_the_context_is_400(server: Running) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions",
+                   json={"messages": MSG, "max_tokens": 1020, "stream": True}, timeout=60)
+    assert _error(r, 400)["n_ctx"] == 1024
+
+
+def test_body_over_the_limit_is_413(server: Running) -> None:
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}).encode()
+    _error(httpx.post(f"{server.url}/v1/chat/completions", content=big, timeout=30), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while read
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    _error(httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), timeout=30), 413)
+
+
+def test_unknown_route_and_wrong_method(server: Running) -> None:
+    assert _error(httpx.get(f"{server.url}/v1/nothing", timeout=10), 404)["type"]
+    _error(httpx.get(f"{server.url}/v1/chat/completions", timeout=10), 405)
+
+
+def test_errors_never_5xx(server: Running) -> None:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    fives = [k for k in _samples(text) if k.startswith("ggufllm_requests_total")
+             and 'status="5' in k and 'route="/health"' not in k]  # /health is 503 while loading
+    assert not fives
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) >= {"message", "type", "code", "param"}
+    assert "Traceback" not in r.text
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def _sse(r: httpx.Response) -> list[dict]:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# -- the bench client ------------------------------------------------------------
+
+
+def test_bench_reports_every_level_against_one_at_a_time(server: Running) -> None:
+    from ggufllm.server.bench import BenchOptions, parse_levels, percentile, run_bench
+
+    assert parse_levels("1, 4,8") == (1, 4, 8)
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
+    lines = list(run_bench(server.url, BenchOptions(levels=(2,), n_requests=2, max_tokens=2)))
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2"]  # one at a time is always measured
+    for r in rows:
+        assert float(r[1]) > 0 and int(r[5]) >= 2
+    assert rows[0][2] == "1.00"
