@@ -6,7 +6,8 @@ greedy tokens one at a time). Run 2 clears the cache and decodes the same
 sequence together with ``n_seq - 1`` other prompts, all prompts in one batch and
 then one token per sequence per batch. Run 3 evaluates the others' prompts in
 the same batches as sequence 0's decode steps (what a scheduler does when a
-request arrives mid-stream). Prints, for each run, whether the logits of
+request arrives mid-stream). Run 4 evaluates each prompt in its own call and batches only the decode steps
+(what ggufllm's scheduler does). Prints, for each run, whether the logits of
 sequence 0 are bitwise equal to run 1 at every step, the largest absolute
 difference, and whether the greedy tokens agree.
 
@@ -76,6 +77,16 @@ class Bare:
         lib.llama_model_free(self.model)
 
 
+def split_prompt(bare: Bare, tokens: list[int], split: int) -> np.ndarray:
+    """Evaluates ``tokens`` as two batches cut at ``split``; the last token's logits."""
+    lib.llama_memory_clear(bare.mem, True)
+    items = prompt_items(tokens, 0)
+    if split:
+        bare.decode([(t, p, s, False) for t, p, s, _ in items[:split]])
+    bare.decode(items[split:])
+    return bare.logits(len(tokens) - split - 1)
+
+
 def prompt_items(tokens: list[int], seq: int) -> list[tuple[int, int, int, bool]]:
     return [(t, p, seq, p == len(tokens) - 1) for p, t in enumerate(tokens)]
 
@@ -86,20 +97,29 @@ def run(bare: Bare, prompts: list[list[int]], n_tokens: int, mode: str) -> list[
     n = len(prompts)
     late = mode == "late" and n > 1
     first = [prompts[0]] if (mode == "alone" or late) else prompts
-    items = [it for s, toks in enumerate(first) for it in prompt_items(toks, s)]
-    bare.decode(items)
-    # where each sequence's logits sit in the batch
-    idx, ends = {}, 0
-    for s, toks in enumerate(first):
-        ends += len(toks)
-        idx[s] = ends - 1
+    idx = {}
+    if mode == "apart":  # each prompt in its own llama_decode, as ggufllm's scheduler does
+        saved = {}
+        for s, toks in enumerate(first):
+            bare.decode(prompt_items(toks, s))
+            saved[s] = bare.logits(len(toks) - 1)
+    else:
+        items = [it for s, toks in enumerate(first) for it in prompt_items(toks, s)]
+        bare.decode(items)
+        # where each sequence's logits sit in the batch
+        ends = 0
+        for s, toks in enumerate(first):
+            ends += len(toks)
+            idx[s] = ends - 1
+        saved = {s: bare.logits(i) for s, i in idx.items()}
     pos = {s: len(prompts[s]) for s in range(len(first))}
     out = []
     for step in range(n_tokens):
-        out.append(bare.logits(idx[0]))
+        current = saved if step == 0 else {s: bare.logits(i) for s, i in idx.items()}
+        out.append(current[0])
         step_items = []
         for s in list(pos):
-            tok = int(np.argmax(bare.logits(idx[s])))
+            tok = int(np.argmax(current[s]))
             step_items.append((tok, pos[s], s, True))
             pos[s] += 1
         if late and step == 2:  # the other prompts arrive mid-stream, in one batch with it
@@ -128,8 +148,10 @@ def main() -> None:
         alone = run(bare, prompts[:1], args.tokens, "alone")
         again = run(bare, prompts[:1], args.tokens, "alone")
         print(f"model {path}, {args.seqs} sequences, {args.tokens} steps")
-        for label, mode in (("alone again", None), ("batched", "batched"),
-                            ("batched, prompts arriving mid-stream", "late")):
+        for label, mode in (("alone again", None),
+                            ("decode batched, prompts apart", "apart"),
+                            ("prompts in one batch, decode batched", "batched"),
+                            ("prompts arriving mid-stream", "late")):
             logits = again if mode is None else run(bare, prompts, args.tokens, mode)
             diffs = [float(np.max(np.abs(a - b))) for a, b in zip(alone, logits, strict=True)]
             identical = sum(np.array_equal(a, b) for a, b in zip(alone, logits, strict=True))
@@ -137,6 +159,12 @@ def main() -> None:
                            for a, b in zip(alone, logits, strict=True))
             print(f"{label:38s}: bit-identical steps {identical}/{len(alone)}, "
                   f"max |diff| {max(diffs):.3g}, greedy token agrees {same_tok}/{len(alone)}")
+        long = bare.tokenize(" ".join(PROMPTS) * 2)
+        whole = split_prompt(bare, long, 0)
+        differ = [k for k in range(1, len(long)) if not np.array_equal(
+            whole, split_prompt(bare, long, k))]
+        print(f"a {len(long)}-token prompt cut in two batches at k: last-token logits differ "
+              f"from one batch for {len(differ)} of {len(long) - 1} cuts (k = {differ[:12]}...)")
     finally:
         bare.close()
 

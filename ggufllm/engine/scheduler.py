@@ -7,7 +7,8 @@ caller touches the context and no lock is held while a caller waits. Each step:
 1. drop cancelled requests (waiting ones before their prefill);
 2. admit waiting requests into free slots (:class:`~.slots.SlotTable` picks the
    slot with the longest cached prefix);
-3. evaluate one chunk (``n_batch`` tokens) of the oldest unfinished prompt;
+3. evaluate up to ``n_batch`` tokens of the oldest unfinished prompt, in pages of
+   64 tokens (see :mod:`.slots`: a token is always evaluated in the same batch);
 4. one ``llama_decode`` over one token of every generating sequence, then sample
    each at its row of the batch and hand the chunks to its sink.
 
@@ -32,7 +33,7 @@ from ..config import GenerationConfig
 from ..errors import GgufllmError, ServerBusyError, ServiceClosedError
 from .native import Batch, NativeContext, Sampler
 from .output import OutputReader
-from .slots import Slot, SlotTable
+from .slots import PAGE, Slot, SlotTable
 
 __all__ = ["Request", "Scheduler", "Sink", "ProgressCallback"]
 
@@ -98,6 +99,9 @@ class Scheduler:
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
         self._batch = Batch(max(ctx.n_batch, len(slots.slots)))
+        # prompt pages per step: up to n_batch tokens, one llama_decode per page
+        self._page = min(PAGE, ctx.n_batch)
+        self._pages_per_step = max(1, ctx.n_batch // self._page)
         self._on_exit = on_exit
         self._lock = threading.Lock()  # guards _waiting, _commands, _stopping (never held long)
         self._wake = threading.Event()
@@ -121,16 +125,13 @@ class Scheduler:
         with self._lock:
             if self._stopping:
                 raise ServiceClosedError("the model was closed")
-            waiting = sum(1 for r in self._waiting if not r.cancel.is_set())
-            if waiting >= self.max_queue and self._no_free_slot_for_new():
+            pending = sum(1 for r in self._waiting if not r.cancel.is_set())
+            free = sum(1 for s in self.slots.slots if not s.busy)
+            # requests that a free slot will take at the next step do not count as queued
+            if pending - free >= self.max_queue:
                 raise ServerBusyError(self.max_queue)
             self._waiting.append(request)
         self._wake.set()
-
-    def _no_free_slot_for_new(self) -> bool:
-        # a request can start at once when a slot is free and nobody waits before it
-        free = sum(1 for s in self.slots.slots if not s.busy) - len(self._waiting)
-        return free <= 0
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Runs ``fn`` in the scheduler thread between two steps; returns its result."""
@@ -271,23 +272,33 @@ class Scheduler:
     # -- prompt evaluation -----------------------------------------------------
 
     def _prefill_chunk(self, r: Request) -> None:
+        """Evaluates up to ``n_batch`` prompt tokens of ``r``, one page per llama_decode."""
+        for _ in range(self._pages_per_step):
+            if not self._prefill_page(r) or r.generating:
+                return
+
+    def _prefill_page(self, r: Request) -> bool:
         slot = r.slot
         assert slot is not None
-        batch = self._batch
+        batch, page = self._batch, self._page
         batch.clear()
-        end = min(len(r.prompt), r.n_done + self._ctx.n_batch)
+        # pages start at multiples of PAGE: a token is always evaluated in the same batch
+        end = min(len(r.prompt), (r.n_done // page + 1) * page)
         last = len(r.prompt) - 1
         for pos in range(r.n_done, end):
             batch.add(r.prompt[pos], pos, slot.seq, pos == last)
         if not self._decode(batch, r):
-            return
+            return False
         slot.tokens.extend(r.prompt[r.n_done:end])
+        if slot.n_exact == r.n_done and r.n_done % page == 0 and end % page == 0:
+            slot.n_exact = end  # a whole page, evaluated on an exact prefix
         self.tokens_evaluated += end - r.n_done
         r.n_done = end
         self._report_progress(r)
         if end == len(r.prompt):
             r.t_first = time.perf_counter()
             self._sample(r, batch.n - 1)
+        return True
 
     def _report_progress(self, r: Request) -> None:
         if r.on_prompt_progress is None:

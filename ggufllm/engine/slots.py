@@ -8,6 +8,18 @@ Placing a prompt follows llama-server: the free slot whose cached tokens share
 the longest prefix with the prompt (when that prefix is at least a tenth of the
 prompt), else the least recently used free slot. A longer prefix held by a busy
 slot is shared with ``llama_memory_seq_cp`` (metadata only in a unified cache).
+Only a prefix whose K/V are exactly what a cold evaluation of the new prompt
+would compute is reused (``Slot.n_exact``). On this CPU build a token's K/V and
+logits depend on the shape of the batch it was evaluated in (the matmul kernels
+round differently for different row counts; measured in
+``benchmarks/batch_invariance.py`` and ``tests/test_engine_invariance.py``), so
+prompts are evaluated in pages: batches of ``PAGE`` tokens starting at multiples
+of ``PAGE`` (the last one shorter). A token is then always computed in the same
+batch, whatever was cached before it, and a cached answer equals a cold one.
+Whole pages of a prompt are exact; the last partial page and the generated
+tokens (decoded one row at a time) are not, and are evaluated again when a
+later prompt contains them.
+
 Before a prefix is reused, the sequence's smallest position is checked as
 llama-server does: a sliding-window layer may have dropped cells the next token
 still attends to, and then the prompt is evaluated again from the start.
@@ -30,10 +42,13 @@ from dataclasses import dataclass, field
 
 from .native import NativeContext
 
-__all__ = ["Slot", "SlotTable", "Placement", "EvictHook", "PlaceHook"]
+__all__ = ["Slot", "SlotTable", "Placement", "EvictHook", "PlaceHook", "PAGE", "reusable"]
 
 logger = logging.getLogger(__name__)
 
+# the unit of exact prompt reuse: prompts are evaluated in batches of PAGE tokens
+# from multiples of PAGE (64: little re-evaluation lost, small batches still fast on CPU)
+PAGE = 64
 # llama-server's slot-similarity threshold: reuse a slot for its prefix only when
 # the prefix is at least this share of the prompt (else take the LRU slot).
 _MIN_SIMILARITY = 0.10
@@ -46,12 +61,15 @@ class Slot:
     Attributes:
         seq: the llama.cpp sequence id.
         tokens: the tokens whose K/V the sequence holds, positions 0..len-1.
+        n_exact: how many leading tokens hold exactly the K/V a cold evaluation
+            of a prompt starting with them computes (a multiple of ``PAGE``).
         busy: a request is using it.
         last_used: a counter value (least recently used slots are evicted first).
     """
 
     seq: int
     tokens: list[int] = field(default_factory=list)
+    n_exact: int = 0
     busy: bool = False
     last_used: int = 0
 
@@ -67,6 +85,12 @@ class Placement:
 
 EvictHook = Callable[[Slot], None]
 PlaceHook = Callable[[Slot, Sequence[int], int], int]
+
+
+def reusable(slot: Slot, prompt: Sequence[int], limit: int) -> int:
+    """How many leading tokens of ``prompt`` ``slot`` holds exactly (a multiple of ``PAGE``)."""
+    n = common_prefix(slot.tokens, prompt, min(limit, slot.n_exact))
+    return n - n % PAGE
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -113,13 +137,14 @@ class SlotTable:
         slot, n = self._choose(free, prompt, limit)
         shared_from = None
         donor = max((s for s in self.slots if s.busy), default=None,
-                    key=lambda s: common_prefix(s.tokens, prompt, limit))
+                    key=lambda s: reusable(s, prompt, limit))
         if donor is not None:
-            n_donor = common_prefix(donor.tokens, prompt, limit)
+            n_donor = reusable(donor, prompt, limit)
             if n_donor > n:  # a running request holds a longer prefix: share its cells
                 self._drop(slot, 0)
                 self._ctx.seq_cp(donor.seq, slot.seq, 0, n_donor)
                 slot.tokens = list(prompt[:n_donor])
+                slot.n_exact = n_donor
                 n, shared_from = n_donor, donor.seq
         if n < len(slot.tokens):
             self._drop(slot, n)
@@ -136,12 +161,12 @@ class SlotTable:
         return Placement(slot, n, shared_from)
 
     def _choose(self, free: list[Slot], prompt: Sequence[int], limit: int) -> tuple[Slot, int]:
-        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt, limit), s.last_used))
-        n = common_prefix(best.tokens, prompt, limit)
+        best = max(free, key=lambda s: (reusable(s, prompt, limit), s.last_used))
+        n = reusable(best, prompt, limit)
         if n > 0 and n >= _MIN_SIMILARITY * len(prompt):
             return best, n
         lru = min(free, key=lambda s: (bool(s.tokens), s.last_used))  # empty slots first
-        return lru, common_prefix(lru.tokens, prompt, limit)
+        return lru, reusable(lru, prompt, limit)
 
     def _check_window(self, slot: Slot, n: int) -> int:
         """Keeps ``n`` cached tokens only if the cache still holds what the next token reads."""
@@ -195,6 +220,7 @@ class SlotTable:
             self._ctx.seq_rm(slot.seq, 0, -1)
             keep = 0
         del slot.tokens[keep:]
+        slot.n_exact = min(slot.n_exact, keep)
 
     def _touch(self, slot: Slot) -> None:
         self._clock += 1
