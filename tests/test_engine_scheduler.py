@@ -7,6 +7,7 @@ test instead of hanging the suite.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -150,8 +151,10 @@ def test_full_queue_raises_server_busy_at_call_time(small):
     waiting = small.stream(STORY, temperature=0.0, max_tokens=200)  # the queue holds 1
     with pytest.raises(ServerBusyError):
         small.stream(STORY, temperature=0.0, max_tokens=200)
-    info = small.get_model_info()["scheduler"]
-    assert info["max_queue"] == 1 and info["waiting"] <= 1
+    deadline = time.monotonic() + 60
+    while small.get_model_info()["scheduler"]["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert small.get_model_info()["scheduler"] == {"running": 2, "waiting": 1, "max_queue": 1}
     for s in running + [waiting]:
         s.close()
 
