@@ -106,7 +106,8 @@ class Engine:
         self._close_lock = threading.Lock()
         self._closed = False
         self.scheduler = Scheduler(self._ctx, self.slots, n_ctx_seq=self.n_ctx,
-                                   max_queue=options.max_queue, on_exit=self._free_native)
+                                   max_queue=options.max_queue, n_vocab=self._model.n_vocab,
+                                   on_exit=self._free_native)
 
     # -- facts ---------------------------------------------------------------
 

@@ -90,15 +90,17 @@ class Scheduler:
         slots: the slot table over ``ctx``'s sequences.
         n_ctx_seq: most tokens one request may hold (prompt + generated).
         max_queue: most requests waiting for a slot; one more is refused.
+        n_vocab: the vocabulary size (the repetition penalty needs it).
         on_exit: called by the thread once it stopped touching ``ctx`` (frees it).
     """
 
     def __init__(self, ctx: NativeContext, slots: SlotTable, *, n_ctx_seq: int,
-                 max_queue: int, on_exit: Callable[[], None]) -> None:
+                 max_queue: int, n_vocab: int, on_exit: Callable[[], None]) -> None:
         self._ctx = ctx
         self.slots = slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
+        self._n_vocab = n_vocab
         self._batch = Batch(max(ctx.n_batch, len(slots.slots)))
         # prompt pages per step: up to n_batch tokens, one llama_decode per page
         self._page = min(PAGE, ctx.n_batch)
@@ -266,7 +268,7 @@ class Scheduler:
         r.slot = slot
         r.n_done = r.n_cached = n_reuse
         r.t_start = time.perf_counter()
-        r.sampler = Sampler(r.cfg)
+        r.sampler = Sampler(r.cfg, self._n_vocab)
         r.sampler.accept(r.prompt)
         self._active.append(r)
 
@@ -288,7 +290,7 @@ class Scheduler:
         last = len(r.prompt) - 1
         for pos in range(r.n_done, end):
             batch.add(r.prompt[pos], pos, slot.seq, pos == last)
-        if not self._decode(batch, r):
+        if not self._decode(batch, [r]):
             return False
         slot.tokens.extend(r.prompt[r.n_done:end])
         if slot.n_exact == r.n_done and r.n_done % page == 0 and end % page == 0:
@@ -317,25 +319,26 @@ class Scheduler:
         for r in generating:
             slot = r.slot
             batch.add(r.next_token, len(slot.tokens), slot.seq, True)  # type: ignore[union-attr]
-        if not self._decode(batch, None):
+        if not self._decode(batch, generating):
             return
         for i, r in enumerate(generating):
             r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
             self._sample(r, i)
 
-    def _decode(self, batch: Batch, owner: Request | None) -> bool:
-        """llama_decode with eviction of idle slots when the pool is full."""
+    def _decode(self, batch: Batch, rows_of: list[Request]) -> bool:
+        """llama_decode, evicting idle slots while the pool is full; on failure the
+        requests in the batch fail (their slots hold only what ``Slot.tokens`` says,
+        and a later placement cuts any extra cells)."""
         while True:
             rc = self._ctx.decode(batch)
             if rc == 0:
                 return True
             if rc == 1 and self.slots.evict_one():
                 continue
-            victims = [owner] if owner is not None else [self._active[-1]]
             err = GgufllmError(f"llama_decode failed with code {rc}"
                                + (" (no free KV cells)" if rc == 1 else ""))
-            for v in victims:
-                self._fail(v, err)
+            for r in rows_of:
+                self._fail(r, err)
             return False
 
     def _sample(self, r: Request, index: int) -> None:
