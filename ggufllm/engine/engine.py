@@ -79,8 +79,9 @@ class Engine:
             without flash attention).
     """
 
-    def __init__(self, path: str, options: EngineOptions = EngineOptions(),
+    def __init__(self, path: str, options: EngineOptions | None = None,
                  progress: ProgressFn | None = None) -> None:
+        options = options or EngineOptions()
         self.summary: GGUFSummary = read_gguf_header(path)
         self.path = path
         self.options = options
