@@ -20,7 +20,7 @@ DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on th
 DOC_B = ("Mount Perrin is a volcano on the island of Tessaly. It last erupted in 1911, and its "
          "crater holds a green lake where flamingos nest. Farmers on its slopes grow coffee and "
          "lemons, and a narrow railway climbs to the rim every morning at seven. ") * 3
-QUESTIONS_A = ["Where is the festival held?", "Who baked the first loaf?", "What do visitors eat?"]
+QUESTIONS_A = ["Where is the festival held?", "Who baked the first loaf?"]
 
 
 def cold(svc: LLMService, question: str, context: str | None, **params) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from batch_invariance import PROMPTS, Bare, run, split_prompt  # noqa: E402
+from batch_invariance import PROMPTS, SPLIT_PROMPT, Bare, run, split_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +30,20 @@ def bare(default_gguf: Path) -> Iterator[Bare]:
 
 def test_decode_steps_shared_by_up_to_three_sequences_are_bit_identical(bare):
     prompts = [bare.tokenize(p) for p in PROMPTS[:4]]
-    alone = run(bare, prompts[:1], 12, "alone")
+    alone = run(bare, prompts[:1], 6, "alone")
     for n in (2, 3):
-        together = run(bare, prompts[:n], 12, "apart")
+        together = run(bare, prompts[:n], 6, "apart")
         assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
     # four rows: the repacked matmul takes its 4-row kernel, and the logits move
-    four = run(bare, prompts, 12, "apart")
+    four = run(bare, prompts, 6, "apart")
     assert not all(np.array_equal(a, b) for a, b in zip(alone, four, strict=True))
 
 
 def test_cutting_a_prompt_into_other_batches_changes_its_logits(bare):
-    tokens = bare.tokenize(" ".join(PROMPTS[:3]))
+    tokens = bare.tokenize(SPLIT_PROMPT)
     whole = split_prompt(bare, tokens, 0)
     assert np.array_equal(whole, split_prompt(bare, tokens, 0))  # deterministic
-    changed = [k for k in range(1, len(tokens)) if not np.array_equal(
-        whole, split_prompt(bare, tokens, k))]
     # not batch-invariant: why ggufllm evaluates prompts in fixed pages
-    assert changed, "llama.cpp became batch-invariant here: prompt pages could go"
+    assert any(not np.array_equal(whole, split_prompt(bare, tokens, k))
+               for k in range(1, len(tokens))), \
+        "llama.cpp became batch-invariant here: prompt pages could go"
