@@ -94,6 +94,32 @@ def test_tiny_gpt_oss_cache_hit_equals_cold_answer(tiny_gguf):
         svc.close()
 
 
+def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf):
+    """SWA_FULL=false: the windowed layers keep only a few hundred cells, so after a long
+    prompt the oldest positions are gone from them. A prefix cut back close to the end
+    (the window there is still cached) is reused; one cut back before the oldest cell the
+    next token needs must be evaluated again (llama-server's pos_min check)."""
+    # n_batch 64: the window cache holds pad256(n_swa + 64) = 256 cells, half the prompt
+    svc = LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1, swa_full=False,
+                     n_batch=64)
+    try:
+        svc.load()
+        q, params = "Who baked the first loaf?", dict(temperature=0.0, max_tokens=16)
+        long_doc, other_doc = DOC_A + DOC_B, DOC_A + DOC_A
+        expected_long, expected_other = cold(svc, q, long_doc, **params), \
+            cold(svc, q, other_doc, **params)
+        svc.clear_kv_cache()
+        svc.answer("What is this about?", long_doc, **params)
+        near = svc.answer(q, long_doc, **params)  # cut back near the end: window still there
+        assert near.timings.n_cached >= 256 and near.token_ids == expected_long
+        far = svc.answer(q, other_doc, **params)  # shares only DOC_A: cut back too far
+        kv = svc.get_model_info()["kv_cache"]
+        assert kv["swa_full"] is False and kv["window_resets"] >= 1
+        assert far.timings.n_cached == 0 and far.token_ids == expected_other
+    finally:
+        svc.close()
+
+
 # -- overflow -------------------------------------------------------------------
 
 
