@@ -22,9 +22,11 @@ to a sequence alone; from 4 rows on the CPU matmul switches kernels.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +40,15 @@ from .slots import PAGE, Slot, SlotTable
 __all__ = ["Request", "Scheduler", "Sink", "ProgressCallback"]
 
 logger = logging.getLogger(__name__)
+# schedulers still running at interpreter exit are stopped (and free their context)
+# before Python finalizes, not killed in the middle of a llama_decode
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for scheduler in list(_LIVE):
+        scheduler.close()
 
 class Scheduler:
     """Runs the decode loop of one context in its own thread.
@@ -72,6 +83,7 @@ class Scheduler:
         self.tokens_evaluated = 0
         self._thread = threading.Thread(target=self._run, name="ggufllm-scheduler", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # -- caller side (any thread) ----------------------------------------------
 
