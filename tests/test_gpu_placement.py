@@ -13,9 +13,7 @@ from ggufllm.config import load_settings
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.gpu.estimate import is_expert
-from ggufllm.gpu.placement import (GPU_MARGIN_BYTES, LoadReport, expert_patterns, observe_load,
-                                   plan_placement)
-
+from ggufllm.gpu.placement import GPU_MARGIN_BYTES, LoadReport, expert_patterns, observe_load, plan_placement
 
 
 def loaded_report(path, **kwargs) -> LoadReport:
