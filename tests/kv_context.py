@@ -11,7 +11,9 @@ import numpy as np
 from ggufllm.engine.kvcache import KV_TYPES
 from ggufllm.engine.native import NativeModel
 
-N_THREADS = 2  # fixed: the flash-attention kernel splits its work by thread count
+# Fixed thread counts: the flash-attention kernel splits a one-token decode by thread, so
+# restore measurements use 2; the rest use 1 (a loaded box makes 2 threads spin for long).
+N_THREADS = 1
 BATCH = 512
 
 _SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers, "
@@ -24,16 +26,17 @@ class RawContext:
     Args:
         model: the loaded model.
         n_ctx, n_seq, unified, swa_full, kv_type, flash_attn: the cache mode.
+        n_threads: threads of every decode.
     """
 
     def __init__(self, model: NativeModel, *, n_ctx: int, n_seq: int = 1, unified: bool = True,
-                 swa_full: bool = True, kv_type: str = "f16",
-                 flash_attn: bool | None = None) -> None:
+                 swa_full: bool = True, kv_type: str = "f16", flash_attn: bool | None = None,
+                 n_threads: int = N_THREADS) -> None:
         p = lib.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, BATCH, BATCH
         p.n_seq_max, p.kv_unified, p.swa_full = n_seq, unified, swa_full
         p.type_k = p.type_v = int(KV_TYPES[kv_type])
-        p.n_threads = p.n_threads_batch = N_THREADS
+        p.n_threads = p.n_threads_batch = n_threads
         p.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
                              else int(flash_attn))
         p.no_perf = True
@@ -71,7 +74,7 @@ class RawContext:
         logits = lib.llama_get_logits_ith(self.ptr, len(part) - 1)
         return np.ctypeslib.as_array(logits, shape=(self.model.n_vocab,)).copy()
 
-    def greedy(self, logits: np.ndarray, pos: int, seq: int = 0, n: int = 8) -> list[np.ndarray]:
+    def greedy(self, logits: np.ndarray, pos: int, seq: int = 0, n: int = 4) -> list[np.ndarray]:
         """The logits of ``n`` greedy steps from ``logits`` (the first included)."""
         out = [logits]
         for _ in range(n):
