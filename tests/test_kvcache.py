@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from ggufllm.engine.kvcache import (
     seq_state_set,
 )
 from ggufllm.engine.kvfile import KVCacheIdentity, load_prefixes, save_prefixes
+from ggufllm.engine.kvstore import KVStore
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header
 
@@ -81,7 +83,7 @@ def round_trip(ctx: RawContext, prompt: list[int], *, busy: list[int] | None = N
 
 
 def identical(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(a, b))
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # -- does a restore give the same logits? ---------------------------------------------
@@ -406,3 +408,61 @@ def test_a_failed_save_keeps_the_old_file(saved, tiny, tmp_path, monkeypatch):
         save_prefixes(target, [], identity_of(tiny))
     assert target.read_bytes() == before
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
+
+
+# -- the store the scheduler plugs in -------------------------------------------------
+
+
+@dataclass
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+
+
+def test_store_saves_an_evicted_slot_and_restores_it_into_another(tiny, tmp_path):
+    """A chat's next turn extends the whole evicted prefix: restored into slot 1 from RAM
+    (tiny gpt-oss, past its window, flash attention off), the logits equal a cold cache
+    fed the same batches; the file written then restores the same way."""
+    history, turn = random_prompt(120, 20), random_prompt(15, 21)
+    with RawContext(tiny, n_ctx=1024, n_seq=2, flash_attn=False) as ctx:
+        identity = identity_of(tiny, n_ctx=1024, n_seq=2)
+        store = KVStore(ctx.ptr, PrefixCache(8 * MiB, n_swa=8, flash_attn=False), identity)
+        ctx.decode(history, 0, 0)
+        store.on_evict(Slot(0, list(history)))
+        ctx.decode(random_prompt(50, 22), 0, 1)  # slot 1 holds something else
+        ctx.clear()
+        slot = Slot(1, [])
+        prompt = history + turn
+        assert store.on_place(slot, prompt, 0) == 120 and slot.tokens == history
+        warm = ctx.decode(turn, 120, 1)
+        ctx.clear()
+        ctx.decode(history, 0, 1)
+        assert np.array_equal(warm, ctx.decode(turn, 120, 1))
+        assert store.save(tmp_path / "s.kv", [Slot(1, prompt)]) == 2
+        fresh = KVStore(ctx.ptr, PrefixCache(8 * MiB, n_swa=8, flash_attn=False), identity)
+        assert fresh.load(tmp_path / "s.kv") == 2
+        ctx.clear()
+        slot = Slot(0, [])
+        assert fresh.on_place(slot, prompt + [5], 0) == len(prompt)
+        assert np.array_equal(ctx.decode([5], len(prompt), 0), store_cold(ctx, prompt + [5]))
+    assert store.stats()["ram_tokens_restored"] == 120
+
+
+def store_cold(ctx: RawContext, prompt: list[int]) -> np.ndarray:
+    ctx.clear()
+    ctx.decode(prompt[:-1], 0, 0)
+    return ctx.decode(prompt[-1:], len(prompt) - 1, 0)
+
+
+def test_store_falls_back_to_evaluating_when_a_restore_fails(tiny):
+    with RawContext(tiny, n_ctx=512, n_seq=2, flash_attn=False) as ctx:
+        store = KVStore(ctx.ptr, PrefixCache(MiB, n_swa=8, flash_attn=False), identity_of(tiny))
+        prompt = random_prompt(30, 30)
+        ctx.decode(prompt, 0, 0)
+        state = seq_state_get(ctx.ptr, 0)
+        store.cache.put(prompt, state[: len(state) // 2])  # a state that cannot load
+        slot = Slot(1, [1, 2, 3])
+        assert store.on_place(slot, prompt + [7], 0) == 0
+        assert slot.tokens == [] and ctx.pos_range(1) == (-1, -1)
+        assert ctx.pos_range(0) == (0, 29)
+    assert store.stats()["ram_restore_failures"] == 1

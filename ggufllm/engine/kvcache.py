@@ -114,8 +114,8 @@ class KVLayout:
     def bytes_per_token(self, kv_type: KVCacheType = "f16", *, window: bool) -> int:
         """K+V bytes of one cached token over the full-attention (or window) layers."""
         t = KV_TYPES[kv_type]
-        return sum(_row_bytes(t, k) + _row_bytes(t, v)
-                   for k, v, s in zip(self.n_embd_k, self.n_embd_v, self.swa) if s == window)
+        layers = zip(self.n_embd_k, self.n_embd_v, self.swa, strict=True)
+        return sum(_row_bytes(t, k) + _row_bytes(t, v) for k, v, s in layers if s == window)
 
 
 @dataclass(frozen=True)
