@@ -228,10 +228,11 @@ def usable_prefix(n_entry: int, n_common: int, n_swa: int) -> int:
     """How many tokens of a restored entry of ``n_entry`` tokens a prompt can keep when
     they share ``n_common`` tokens (0: restoring it does not help).
 
-    A restored sliding-window sequence holds only the last ``n_swa`` window cells, so it
-    can be cut back by at most one token (llama-server's ``pos_min`` rule).
+    A restored sliding-window sequence longer than the window holds only its last
+    ``n_swa`` window cells, so it is only of use whole: the window check before reuse
+    (llama-server's, the scheduler's) wants ``pos_min <= n_keep - n_swa``.
     """
-    if n_swa == 0 or n_entry <= n_swa or n_common >= n_entry - 1:
+    if n_swa == 0 or n_entry <= n_swa or n_common >= n_entry:
         return n_common
     return 0
 
