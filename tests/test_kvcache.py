@@ -419,41 +419,56 @@ def test_a_failed_save_keeps_the_old_file(saved, tiny, tmp_path, monkeypatch):
 class Slot:
     seq: int
     tokens: list[int] = field(default_factory=list)
+    n_exact: int = -1
+
+    def __post_init__(self) -> None:
+        if self.n_exact < 0:
+            self.n_exact = len(self.tokens)
 
 
 def test_store_saves_an_evicted_slot_and_restores_it_into_another(tiny, tmp_path):
-    """A chat's next turn extends the whole evicted prefix: restored into slot 1 from RAM
-    (tiny gpt-oss, past its window, flash attention off), the logits equal a cold cache
-    fed the same batches; the file written then restores the same way."""
-    history, turn = random_prompt(120, 20), random_prompt(15, 21)
+    """The scheduler's way: prompts evaluated in 64-token pages, only whole pages exact.
+    An evicted slot leaves its exact prefix (2 pages, past the tiny window, flash
+    attention off) in RAM; a prompt sharing it gets it restored into another slot, and the
+    logits equal a cold cache fed the same pages. The file written then does the same."""
+    history, turn = random_prompt(150, 20), random_prompt(15, 21)
+    prompt = history[:128] + turn
     with RawContext(tiny, n_ctx=1024, n_seq=2, flash_attn=False) as ctx:
         identity = identity_of(tiny, n_ctx=1024, n_seq=2)
-        store = KVStore(ctx.ptr, PrefixCache(8 * MiB, n_swa=8, flash_attn=False), identity)
-        ctx.decode(history, 0, 0)
-        store.on_evict(Slot(0, list(history)))
-        ctx.decode(random_prompt(50, 22), 0, 1)  # slot 1 holds something else
+
+        def store() -> KVStore:
+            return KVStore(ctx.ptr, PrefixCache(8 * MiB, n_swa=8, flash_attn=False, page=64),
+                           identity)
+
+        def paged(tokens: list[int], seq: int) -> None:
+            for start in range(0, len(tokens), 64):
+                ctx.decode(tokens[start:start + 64], start, seq)
+
+        def cold(tokens: list[int]) -> np.ndarray:
+            ctx.clear()
+            paged(tokens[:128], 1)
+            return ctx.decode(tokens[128:], 128, 1)
+
+        first = store()
+        paged(history, 0)
+        evicted = Slot(0, list(history), n_exact=128)  # the last partial page is not exact
+        first.on_evict(evicted)
+        assert evicted.tokens == history[:128] and ctx.pos_range(0)[1] == 127
+        ctx.decode(random_prompt(50, 22), 0, 1)  # slot 1 held something else
         ctx.clear()
         slot = Slot(1, [])
-        prompt = history + turn
-        assert store.on_place(slot, prompt, 0) == 120 and slot.tokens == history
-        warm = ctx.decode(turn, 120, 1)
-        ctx.clear()
-        ctx.decode(history, 0, 1)
-        assert np.array_equal(warm, ctx.decode(turn, 120, 1))
-        assert store.save(tmp_path / "s.kv", [Slot(1, prompt)]) == 2
-        fresh = KVStore(ctx.ptr, PrefixCache(8 * MiB, n_swa=8, flash_attn=False), identity)
-        assert fresh.load(tmp_path / "s.kv") == 2
-        ctx.clear()
-        slot = Slot(0, [])
-        assert fresh.on_place(slot, prompt + [5], 0) == len(prompt)
-        assert np.array_equal(ctx.decode([5], len(prompt), 0), store_cold(ctx, prompt + [5]))
-    assert store.stats()["ram_tokens_restored"] == 120
+        assert first.on_place(slot, prompt, 0) == 128
+        assert (slot.tokens, slot.n_exact) == (history[:128], 128)
+        assert np.array_equal(ctx.decode(turn, 128, 1), cold(prompt))
+        assert first.save(tmp_path / "s.kv", [Slot(1, list(prompt), n_exact=128)]) == 1
+        assert first.stats()["ram_tokens_restored"] == 128
 
-
-def store_cold(ctx: RawContext, prompt: list[int]) -> np.ndarray:
-    ctx.clear()
-    ctx.decode(prompt[:-1], 0, 0)
-    return ctx.decode(prompt[-1:], len(prompt) - 1, 0)
+        second = store()  # as in a new process
+        assert second.load(tmp_path / "s.kv") == 1
+        ctx.clear()
+        slot = Slot(1, [])
+        assert second.on_place(slot, prompt + [5], 0) == 128
+        assert np.array_equal(ctx.decode(turn + [5], 128, 1), cold(prompt + [5]))
 
 
 def test_store_falls_back_to_evaluating_when_a_restore_fails(tiny):

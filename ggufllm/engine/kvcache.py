@@ -293,13 +293,16 @@ class PrefixCache:
             nothing).
         n_swa: the model's sliding window (0: none).
         flash_attn: the context's flash-attention setting (None: llama.cpp decides).
+        page: a lookup keeps a multiple of this many tokens (the scheduler evaluates
+            prompts in pages and reuses whole pages only).
     """
 
-    def __init__(self, budget_bytes: int, *, n_swa: int = 0,
-                 flash_attn: bool | None = None) -> None:
+    def __init__(self, budget_bytes: int, *, n_swa: int = 0, flash_attn: bool | None = None,
+                 page: int = 1) -> None:
         self.budget = budget_bytes
         self.n_swa = n_swa
         self.flash_attn = flash_attn
+        self.page = page
         self._entries: OrderedDict[bytes, CachedPrefix] = OrderedDict()  # oldest first
         self._bytes = 0
         self._hits = self._misses = self._evictions = self._refused = 0
@@ -346,7 +349,7 @@ class PrefixCache:
 
         Returns:
             ``(entry, n_keep)``: restore ``entry`` and keep its first ``n_keep`` tokens
-            (at most ``len(tokens) - 1``); or None (a miss).
+            (at most ``len(tokens) - 1``, a multiple of ``page``); or None (a miss).
         """
         prompt = as_tokens(tokens)
         limit = len(prompt) - 1  # the last prompt token is evaluated for its logits
@@ -354,6 +357,7 @@ class PrefixCache:
             best: tuple[CachedPrefix, int] | None = None
             for entry in self._entries.values():
                 n_common = min(common_prefix(entry.tokens, prompt), limit)
+                n_common -= n_common % self.page
                 n_keep = usable_prefix(len(entry.tokens), n_common, self.n_swa)
                 if n_keep >= max(min_tokens, 1) and (best is None or n_keep > best[1]):
                     best = (entry, n_keep)

@@ -31,10 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 class SlotLike(Protocol):
-    """What the store needs of a slot: its sequence id and the tokens it holds."""
+    """What the store needs of a slot: its sequence id, the tokens it holds, and how many
+    of them hold exactly the K/V a cold evaluation computes (whole prompt pages)."""
 
     seq: int
     tokens: list[int]
+    n_exact: int
 
 
 class KVStore:
@@ -49,6 +51,7 @@ class KVStore:
     def __init__(self, ctx: lib.llama_context_p, cache: PrefixCache,
                  identity: KVCacheIdentity) -> None:
         self._ctx = ctx
+        self._n_swa = cache.n_swa
         self._mem = lib.llama_get_memory(ctx)
         self.cache = cache
         self.identity = identity
@@ -58,8 +61,13 @@ class KVStore:
     # -- the two hooks ---------------------------------------------------------
 
     def on_evict(self, slot: SlotLike) -> None:
-        """Saves what ``slot`` holds before the scheduler cuts it back."""
-        if self.cache.budget and self.cache.accepts(len(slot.tokens)):
+        """Saves the exact prefix of ``slot`` before the scheduler cuts it back.
+
+        The scheduler cuts a slot back to at most its exact prefix (``n_exact``), so the
+        tokens past it (a last partial page, generated tokens) are dropped here first:
+        only what a cold evaluation would compute goes to the RAM cache.
+        """
+        if self.cache.budget and self.cache.accepts(slot.n_exact):
             self.keep(slot)
 
     def on_place(self, slot: SlotLike, prompt: Sequence[int], n_reuse: int) -> int:
@@ -81,13 +89,29 @@ class KVStore:
         if n_keep < len(entry.tokens):
             lib.llama_memory_seq_rm(self._mem, slot.seq, n_keep, -1)
         slot.tokens = entry.tokens[:n_keep].tolist()
+        slot.n_exact = n_keep
         self.tokens_restored += n_keep
         return n_keep
 
     def keep(self, slot: SlotLike) -> bool:
-        """Copies ``slot``'s state into the RAM cache (False: not kept)."""
-        if not slot.tokens:
+        """Cuts ``slot`` back to its exact prefix and copies that into the RAM cache.
+
+        Returns:
+            False if nothing was kept (nothing exact, a window that no longer holds
+            what the prefix's next token reads, or the cache refused it).
+        """
+        n = slot.n_exact
+        if n <= 0:
             return False
+        if len(slot.tokens) > n:
+            lib.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
+            del slot.tokens[n:]
+        pos_min = lib.llama_memory_seq_pos_min(self._mem, slot.seq)
+        pos_max = lib.llama_memory_seq_pos_max(self._mem, slot.seq)
+        # the window check the scheduler makes before reusing a prefix (llama-server's)
+        needed_from = max(0, n - self._n_swa) if self._n_swa else 0
+        if pos_max != n - 1 or not 0 <= pos_min <= needed_from:
+            return False  # a sliding window already dropped cells this prefix needs
         try:
             state = seq_state_get(self._ctx, slot.seq)
         except RuntimeError:
@@ -98,7 +122,8 @@ class KVStore:
     # -- files -------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str], slots: Iterable[SlotLike] = ()) -> int:
-        """Writes the RAM cache, after adding what ``slots`` hold, to ``path`` atomically.
+        """Writes the RAM cache, after adding the exact prefixes ``slots`` hold (idle
+        ones: each is cut back to it), to ``path`` atomically.
 
         Returns:
             How many prefixes the file holds.
@@ -107,7 +132,7 @@ class KVStore:
             OSError: the file could not be written (an existing file is unchanged).
         """
         for slot in slots:
-            if self.cache.accepts(len(slot.tokens)):
+            if self.cache.accepts(slot.n_exact):
                 self.keep(slot)
         entries = self.cache.entries()
         save_prefixes(path, entries, self.identity)
