@@ -53,16 +53,14 @@ def bare_loop(model_path: str, prompt: list[int], n_tokens: int, n_ctx: int) -> 
 def ggufllm_stream(service: LLMService, n_tokens: int) -> tuple[float, int]:
     """ggufllm's public streaming call; returns (tokens/s, tokens generated)."""
     service.clear_gpu_cache()
-    first = last = 0.0
-    n = 0
+    timings = None
     for chunk in service.stream(PROMPT, temperature=0.0, max_tokens=n_tokens, stop=()):
-        if chunk.token_ids:
-            n += len(chunk.token_ids)
-            last = time.perf_counter()
-            if n == 1:
-                first = last
-    # like the bare loop, count the time from the first sampled token to the last
-    return (n - 1) / (last - first), n
+        timings = chunk.timings or timings
+    assert timings is not None
+    # like the bare loop, count from the first sampled token to the last, as the scheduler
+    # thread saw them (the consumer thread may read them later, in bunches)
+    n = timings.n_generated
+    return (n - 1) / timings.decode_s, n
 
 
 def main() -> None:

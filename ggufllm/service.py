@@ -1,11 +1,13 @@
 """LLMService: the public API, compatible with the service ggufllm replaces.
 
-Every call is a fold over :meth:`ggufllm.engine.Engine.stream`:
+Every call becomes one request to the engine's scheduler thread (the only code
+that touches the llama.cpp context); requests from many threads or tasks are
+decoded together:
 
-- :meth:`LLMService.stream` yields chunks (sync);
+- :meth:`LLMService.stream` returns an iterator of chunks (sync);
 - :meth:`LLMService.answer` / :meth:`generate_answer` fold them into an answer;
-- :meth:`LLMService.astream` / :meth:`generate_answer_with_streaming` run the
-  same generator in a worker thread and hand chunks to the event loop.
+- :meth:`LLMService.astream` / :meth:`generate_answer_with_streaming` receive the
+  same chunks on the event loop (``call_soon_threadsafe``, no thread per request).
 """
 
 from __future__ import annotations
@@ -14,27 +16,26 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from .chunks import Answer, Chunk
 from .config import GenerationConfig, Settings, load_settings
 from .engine import Engine, EngineOptions
+from .engine.fit import RagQuestion, fit_prompt
 from .engine.native import ProgressFn
+from .engine.prompt import Prompt
+from .engine.scheduler import ProgressCallback
+from .engine.streams import async_chunks, async_sink
 from .errors import InvalidParameterError, LoadCancelledError, ServiceClosedError
 from .gpu import gpu_info
-from .harmony import Turn, rag_user_message
+from .harmony import Turn
 from .resolve import ResolvedModel, quantization_of, resolve_model
 
 __all__ = ["LLMService"]
 
 logger = logging.getLogger(__name__)
-_DONE = object()
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 class LLMService:
@@ -68,41 +69,53 @@ class LLMService:
     def load(self, progress: ProgressFn | None = None) -> None:
         """Loads the model (blocking). A no-op when it is already loaded.
 
+        A :meth:`cancel_load` that comes before the load starts cancels it too.
+
         Raises:
-            ModelNotFoundError, ModelLoadError, LoadCancelledError, ServiceClosedError.
+            ModelNotFoundError, ModelLoadError, LoadCancelledError, ServiceClosedError,
+            ConfigError (settings that cannot make a context).
         """
         with self._load_lock:
-            self._check_open()
-            if self._engine is not None:
-                return
-            s = self.settings
-            resolved = resolve_model(self.model_path, env_path=s.llm_model_path,
-                                     use_quantization=s.use_quantization,
-                                     load_in_8bit=s.load_in_8bit, load_in_4bit=s.load_in_4bit)
-            self._cancel_load.clear()
-            user_progress = progress or self._progress
+            try:
+                self._check_open()
+                if self._engine is None:
+                    self._load(progress or self._progress)
+            finally:
+                self._cancel_load.clear()  # a cancel is consumed by the load it stopped
 
-            def on_progress(fraction: float) -> bool:
-                if self._cancel_load.is_set():
-                    return False
-                return user_progress(fraction) is not False if user_progress else True
+    def _load(self, user_progress: ProgressFn | None) -> None:
+        s = self.settings
+        resolved = resolve_model(self.model_path, env_path=s.llm_model_path,
+                                 use_quantization=s.use_quantization,
+                                 load_in_8bit=s.load_in_8bit, load_in_4bit=s.load_in_4bit)
 
-            options = EngineOptions(n_ctx=s.max_length, n_gpu_layers=s.n_gpu_layers,
-                                    n_threads=s.n_threads, n_batch=s.n_batch,
-                                    flash_attn=s.flash_attn)
+        def on_progress(fraction: float) -> bool:
             if self._cancel_load.is_set():
-                raise LoadCancelledError(str(resolved.path))
-            self._engine = Engine(str(resolved.path), options, on_progress)
-            self._resolved = resolved
-            logger.info("loaded %s (%s prompts, n_ctx=%d)", resolved.path,
-                        self._engine.prompt_kind.value, self._engine.n_ctx)
+                return False
+            return user_progress(fraction) is not False if user_progress else True
+
+        if self._cancel_load.is_set():
+            raise LoadCancelledError(str(resolved.path))
+        self._engine = Engine(str(resolved.path), self._engine_options(), on_progress)
+        self._resolved = resolved
+        logger.info("loaded %s (%s prompts, n_ctx=%d, %d slots)", resolved.path,
+                    self._engine.prompt_kind.value, self._engine.n_ctx, s.n_parallel)
+
+    def _engine_options(self) -> EngineOptions:
+        s = self.settings
+        return EngineOptions(
+            n_ctx=s.max_length, n_gpu_layers=s.n_gpu_layers, n_threads=s.n_threads,
+            n_batch=s.n_batch, flash_attn=s.flash_attn, n_parallel=s.n_parallel,
+            max_queue=s.max_queue, kv_cache_type=s.kv_cache_type,
+            kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full, cpu_moe=s.cpu_moe,
+            n_cpu_moe=s.n_cpu_moe)
 
     async def load_model(self, progress: ProgressFn | None = None) -> None:
         """Loads the model in a worker thread, without blocking the event loop."""
         await asyncio.to_thread(self.load, progress)
 
     def cancel_load(self) -> None:
-        """Cancels a load in progress (it raises :class:`LoadCancelledError`)."""
+        """Cancels a load in progress, or the next one (it raises :class:`LoadCancelledError`)."""
         self._cancel_load.set()
 
     @property
@@ -158,45 +171,67 @@ class LLMService:
             self._close_engine()
         self.settings = updated
 
-    def _prepare(self, turns: Sequence[Turn], params: dict[str, Any]) -> tuple[Engine, Any, GenerationConfig]:
+    def _prepare(self, turns: Sequence[Turn], params: dict[str, Any], instructions: str | None,
+                 rag: RagQuestion | None = None) -> tuple[Engine, Prompt, GenerationConfig]:
         cfg = self._generation.updated(**params)
+        if instructions is not None and not isinstance(instructions, str):
+            raise InvalidParameterError("instructions must be a string or None", "instructions")
         engine = self._ensure_engine()
-        prompt = engine.prompts.build(turns, cfg)
+        prompt, cfg = fit_prompt(engine, turns, cfg, instructions, rag)
         engine.check_budget(prompt, cfg)
         return engine, prompt, cfg
 
     @staticmethod
-    def _question_turns(question: str, context: str | None) -> list[Turn]:
+    def _rag(question: str, context: str | None) -> RagQuestion:
         if not isinstance(question, str) or not question.strip():
             raise InvalidParameterError("question must be a non-empty string", "question")
         if context is not None and not isinstance(context, str):
             raise InvalidParameterError("context must be a string or None", "context")
-        return [Turn("user", rag_user_message(question, context))]
+        return RagQuestion(question, context)
 
     # -- generation: sync ----------------------------------------------------
 
-    def chat_stream(self, turns: Sequence[Turn], **params: Any) -> Iterator[Chunk]:
-        """Streams the reply to a conversation whose last turn is the user's."""
-        engine, prompt, cfg = self._prepare(turns, params)
-        return engine.stream(prompt, cfg)
+    def chat_stream(self, turns: Sequence[Turn], *, instructions: str | None = None,
+                    on_prompt_progress: ProgressCallback | None = None,
+                    **params: Any) -> Iterator[Chunk]:
+        """Streams the reply to a conversation whose last turn is the user's.
 
-    def stream(self, question: str, context: str | None = None, **params: Any) -> Iterator[Chunk]:
+        See :meth:`stream`; ``overflow="drop_oldest_turns"`` drops the oldest turns
+        of a conversation that outgrew the window.
+        """
+        engine, prompt, cfg = self._prepare(turns, params, instructions)
+        return engine.stream(prompt, cfg, on_prompt_progress)
+
+    def stream(self, question: str, context: str | None = None, *,
+               instructions: str | None = None,
+               on_prompt_progress: ProgressCallback | None = None,
+               **params: Any) -> Iterator[Chunk]:
         """Streams the answer as chunks (answer text on channel ``final``).
+
+        The request is queued at once and decoded by the scheduler thread, together
+        with other requests; close the iterator (or drop it) to cancel it.
 
         Args:
             question: the user's question.
-            context: retrieved passages (RAG), or None.
+            context: retrieved passages (RAG), or None. They come before the
+                question in the prompt, so follow-up questions reuse their KV cache.
+            instructions: developer/system instructions (None: the default).
+            on_prompt_progress: called with (prompt tokens evaluated or reused,
+                prompt length) after each prompt chunk, from the scheduler thread.
             **params: generation parameters for this call (``max_tokens``,
-                ``temperature``, ``top_p``, ``top_k``, ``reasoning_effort``...).
+                ``temperature``, ``top_p``, ``top_k``, ``seed``, ``overflow``...).
 
         Raises:
-            InvalidParameterError, ContextLengthExceededError: before decoding.
+            InvalidParameterError, ContextLengthExceededError, ServerBusyError,
+            ServiceClosedError: at call time, before any decoding.
         """
-        return self.chat_stream(self._question_turns(question, context), **params)
+        engine, prompt, cfg = self._prepare([], params, instructions, self._rag(question, context))
+        return engine.stream(prompt, cfg, on_prompt_progress)
 
     def answer(self, question: str, context: str | None = None, **params: Any) -> Answer:
         """The whole answer, with the reasoning apart and how generation ended."""
-        return Answer.from_chunks(self.stream(question, context, **params))
+        with closing(self.stream(question, context, **params)) as chunks:
+            return Answer.from_chunks(chunks)
 
     def generate_answer(self, question: str, context: str | None = None,
                         max_tokens: int | None = None, temperature: float | None = None,
@@ -207,56 +242,45 @@ class LLMService:
 
     # -- generation: async ---------------------------------------------------
 
-    async def achat_stream(self, turns: Sequence[Turn], **params: Any) -> AsyncIterator[Chunk]:
-        """Async twin of :meth:`chat_stream`: the decode loop runs in a worker thread.
+    async def achat_stream(self, turns: Sequence[Turn], *, instructions: str | None = None,
+                           on_prompt_progress: ProgressCallback | None = None,
+                           **params: Any) -> AsyncIterator[Chunk]:
+        """Async twin of :meth:`chat_stream`; errors are raised at the first ``__anext__``.
 
-        Leaving the ``async for`` early (or cancelling the task) stops decoding
-        at the next token and frees the model.
+        Leaving the ``async for`` early (or cancelling the task) cancels the
+        request at the scheduler's next step.
         """
+        async for chunk in self._astream(turns, params, instructions, on_prompt_progress):
+            yield chunk
+
+    async def _astream(self, turns: Sequence[Turn], params: dict[str, Any],
+                       instructions: str | None, on_prompt_progress: ProgressCallback | None,
+                       rag: RagQuestion | None = None) -> AsyncIterator[Chunk]:
         if self._engine is None:
             await self.load_model()
-        engine, prompt, cfg = self._prepare(turns, params)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        engine, prompt, cfg = self._prepare(turns, params, instructions, rag)
         cancel = threading.Event()
+        sink, queue = async_sink(cancel)
+        engine.submit(prompt, cfg, sink, on_prompt_progress, cancel)
+        async for chunk in async_chunks(queue, cancel):
+            yield chunk
 
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                cancel.set()
-
-        def produce() -> None:
-            try:
-                for chunk in engine.stream(prompt, cfg, cancel):
-                    put(chunk)
-            except BaseException as exc:  # handed to the consumer, raised there
-                put(_Failure(exc))
-            finally:
-                put(_DONE)
-
-        threading.Thread(target=produce, name="ggufllm-decode", daemon=True).start()
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            cancel.set()
-
-    async def astream(self, question: str, context: str | None = None,
+    async def astream(self, question: str, context: str | None = None, *,
+                      instructions: str | None = None,
+                      on_prompt_progress: ProgressCallback | None = None,
                       **params: Any) -> AsyncIterator[Chunk]:
         """Async twin of :meth:`stream`."""
-        turns = self._question_turns(question, context)
-        async for chunk in self.achat_stream(turns, **params):
+        rag = self._rag(question, context)
+        async for chunk in self._astream([], params, instructions, on_prompt_progress, rag):
             yield chunk
 
     async def aanswer(self, question: str, context: str | None = None, **params: Any) -> Answer:
         """Async twin of :meth:`answer`."""
-        return Answer.from_chunks([c async for c in self.astream(question, context, **params)])
+        chunks = self.astream(question, context, **params)
+        try:
+            return Answer.from_chunks([c async for c in chunks])
+        finally:
+            await chunks.aclose()
 
     async def generate_answer_with_streaming(self, question: str, context: str | None = None,
                                              max_tokens: int | None = None,
@@ -270,15 +294,27 @@ class LLMService:
 
     # -- memory and info -----------------------------------------------------
 
+    def clear_kv_cache(self) -> int:
+        """Drops the prefixes cached in idle slots (running requests keep theirs).
+
+        Returns:
+            How many cached tokens were dropped.
+        """
+        engine = self._engine
+        return engine.clear_cache() if engine is not None else 0
+
     def clear_gpu_cache(self) -> None:
-        """Empties the KV cache (on the GPU when layers are offloaded)."""
-        if self._engine is not None:
-            self._engine.clear_cache()
+        """Empties the KV cache (on the GPU when layers are offloaded): :meth:`clear_kv_cache`."""
+        self.clear_kv_cache()
 
     def get_model_info(self) -> dict[str, Any]:
         """Facts about the model and the device, as the seed service reported them.
 
-        GB figures are 0 on a CPU-only build.
+        GB figures are 0 on a CPU-only build. Once loaded, ``kv_cache`` says what the
+        KV cache holds and costs (``n_ctx`` per request, ``n_ctx_pool`` cells in all,
+        ``n_parallel`` slots, ``bytes``, ``hits``/``misses``, ``tokens_reused`` vs
+        ``tokens_evaluated``, ``tokens_in_use``, ``prefixes_in_slots``) and
+        ``scheduler`` how many requests run and wait.
         """
         engine, resolved = self._engine, self._resolved
         gpu = gpu_info()
@@ -298,10 +334,16 @@ class LLMService:
                 model_name=meta.get("general.name") or resolved.path.stem,
                 model_path=str(resolved.path), architecture=engine.summary.architecture,
                 quantization=_quantization_name(resolved.path, file_type),
-                n_ctx=engine.n_ctx, n_params=engine.model.n_params,
-                model_size_gb=round(engine.model.size_bytes / 1e9, 3),
-                prompt_format=engine.prompt_kind.value, source=resolved.source,
+                n_ctx=engine.n_ctx, prompt_format=engine.prompt_kind.value,
+                source=resolved.source,
             )
+            try:
+                facts = engine.model_facts()
+                info.update(n_params=facts["n_params"],
+                            model_size_gb=round(facts["size_bytes"] / 1e9, 3),
+                            kv_cache=engine.kv_cache_info(), scheduler=engine.scheduler.counts())
+            except ServiceClosedError:  # closed meanwhile by another thread
+                info["loaded"] = False
         return info
 
     # -- lifecycle -----------------------------------------------------------
@@ -312,13 +354,14 @@ class LLMService:
             engine.close()
 
     def close(self) -> None:
-        """Frees the model; further calls raise :class:`ServiceClosedError`."""
+        """Cancels running and waiting requests (they end with reason ``cancelled``),
+        then frees the model; further calls raise :class:`ServiceClosedError`."""
         with self._load_lock:
             self._closed = True
             self._close_engine()
 
     async def cleanup(self) -> None:
-        """Async :meth:`close` (waits for a running generation in a worker thread)."""
+        """Async :meth:`close` (waits for the decode step in flight in a worker thread)."""
         await asyncio.to_thread(self.close)
 
     def __enter__(self) -> LLMService:

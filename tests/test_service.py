@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,26 +53,83 @@ def test_answer_object_reports_how_it_ended(service):
     assert a.reasoning == ""  # a model without channels writes no reasoning
 
 
-def test_abandoned_stream_frees_the_model_at_once(service):
+def wait_idle(svc: LLMService, timeout: float = 60.0) -> float:
+    """Seconds until no request runs or waits (fails past ``timeout``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        sched = svc.get_model_info()["scheduler"]
+        if sched["running"] == 0 and sched["waiting"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"the scheduler is still busy after {timeout} s")
+
+
+def most_cached_tokens(svc: LLMService) -> int:
+    return max(len(s.tokens) for s in svc._engine.slots.slots)
+
+
+def test_abandoned_stream_is_cancelled_at_once(service):
     expected = service.generate_answer(QUESTIONS[5], **GREEDY)
+    service.clear_kv_cache()
     stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
-                            max_tokens=200)
+                            max_tokens=400)
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    assert not service._engine._lock.locked()
+    wait_idle(service)
+    # cancelled within a few steps, far from its 400-token budget
+    assert most_cached_tokens(service) < 20 + 30
     assert service.generate_answer(QUESTIONS[5], **GREEDY) == expected
 
 
-def test_threads_are_serialized_and_match_single_threaded_outputs(service):
-    single = {q: service.generate_answer(q, **GREEDY) for q in QUESTIONS}
+def test_dropped_stream_is_cancelled(service):
+    service.clear_kv_cache()
+    stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
+                            max_tokens=400)
+    next(stream)
+    del stream
+    gc.collect()
+    wait_idle(service)
+    assert most_cached_tokens(service) < 20 + 30
+
+
+def test_closed_stream_ends_with_reason_cancelled(service):
+    stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
+                            max_tokens=400)
+    next(stream)
+    stream.close()
+    assert list(stream) == []  # closed: nothing more
+
+
+def test_concurrent_threads_start_like_sequential_answers(service):
+    """What holds exactly on this CPU build (README, "Exactness"): a prompt is evaluated in
+    batches of its own, so the first token of every answer equals the sequential one; later
+    tokens come from decode steps shared with other requests, whose logits can move slightly."""
+    single = {q: service.answer(q, **GREEDY) for q in QUESTIONS}
     jobs = [QUESTIONS[(t + k) % len(QUESTIONS)] for t in range(8) for k in range(3)]
+    peak = [0]
+
+    def ask(q: str) -> tuple[str, Answer]:
+        peak[0] = max(peak[0], service.get_model_info()["scheduler"]["running"])
+        return q, service.answer(q, **GREEDY)
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda q: (q, service.generate_answer(q, **GREEDY)), jobs))
-    assert len(results) == 24
+        results = list(pool.map(ask, jobs))
+    assert len(results) == 24 and peak[0] >= 2
     for q, answer in results:
-        assert answer == single[q]
+        assert answer.token_ids[0] == single[q].token_ids[0]
+        assert answer.finish_reason in ("stop", "length") and answer.text
+    same = sum(a.token_ids == single[q].token_ids for q, a in results)
+    assert same >= 12  # measured: 23 or 24 of 24 at 3-4 slots
+
+
+def test_concurrent_requests_all_finish_with_eight_slots(default_gguf):
+    with LLMService(default_gguf, max_length=512, n_parallel=8) as svc:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda q: svc.answer(q, **GREEDY), QUESTIONS))
+    assert all(a.finish_reason in ("stop", "length") and a.text for a in answers)
+    assert "Paris" in answers[0].text
 
 
 def test_async_streaming_matches_blocking_answer(service):
@@ -83,47 +142,62 @@ def test_async_streaming_matches_blocking_answer(service):
     assert asyncio.run(collect()) == expected
 
 
-def test_async_tasks_are_serialized(service):
+def test_async_tasks_run_together(service):
     single = {q: service.generate_answer(q, **GREEDY) for q in QUESTIONS[:4]}
 
     async def main() -> list[Answer]:
         return await asyncio.gather(*(service.aanswer(q, **GREEDY) for q in QUESTIONS[:4]))
 
     answers = asyncio.run(main())
-    assert [a.text for a in answers] == [single[q] for q in QUESTIONS[:4]]
+    assert [a.text.split()[0] for a in answers] == [single[q].split()[0] for q in QUESTIONS[:4]]
 
 
 def test_cancelled_async_stream_frees_the_model(service):
     expected = service.generate_answer(QUESTIONS[1], **GREEDY)
+    service.clear_kv_cache()
+    seen = 0
 
     async def main() -> None:
+        nonlocal seen
+
         async def consume() -> None:
+            nonlocal seen
             async for _ in service.astream("Tell me a long story.", temperature=0.0,
                                            max_tokens=500):
-                await asyncio.sleep(0)
+                seen += 1
+                if seen == 3:
+                    started.set()
 
+        started = asyncio.Event()
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.3)
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # the next call waits at most for the token in flight
+        await asyncio.to_thread(wait_idle, service)
         assert (await service.aanswer(QUESTIONS[1], **GREEDY)).text == expected
 
     asyncio.run(main())
+    assert seen >= 3
 
 
 def test_broken_async_for_stops_decoding(service):
+    service.clear_kv_cache()
+
     async def main() -> int:
         n = 0
-        async for _chunk in service.astream("Count from one to one hundred.", temperature=0.0,
-                                           max_tokens=300):
+        chunks = service.astream("Count from one to one hundred.", temperature=0.0,
+                                 max_tokens=300)
+        async for _chunk in chunks:
             n += 1
             if n == 2:
                 break
+        await chunks.aclose()
+        await asyncio.to_thread(wait_idle, service)
         return n
 
     assert asyncio.run(main()) == 2
+    assert most_cached_tokens(service) < 20 + 30  # stopped long before 300 tokens
     assert service.generate_answer(QUESTIONS[0], **GREEDY)
 
 
@@ -184,12 +258,22 @@ def test_clear_gpu_cache_keeps_results(service):
     assert service.generate_answer(QUESTIONS[2], **GREEDY) == expected
 
 
+DOCUMENT = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
+            "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
+            "cartwheel. Today visitors race wooden boats, eat plum cake and crown a Bread "
+            "Queen, and the town's brass band plays until midnight on the old stone bridge. ") * 2
+
+
 def test_second_call_reuses_the_cached_prefix(service):
     service.clear_gpu_cache()
-    first = service.answer("What is the capital of France?", "Paris is in France.", **GREEDY)
-    second = service.answer("What is the capital of Italy?", "Paris is in France.", **GREEDY)
+    first = service.answer("Where is the festival held?", DOCUMENT, **GREEDY)
+    second = service.answer("Who baked the first loaf?", DOCUMENT, **GREEDY)
     assert first.timings.n_cached == 0
-    assert second.timings.n_cached > 5
+    # whole 64-token pages of the shared document are reused
+    assert second.timings.n_cached >= 64 and second.timings.n_cached % 64 == 0
+    assert second.timings.n_cached < second.timings.n_prompt
+    kv = service.get_model_info()["kv_cache"]
+    assert kv["hits"] >= 1 and kv["tokens_reused"] >= second.timings.n_cached
 
 
 def test_closed_service_raises(default_gguf):
@@ -292,3 +376,14 @@ def test_stop_strings_cut_the_answer(service):
     cut = service.answer("Why is the sky blue?", stop=("because",), **GREEDY)
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.index("because")]
+
+
+def test_cancel_load_before_the_load_starts_is_not_lost(default_gguf):
+    svc = LLMService(default_gguf, max_length=256)
+    svc.cancel_load()
+    with pytest.raises(LoadCancelledError):
+        svc.load()
+    assert not svc.is_loaded
+    svc.load()  # the cancel was consumed by the load it stopped
+    assert svc.is_loaded
+    svc.close()

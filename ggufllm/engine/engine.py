@@ -1,29 +1,38 @@
-"""The engine: one loaded model, one context, one lock, one decode loop.
+"""The engine: one loaded model, one context, and the scheduler thread that owns it.
 
-:meth:`Engine.stream` is the only decode loop in ggufllm. It yields
-:class:`~ggufllm.chunks.Chunk` values; everything else (the blocking answer,
-the async stream, the CLI, the server) is a fold over it.
+:meth:`Engine.submit` hands a prompt to the :class:`~.scheduler.Scheduler`, the
+only code that calls ``llama_decode``; :meth:`Engine.stream` wraps it in a plain
+iterator of :class:`~ggufllm.chunks.Chunk` values. Everything else (the
+blocking answer, the async stream, the CLI, the server) is a fold over those
+chunks.
 
-The KV cache keeps the tokens of the last call; the next call evaluates only
-what differs from that prefix (a RAG app that asks several questions over the
-same system prompt pays for it once).
+The KV cache is one unified pool of ``n_ctx_seq x n_parallel`` cells (unless
+``kv_cache_tokens`` says otherwise) shared by ``n_parallel`` sequences. A new
+prompt goes to the slot whose cached tokens share its longest prefix; only the
+rest is evaluated (a RAG app asking several questions over one document pays
+for the document once).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from ..chunks import Chunk, FinishReason, Timings
-from ..config import GenerationConfig
+from ..config import GenerationConfig, KVCacheType
 from ..errors import ContextLengthExceededError, InvalidParameterError, ServiceClosedError
 from ..gguf_file import GGUFSummary, read_gguf_header
-from .native import NativeContext, NativeModel, ProgressFn, Sampler
+from ..harmony import Turn
+from .kvsize import kv_cache_bytes
+from .native import NativeContext, NativeModel, ProgressFn
 from .output import HarmonyReader, OutputReader, TextReader
 from .prompt import Prompt, PromptBuilder, PromptKind
+from .scheduler import ProgressCallback, Request, Scheduler, Sink
+from .slots import SlotTable
+from .streams import ChunkStream
 
 __all__ = ["Engine", "EngineOptions"]
 
@@ -32,25 +41,42 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to load a model (validated upstream by :class:`~ggufllm.config.Settings`)."""
+    """How to load a model (validated upstream by :class:`~ggufllm.config.Settings`).
+
+    ``n_ctx`` is the window of one request (``MAX_LENGTH``); the KV pool holds
+    ``kv_cache_tokens`` cells, by default ``n_ctx x n_parallel``.
+    """
 
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     n_threads: int | None = None
     n_batch: int = 512
     flash_attn: bool | None = None
+    n_parallel: int = 4
+    max_queue: int = 64
+    kv_cache_type: KVCacheType = "f16"
+    kv_cache_tokens: int | None = None
+    swa_full: bool = True
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.kv_cache_tokens or self.n_ctx * self.n_parallel
 
 
 class Engine:
-    """Owns a loaded model and its context; thread-safe through one lock.
+    """Owns a loaded model, its context and the scheduler thread; thread-safe.
 
     Args:
         path: the GGUF file; its header is checked before llama.cpp sees it.
-        options: context and offload settings.
+        options: context, concurrency and offload settings.
         progress: load progress callback (0..1); returning False cancels.
 
     Raises:
         ModelLoadError: the file is not a usable GGUF (or the load was cancelled).
+        ConfigError: the settings cannot make a context (a quantized KV cache
+            without flash attention).
     """
 
     def __init__(self, path: str, options: EngineOptions = EngineOptions(),
@@ -58,24 +84,31 @@ class Engine:
         self.summary: GGUFSummary = read_gguf_header(path)
         self.path = path
         self.options = options
-        self._lock = threading.Lock()
-        self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, progress=progress)
+        self._native_lock = threading.Lock()
+        self._freed = False
+        # the expert placement options exist once the GPU placement code has landed
+        moe = ({"cpu_moe": options.cpu_moe, "n_cpu_moe": options.n_cpu_moe}
+               if options.cpu_moe or options.n_cpu_moe else {})
+        self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, progress=progress,
+                                  **moe)
         try:
-            n_ctx = options.n_ctx
-            self._ctx = NativeContext(self._model, n_ctx=n_ctx, n_batch=options.n_batch,
-                                      n_threads=options.n_threads, flash_attn=options.flash_attn)
+            self._ctx = NativeContext(
+                self._model, n_ctx=options.pool_tokens,
+                n_batch=max(options.n_batch, options.n_parallel), n_threads=options.n_threads,
+                flash_attn=options.flash_attn, n_seq_max=options.n_parallel,
+                kv_type=options.kv_cache_type, swa_full=options.swa_full)
             self.prompts = PromptBuilder(self._model, self.summary.architecture)
         except BaseException:
-            self._model.close()
+            self._free_native()
             raise
-        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.n_ctx = min(options.n_ctx, self._ctx.n_ctx)  # one request's window
+        self.slots = SlotTable(self._ctx, options.n_parallel, self._model.n_swa)
+        self._close_lock = threading.Lock()
         self._closed = False
+        self.scheduler = Scheduler(self._ctx, self.slots, n_ctx_seq=self.n_ctx,
+                                   max_queue=options.max_queue, on_exit=self._free_native)
 
     # -- facts ---------------------------------------------------------------
-
-    @property
-    def n_ctx(self) -> int:
-        return self._ctx.n_ctx
 
     @property
     def model(self) -> NativeModel:
@@ -85,31 +118,90 @@ class Engine:
     def prompt_kind(self) -> PromptKind:
         return self.prompts.kind
 
+    @contextmanager
+    def _native(self) -> Iterator[NativeModel]:
+        """The model, for work in a caller's thread (never across a ``yield`` to a caller).
+
+        Raises:
+            ServiceClosedError: the native memory was freed.
+        """
+        with self._native_lock:
+            if self._freed:
+                raise ServiceClosedError("the model was closed")
+            yield self._model
+
+    def build(self, turns: Sequence[Turn], cfg: GenerationConfig,
+              instructions: str | None = None) -> Prompt:
+        """Renders and tokenizes a conversation (see :meth:`PromptBuilder.build`)."""
+        with self._native():
+            return self.prompts.build(turns, cfg, instructions)
+
     def tokenize(self, text: str) -> list[int]:
-        return self._model.tokenize(text, add_special=False, parse_special=False)
+        with self._native() as model:
+            return model.tokenize(text, add_special=False, parse_special=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        with self._native() as model:
+            return b"".join(model.piece(t) for t in tokens).decode("utf-8", "ignore")
+
+    def model_facts(self) -> dict[str, int]:
+        """Parameter count, size in bytes and trained context of the model."""
+        with self._native() as m:
+            return {"n_params": m.n_params, "size_bytes": m.size_bytes,
+                    "n_ctx_train": m.n_ctx_train}
+
+    def kv_cache_info(self) -> dict[str, Any]:
+        """What the KV cache holds and costs (see ``LLMService.get_model_info``)."""
+        o, ctx = self.options, self._ctx
+        size = kv_cache_bytes(self.summary.metadata, n_ctx=ctx.n_ctx, kv_type=o.kv_cache_type,
+                              swa_full=o.swa_full, n_seq=o.n_parallel,
+                              n_ubatch=min(ctx.n_batch, 512))
+        info: dict[str, Any] = {
+            "n_ctx": self.n_ctx, "n_ctx_pool": ctx.n_ctx, "n_parallel": o.n_parallel,
+            "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": self._model.n_swa,
+            "bytes": size["bytes"], "tokens_evaluated": self.scheduler.tokens_evaluated,
+        }
+        info.update(self.slots.stats())
+        return info
 
     # -- lifecycle -----------------------------------------------------------
 
+    def _free_native(self) -> None:
+        # callers' threads tokenize under this lock: never free the vocabulary under them
+        with self._native_lock:
+            self._freed = True
+            ctx = getattr(self, "_ctx", None)
+            if ctx is not None:
+                ctx.close()
+            self._model.close()
+
     def close(self) -> None:
-        """Frees the context, then the model. Waits for a running generation."""
-        with self._lock:
+        """Cancels every request, stops the scheduler, then frees the context and the model."""
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-            self._ctx.close()
-            self._model.close()
+        self.scheduler.close()  # the scheduler thread frees the native memory as it exits
 
-    def clear_cache(self) -> None:
-        """Empties the KV cache (the next call evaluates its whole prompt)."""
-        with self._lock:
-            if not self._closed:
-                self._ctx.clear()
-                self._cached = []
+    def clear_cache(self) -> int:
+        """Drops every prefix the idle slots hold (running requests keep theirs).
+
+        Returns:
+            How many cached tokens were dropped.
+        """
+        if self._closed:
+            return 0
+        return int(self.scheduler.call(self.slots.clear_idle))
 
     # -- generation ----------------------------------------------------------
 
     def check_budget(self, prompt: Prompt, cfg: GenerationConfig) -> None:
-        """Raises if the prompt does not fit or the budget exceeds the window."""
+        """Raises if the prompt does not fit or the budget exceeds the window.
+
+        Raises:
+            InvalidParameterError: an empty prompt, or ``max_tokens`` past the window.
+            ContextLengthExceededError: prompt + ``max_tokens`` > the window.
+        """
         n_prompt = len(prompt.tokens)
         if cfg.max_tokens > self.n_ctx:
             raise InvalidParameterError(
@@ -120,80 +212,50 @@ class Engine:
         if n_prompt + cfg.max_tokens > self.n_ctx:
             raise ContextLengthExceededError(n_prompt, self.n_ctx, cfg.max_tokens)
 
-    def stream(self, prompt: Prompt, cfg: GenerationConfig,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Generates from ``prompt``, one chunk per sampled token, then a last chunk
-        with the finish reason and timings.
-
-        The model lock is held from the first ``next()`` until the generator
-        finishes or is closed: breaking out of the loop frees the model at once.
-        Setting ``cancel`` stops at the next token with reason ``cancelled``.
-
-        Raises:
-            ContextLengthExceededError, InvalidParameterError: before any decoding.
-            ServiceClosedError: the engine was closed.
-        """
-        self.check_budget(prompt, cfg)
-        with self._lock:
-            if self._closed:
-                raise ServiceClosedError("the model was closed")
-            yield from self._run(prompt, cfg, cancel)
-
-    def _prefill(self, tokens: Sequence[int]) -> int:
-        """Evaluates what the cache lacks of ``tokens``; returns how many were reused."""
-        cached = self._cached
-        n = min(len(cached), len(tokens) - 1)  # the last token is always evaluated for logits
-        common = 0
-        while common < n and cached[common] == tokens[common]:
-            common += 1
-        if not self._ctx.keep_prefix(common):
-            self._ctx.clear()
-            common = 0
-        self._cached = list(tokens[:common])
-        rest = tokens[common:]
-        self._ctx.decode(rest)
-        self._cached.extend(rest)
-        return common
-
-    def _reader(self, prompt: Prompt) -> OutputReader:
+    def reader(self, prompt: Prompt) -> OutputReader:
         if self.prompts.harmony is not None:
             return HarmonyReader(self._model, self.prompts.harmony, prompt.stops)
         return TextReader(self._model, prompt.stops)
 
-    def _run(self, prompt: Prompt, cfg: GenerationConfig,
-             cancel: threading.Event | None) -> Iterator[Chunk]:
-        ctx = self._ctx
-        t0 = time.perf_counter()
-        try:
-            n_cached = self._prefill(prompt.tokens)
-        except BaseException:
-            ctx.clear()  # a half-evaluated prompt must not be reused
-            self._cached = []
-            raise
-        t1 = time.perf_counter()
-        reader = self._reader(prompt)
-        sampler = Sampler(cfg)
-        n_gen = 0
-        finish: FinishReason = "length"
-        try:
-            for _ in range(cfg.max_tokens):
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                token = sampler.sample(ctx)
-                n_gen += 1
-                chunks, done = reader.feed(token)
-                yield from chunks
-                if done is not None:
-                    finish = done
-                    break
-                # the token enters the cache only once shown: a consumer that stops
-                # here leaves the cache consistent with self._cached
-                ctx.decode_one(token)
-                self._cached.append(token)
-            yield from reader.flush(finish)
-            timings = Timings(len(prompt.tokens), n_cached, n_gen, t1 - t0,
-                              time.perf_counter() - t1)
-            yield Chunk("", "final", (), finish, timings)
-        finally:
-            sampler.close()
+    def submit(self, prompt: Prompt, cfg: GenerationConfig, sink: Sink,
+               on_prompt_progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None) -> Request:
+        """Queues a generation whose chunks go to ``sink`` (from the scheduler thread).
+
+        Returns:
+            The request (set ``request.cancel`` to stop it at the next step).
+
+        Raises:
+            ContextLengthExceededError, InvalidParameterError: the budget does not fit.
+            ServerBusyError: the wait queue is full.
+            ServiceClosedError: the engine was closed.
+        """
+        if self._closed:
+            raise ServiceClosedError("the model was closed")
+        self.check_budget(prompt, cfg)
+        with self._native():
+            reader = self.reader(prompt)
+        request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel)
+        self.scheduler.submit(request)
+        return request
+
+    def stream(self, prompt: Prompt, cfg: GenerationConfig,
+               on_prompt_progress: ProgressCallback | None = None) -> ChunkStream:
+        """Submits a generation now and returns its chunks as an iterator.
+
+        One chunk per sampled token, then a last chunk with the finish reason and
+        timings. Closing the stream (or dropping it) cancels the request.
+
+        Raises:
+            Everything :meth:`submit` raises, at call time.
+        """
+        if self._closed:
+            raise ServiceClosedError("the model was closed")
+        self.check_budget(prompt, cfg)
+        with self._native():
+            reader = self.reader(prompt)
+        request = Request(prompt.tokens, cfg, reader, lambda item: None, on_prompt_progress)
+        stream = ChunkStream(request.cancel)
+        request.sink = stream.sink
+        self.scheduler.submit(request)
+        return stream

@@ -1,4 +1,4 @@
-"""Owners of llama.cpp's native handles: model, context, sampler.
+"""Owners of llama.cpp's native handles: model, context, batch, sampler.
 
 Each class owns exactly one handle and frees it in ``close()`` (idempotent);
 the engine closes children (sampler, context) before the parent (model).
@@ -17,9 +17,9 @@ from typing import Any
 import llama_cpp.llama_cpp as lib
 
 from ..config import GenerationConfig
-from ..errors import LoadCancelledError, ModelLoadError
+from ..errors import ConfigError, LoadCancelledError, ModelLoadError
 
-__all__ = ["NativeModel", "NativeContext", "Sampler", "ensure_backend"]
+__all__ = ["NativeModel", "NativeContext", "Batch", "Sampler", "ensure_backend", "KV_TYPES"]
 
 logger = logging.getLogger(__name__)
 _native_logger = logging.getLogger("ggufllm.llama_cpp")
@@ -181,24 +181,55 @@ class NativeModel:
     def n_ctx_train(self) -> int:
         return int(lib.llama_model_n_ctx_train(self.ptr))
 
+    @property
+    def n_swa(self) -> int:
+        """The sliding-window size of the model's windowed layers (0: none)."""
+        return int(lib.llama_model_n_swa(self.ptr))
+
+
+# KV cache element types (ggml_type) by the names KV_CACHE_TYPE accepts
+KV_TYPES = {"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0, "q4_0": lib.GGML_TYPE_Q4_0}
+
 
 class NativeContext:
-    """Owns a ``llama_context`` (and so the KV cache) of one model."""
+    """Owns a ``llama_context`` (and so the KV cache) of one model.
+
+    The KV cache is unified: one pool of ``n_ctx`` cells shared by ``n_seq_max``
+    sequences, which is what lets a prefix be shared between sequences with
+    :meth:`seq_cp` (a partial copy aborts the process in a split cache).
+
+    Args:
+        model: the loaded model.
+        n_ctx: cells in the KV pool (all sequences together).
+        n_batch: most tokens per ``llama_decode`` call.
+        n_threads: CPU threads (None: the cores this process may use).
+        flash_attn: None lets llama.cpp decide; a quantized V cache needs it on.
+        n_seq_max: sequences (slots) decoded together.
+        kv_type: ``f16``, ``q8_0`` or ``q4_0`` for both K and V.
+        swa_full: full-size sliding-window cache (prefixes can be cut back and reused).
+
+    Raises:
+        ConfigError: a quantized KV cache with flash attention turned off.
+        ModelLoadError: llama.cpp could not create the context.
+    """
 
     def __init__(self, model: NativeModel, *, n_ctx: int, n_batch: int,
-                 n_threads: int | None, flash_attn: bool | None) -> None:
+                 n_threads: int | None, flash_attn: bool | None, n_seq_max: int = 1,
+                 kv_type: str = "f16", swa_full: bool = True) -> None:
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, params.n_ubatch)
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        params.swa_full = swa_full
+        params.type_k = params.type_v = KV_TYPES[kv_type]
         # llama.cpp's default is 4 threads whatever the machine; more threads than
         # cores makes decoding several times slower.
         threads = n_threads or default_threads()
         params.n_threads = threads
         params.n_threads_batch = threads
-        # None = llama.cpp decides (on where the backend supports it)
-        params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
-                                  else int(flash_attn))
+        params.flash_attn_type = _flash_attn_type(flash_attn, kv_type)
         params.no_perf = True
         self._ptr = lib.llama_init_from_model(model.ptr, params)
         if not self._ptr:
@@ -206,7 +237,9 @@ class NativeContext:
                                               f"{n_ctx} tokens (out of memory?)"])
         self.n_ctx = int(lib.llama_n_ctx(self._ptr))
         self.n_batch = n_batch
-        self._one = (lib.llama_token * 1)()
+        self.n_seq_max = n_seq_max
+        self.kv_type = kv_type
+        self.swa_full = swa_full
         self._memory = lib.llama_get_memory(self._ptr)
 
     @property
@@ -220,28 +253,84 @@ class NativeContext:
             lib.llama_free(self._ptr)
             self._ptr = None
 
-    def decode(self, tokens: Sequence[int]) -> None:
-        """Evaluates ``tokens`` (appended to sequence 0) in batches of ``n_batch``."""
-        for start in range(0, len(tokens), self.n_batch):
-            part = tokens[start:start + self.n_batch]
-            arr = (lib.llama_token * len(part))(*part)
-            rc = lib.llama_decode(self.ptr, lib.llama_batch_get_one(arr, len(part)))
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc}")
+    def decode(self, batch: Batch) -> int:
+        """Evaluates ``batch``; returns llama_decode's code (0 ok, 1 no free KV cells)."""
+        return int(lib.llama_decode(self.ptr, batch.native))
 
-    def decode_one(self, token: int) -> None:
-        """Evaluates one sampled token (the per-token path: one reused buffer)."""
-        self._one[0] = token
-        rc = lib.llama_decode(self.ptr, lib.llama_batch_get_one(self._one, 1))
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+    # -- KV cache (sequences) -------------------------------------------------
 
-    def keep_prefix(self, n: int) -> bool:
-        """Drops the KV cache past position ``n``; False if the cache cannot do it."""
-        return bool(lib.llama_memory_seq_rm(self._memory, 0, n, -1))
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        """Drops positions [p0, p1) of ``seq`` (p1 = -1: to the end); False if it cannot."""
+        return bool(lib.llama_memory_seq_rm(self._memory, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Shares positions [p0, p1) of ``src`` with ``dst`` (cell metadata only)."""
+        lib.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_pos_min(self, seq: int) -> int:
+        """Smallest position ``seq`` holds (-1 when empty)."""
+        return int(lib.llama_memory_seq_pos_min(self._memory, seq))
+
+    def seq_pos_max(self, seq: int) -> int:
+        """Largest position ``seq`` holds (-1 when empty)."""
+        return int(lib.llama_memory_seq_pos_max(self._memory, seq))
 
     def clear(self) -> None:
         lib.llama_memory_clear(self._memory, True)
+
+
+def _flash_attn_type(flash_attn: bool | None, kv_type: str) -> int:
+    if kv_type == "f16":  # None = llama.cpp decides (on where the backend supports it)
+        return lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else int(flash_attn)
+    if flash_attn is False:
+        # llama.cpp would return a NULL context: a quantized V cache needs flash attention
+        raise ConfigError(f"KV_CACHE_TYPE={kv_type} needs flash attention; FLASH_ATTN=false "
+                          "turns it off (use KV_CACHE_TYPE=f16 or leave FLASH_ATTN unset)",
+                          "KV_CACHE_TYPE")
+    return lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+
+
+class Batch:
+    """Owns one ``llama_batch`` (``llama_batch_init``), refilled for every decode step.
+
+    Args:
+        capacity: most tokens it holds (``n_batch``).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.native = lib.llama_batch_init(capacity, 0, 1)
+        self._live = True
+        b = self.native
+        # the arrays, looked up once: the per-token path indexes them directly
+        self._token, self._pos, self._n_seq = b.token, b.pos, b.n_seq_id
+        self._seq, self._logits = b.seq_id, b.logits
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.native.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Appends one token; returns its index (where its logits will be)."""
+        i = self.n
+        self._token[i] = token
+        self._pos[i] = pos
+        self._n_seq[i] = 1
+        self._seq[i][0] = seq
+        self._logits[i] = logits
+        self.n = i + 1
+        self.native.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        if self._live:
+            lib.llama_batch_free(self.native)
+            self._live = False
+
+
+# tokens of history the repetition penalty looks at (llama.cpp's default)
+_PENALTY_LAST_N = 64
 
 
 class Sampler:
@@ -250,8 +339,9 @@ class Sampler:
     def __init__(self, cfg: GenerationConfig) -> None:
         self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
-        if cfg.repeat_penalty != 1.0:
-            add(lib.llama_sampler_init_penalties(64, cfg.repeat_penalty, 0.0, 0.0))
+        self._penalized = cfg.repeat_penalty != 1.0
+        if self._penalized:
+            add(lib.llama_sampler_init_penalties(_PENALTY_LAST_N, cfg.repeat_penalty, 0.0, 0.0))
         if cfg.temperature == 0:
             add(lib.llama_sampler_init_greedy())
             return
@@ -265,8 +355,15 @@ class Sampler:
         seed = lib.LLAMA_DEFAULT_SEED if cfg.seed is None else cfg.seed
         add(lib.llama_sampler_init_dist(seed))
 
-    def sample(self, ctx: NativeContext) -> int:
-        return int(lib.llama_sampler_sample(self._ptr, ctx.ptr, -1))
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Feeds tokens to the chain's history (the repetition penalty sees the prompt)."""
+        if self._penalized:
+            for t in tokens[-_PENALTY_LAST_N:]:
+                lib.llama_sampler_accept(self._ptr, t)
+
+    def sample(self, ctx: NativeContext, index: int = -1) -> int:
+        """Samples from the logits of batch row ``index`` and accepts the token."""
+        return int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
 
     def close(self) -> None:
         if self._ptr:

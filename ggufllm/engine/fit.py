@@ -1,0 +1,117 @@
+"""Making a prompt fit the window: the ``overflow`` policies of :class:`GenerationConfig`.
+
+- ``error`` (default): :class:`ContextLengthExceededError` with the counts;
+- ``truncate_context``: cut the end of the RAG context (never the question or the
+  instructions), with a warning naming how many tokens were dropped;
+- ``shrink_max_tokens``: lower ``max_tokens`` to what fits;
+- ``drop_oldest_turns``: drop the oldest user/assistant turns of a chat (system
+  and developer turns and the last user turn stay).
+
+Every policy raises :class:`ContextLengthExceededError` when it cannot make the
+prompt fit (no context to cut, a last turn alone too long...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..config import GenerationConfig
+from ..errors import ContextLengthExceededError, InvalidParameterError
+from ..harmony import Turn, rag_user_message
+from .prompt import Prompt
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["RagQuestion", "fit_prompt"]
+
+logger = logging.getLogger(__name__)
+_MAX_TRIES = 8
+
+
+@dataclass(frozen=True)
+class RagQuestion:
+    """The last user turn of a RAG call, kept apart so that its context can be cut."""
+
+    question: str
+    context: str | None
+
+    def turn(self, context: str | None) -> Turn:
+        return Turn("user", rag_user_message(self.question, context))
+
+
+def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
+               instructions: str | None, rag: RagQuestion | None = None
+               ) -> tuple[Prompt, GenerationConfig]:
+    """Builds the prompt of ``turns`` (+ ``rag`` as the last turn) and applies ``cfg.overflow``.
+
+    Returns:
+        The prompt and the config to generate with (``max_tokens`` may be lowered).
+
+    Raises:
+        ContextLengthExceededError: it does not fit and the policy cannot help.
+        InvalidParameterError: the budget alone exceeds the window, or an empty prompt.
+    """
+    if cfg.max_tokens > engine.n_ctx and cfg.overflow != "shrink_max_tokens":
+        raise InvalidParameterError(f"max_tokens={cfg.max_tokens} exceeds the context window "
+                                    f"of {engine.n_ctx}", "max_tokens")
+    all_turns = list(turns) + ([rag.turn(rag.context)] if rag is not None else [])
+    prompt = engine.build(all_turns, cfg, instructions)
+    n_ctx = engine.n_ctx
+    if len(prompt.tokens) + cfg.max_tokens <= n_ctx or not prompt.tokens:
+        return prompt, cfg
+    policy = cfg.overflow
+    if policy == "shrink_max_tokens" and len(prompt.tokens) < n_ctx:
+        fitted = cfg.updated(max_tokens=n_ctx - len(prompt.tokens))
+        logger.warning("the prompt (%d tokens) leaves room for %d of the %d tokens asked",
+                       len(prompt.tokens), fitted.max_tokens, cfg.max_tokens)
+        return prompt, fitted
+    if policy == "truncate_context" and rag is not None and rag.context:
+        return _truncate_context(engine, list(turns), cfg, instructions, rag, prompt), cfg
+    if policy == "drop_oldest_turns":
+        return _drop_oldest_turns(engine, all_turns, cfg, instructions, prompt), cfg
+    raise ContextLengthExceededError(len(prompt.tokens), n_ctx, cfg.max_tokens)
+
+
+def _truncate_context(engine: Engine, turns: list[Turn], cfg: GenerationConfig,
+                      instructions: str | None, rag: RagQuestion, prompt: Prompt) -> Prompt:
+    assert rag.context is not None
+    ctx_tokens = engine.tokenize(rag.context)
+    keep = len(ctx_tokens)
+    first = len(prompt.tokens)
+    for _ in range(_MAX_TRIES):
+        excess = len(prompt.tokens) + cfg.max_tokens - engine.n_ctx
+        if excess <= 0:
+            logger.warning("the RAG context was cut to fit the window: %d of its %d tokens "
+                           "dropped (prompt %d -> %d tokens)", len(ctx_tokens) - keep,
+                           len(ctx_tokens), first, len(prompt.tokens))
+            return prompt
+        keep -= excess
+        if keep <= 0:
+            break
+        # cut the end: retrieved passages usually come best first
+        trimmed = engine.detokenize(ctx_tokens[:keep]).rstrip()
+        prompt = engine.build(turns + [rag.turn(trimmed or None)], cfg, instructions)
+    raise ContextLengthExceededError(first, engine.n_ctx, cfg.max_tokens)
+
+
+def _drop_oldest_turns(engine: Engine, turns: list[Turn], cfg: GenerationConfig,
+                       instructions: str | None, prompt: Prompt) -> Prompt:
+    first = len(prompt.tokens)
+    kept = list(turns)
+    dropped = 0
+    while len(prompt.tokens) + cfg.max_tokens > engine.n_ctx:
+        # the oldest user/assistant turn that is not the last one
+        index = next((i for i, t in enumerate(kept[:-1])
+                      if t.role not in ("system", "developer")), None)
+        if index is None:
+            raise ContextLengthExceededError(first, engine.n_ctx, cfg.max_tokens)
+        del kept[index]
+        dropped += 1
+        prompt = engine.build(kept, cfg, instructions)
+    logger.warning("dropped the %d oldest turn(s) of the conversation to fit the window "
+                   "(prompt %d -> %d tokens)", dropped, first, len(prompt.tokens))
+    return prompt

@@ -1,0 +1,398 @@
+"""The scheduler: one thread that owns the llama.cpp context and decodes every request.
+
+Requests (a sync stream, an async stream, a blocking answer) are submitted to a
+bounded wait queue and handed back their chunks through a ``sink`` callable; no
+caller touches the context and no lock is held while a caller waits. Each step:
+
+1. drop cancelled requests (waiting ones before their prefill);
+2. admit waiting requests into free slots (:class:`~.slots.SlotTable` picks the
+   slot with the longest cached prefix);
+3. evaluate up to ``n_batch`` tokens of the oldest unfinished prompt, in pages of
+   64 tokens (see :mod:`.slots`: a token is always evaluated in the same batch);
+4. one ``llama_decode`` over one token of every generating sequence, then sample
+   each at its row of the batch and hand the chunks to its sink.
+
+Prompt pages and decode steps go to llama.cpp in separate calls: measured on
+this CPU build (``benchmarks/batch_invariance.py``), a row's logits change with
+the number of rows in its batch, so a prompt arriving never changes the tokens
+of the requests already running, and a prompt is always evaluated in the same
+pages (see :mod:`.slots`). Decode steps of up to 3 sequences are bit-identical
+to a sequence alone; from 4 rows on the CPU matmul switches kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..chunks import Chunk, FinishReason, Timings
+from ..config import GenerationConfig
+from ..errors import GgufllmError, ServerBusyError, ServiceClosedError
+from .native import Batch, NativeContext, Sampler
+from .output import OutputReader
+from .slots import PAGE, Slot, SlotTable
+
+__all__ = ["Request", "Scheduler", "Sink", "ProgressCallback"]
+
+logger = logging.getLogger(__name__)
+
+# A sink receives a list of chunks (the last list ends with the chunk carrying the
+# finish reason) or an exception; it is called from the scheduler thread.
+Sink = Callable[[Any], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+class Request:
+    """One generation: its prompt, sampling, reader, sink and cancel flag.
+
+    Args:
+        prompt: the prompt tokens.
+        cfg: generation parameters (validated; the budget fits the window).
+        reader: turns sampled tokens into chunks.
+        sink: where chunk lists (or an exception) go.
+        on_prompt_progress: called with (prompt tokens in the cache, prompt length)
+            after each prompt chunk; exceptions are logged and ignored.
+        cancel: the flag that cancels it (None: a new one).
+    """
+
+    __slots__ = ("prompt", "cfg", "reader", "sink", "on_prompt_progress", "cancel", "slot",
+                 "sampler", "n_done", "n_cached", "n_gen", "next_token", "t_start", "t_first")
+
+    def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, reader: OutputReader,
+                 sink: Sink, on_prompt_progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.prompt = list(prompt)
+        self.cfg = cfg
+        self.reader = reader
+        self.sink = sink
+        self.on_prompt_progress = on_prompt_progress
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.slot: Slot | None = None
+        self.sampler: Sampler | None = None
+        self.n_done = self.n_cached = self.n_gen = 0
+        self.next_token = -1  # sampled, shown, not yet in the cache
+        self.t_start = self.t_first = 0.0
+
+    @property
+    def generating(self) -> bool:
+        return self.next_token >= 0
+
+
+class Scheduler:
+    """Runs the decode loop of one context in its own thread.
+
+    Args:
+        ctx: the context (the scheduler is its only user after creation).
+        slots: the slot table over ``ctx``'s sequences.
+        n_ctx_seq: most tokens one request may hold (prompt + generated).
+        max_queue: most requests waiting for a slot; one more is refused.
+        on_exit: called by the thread once it stopped touching ``ctx`` (frees it).
+    """
+
+    def __init__(self, ctx: NativeContext, slots: SlotTable, *, n_ctx_seq: int,
+                 max_queue: int, on_exit: Callable[[], None]) -> None:
+        self._ctx = ctx
+        self.slots = slots
+        self.n_ctx_seq = n_ctx_seq
+        self.max_queue = max_queue
+        self._batch = Batch(max(ctx.n_batch, len(slots.slots)))
+        # prompt pages per step: up to n_batch tokens, one llama_decode per page
+        self._page = min(PAGE, ctx.n_batch)
+        self._pages_per_step = max(1, ctx.n_batch // self._page)
+        self._on_exit = on_exit
+        self._lock = threading.Lock()  # guards _waiting, _commands, _stopping (never held long)
+        self._wake = threading.Event()
+        self._waiting: deque[Request] = deque()
+        self._commands: deque[tuple[Callable[[], Any], threading.Event, list[Any]]] = deque()
+        self._active: list[Request] = []
+        self._stopping = False
+        self.tokens_evaluated = 0
+        self._thread = threading.Thread(target=self._run, name="ggufllm-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread) ----------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queues ``request``.
+
+        Raises:
+            ServerBusyError: the wait queue is full.
+            ServiceClosedError: the scheduler is stopping.
+        """
+        with self._lock:
+            if self._stopping:
+                raise ServiceClosedError("the model was closed")
+            pending = sum(1 for r in self._waiting if not r.cancel.is_set())
+            free = sum(1 for s in self.slots.slots if not s.busy)
+            # requests that a free slot will take at the next step do not count as queued
+            if pending - free >= self.max_queue:
+                raise ServerBusyError(self.max_queue)
+            self._waiting.append(request)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` in the scheduler thread between two steps; returns its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done, box = threading.Event(), []
+        with self._lock:
+            if self._stopping:
+                raise ServiceClosedError("the model was closed")
+            self._commands.append((fn, done, box))
+        self._wake.set()
+        done.wait()
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0] if box else None
+
+    def close(self) -> None:
+        """Cancels every request, stops the thread and waits until it let go of the context."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def counts(self) -> dict[str, int]:
+        """Running and waiting requests, and the queue bound."""
+        with self._lock:
+            waiting = sum(1 for r in self._waiting if not r.cancel.is_set())
+        return {"running": len(self._active), "waiting": waiting, "max_queue": self.max_queue}
+
+    # -- the thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._loop_once():
+                pass
+        except BaseException:  # a bug here must not leave callers waiting forever
+            logger.exception("the scheduler stopped on an error")
+        finally:
+            self._shutdown()
+
+    def _loop_once(self) -> bool:
+        self._run_commands()
+        with self._lock:
+            if self._stopping:
+                return False
+        self._drop_cancelled()
+        self._admit()
+        if not self._active:
+            self._wake.wait()
+            self._wake.clear()
+            return True
+        prefilling = next((r for r in self._active if not r.generating), None)
+        if prefilling is not None:
+            self._prefill_chunk(prefilling)
+        generating = [r for r in self._active if r.generating]
+        if generating:
+            self._decode_step(generating)
+        return True
+
+    def _run_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                fn, done, box = self._commands.popleft()
+            try:
+                box.append(fn())
+            except BaseException as exc:  # raised again in the caller's thread
+                box.append(exc)
+            done.set()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            commands, self._commands = list(self._commands), deque()
+        for r in self._active + waiting:
+            self._finish(r, "cancelled", release=False)
+        self._active = []
+        for _fn, done, box in commands:
+            box.append(ServiceClosedError("the model was closed"))
+            done.set()
+        self._batch.close()
+        try:
+            self._on_exit()
+        except Exception:
+            logger.exception("freeing the context failed")
+
+    # -- admission -------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._active if r.cancel.is_set()]:
+            self._finish(r, "cancelled")
+        with self._lock:
+            if any(r.cancel.is_set() for r in self._waiting):
+                gone = [r for r in self._waiting if r.cancel.is_set()]
+                self._waiting = deque(r for r in self._waiting if not r.cancel.is_set())
+            else:
+                gone = []
+        for r in gone:  # never started: no prefill, no slot
+            self._finish(r, "cancelled", release=False)
+
+    def _reserved(self) -> int:
+        return sum(self._need(r) for r in self._active)
+
+    def _need(self, r: Request) -> int:
+        return min(len(r.prompt) + r.cfg.max_tokens, self.n_ctx_seq)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                r = self._waiting[0]  # only this thread removes from the queue
+            # the pool must hold every admitted request at its full budget
+            if self._active and self._reserved() + self._need(r) > self._ctx.n_ctx:
+                return
+            placement = self.slots.place(r.prompt)
+            if placement is None:
+                return
+            with self._lock:
+                self._waiting.popleft()
+            try:
+                self._start(r, placement.slot, placement.n_reuse)
+            except Exception as exc:
+                self.slots.release(placement.slot)
+                self._fail(r, exc)
+
+    def _start(self, r: Request, slot: Slot, n_reuse: int) -> None:
+        r.slot = slot
+        r.n_done = r.n_cached = n_reuse
+        r.t_start = time.perf_counter()
+        r.sampler = Sampler(r.cfg)
+        r.sampler.accept(r.prompt)
+        self._active.append(r)
+
+    # -- prompt evaluation -----------------------------------------------------
+
+    def _prefill_chunk(self, r: Request) -> None:
+        """Evaluates up to ``n_batch`` prompt tokens of ``r``, one page per llama_decode."""
+        for _ in range(self._pages_per_step):
+            if not self._prefill_page(r) or r.generating:
+                return
+
+    def _prefill_page(self, r: Request) -> bool:
+        slot = r.slot
+        assert slot is not None
+        batch, page = self._batch, self._page
+        batch.clear()
+        # pages start at multiples of PAGE: a token is always evaluated in the same batch
+        end = min(len(r.prompt), (r.n_done // page + 1) * page)
+        last = len(r.prompt) - 1
+        for pos in range(r.n_done, end):
+            batch.add(r.prompt[pos], pos, slot.seq, pos == last)
+        if not self._decode(batch, r):
+            return False
+        slot.tokens.extend(r.prompt[r.n_done:end])
+        if slot.n_exact == r.n_done and r.n_done % page == 0 and end % page == 0:
+            slot.n_exact = end  # a whole page, evaluated on an exact prefix
+        self.tokens_evaluated += end - r.n_done
+        r.n_done = end
+        self._report_progress(r)
+        if end == len(r.prompt):
+            r.t_first = time.perf_counter()
+            self._sample(r, batch.n - 1)
+        return True
+
+    def _report_progress(self, r: Request) -> None:
+        if r.on_prompt_progress is None:
+            return
+        try:
+            r.on_prompt_progress(r.n_done, len(r.prompt))
+        except Exception:
+            logger.exception("on_prompt_progress raised; ignored")
+
+    # -- decoding --------------------------------------------------------------
+
+    def _decode_step(self, generating: list[Request]) -> None:
+        batch = self._batch
+        batch.clear()
+        for r in generating:
+            slot = r.slot
+            batch.add(r.next_token, len(slot.tokens), slot.seq, True)  # type: ignore[union-attr]
+        if not self._decode(batch, None):
+            return
+        for i, r in enumerate(generating):
+            r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
+            self._sample(r, i)
+
+    def _decode(self, batch: Batch, owner: Request | None) -> bool:
+        """llama_decode with eviction of idle slots when the pool is full."""
+        while True:
+            rc = self._ctx.decode(batch)
+            if rc == 0:
+                return True
+            if rc == 1 and self.slots.evict_one():
+                continue
+            victims = [owner] if owner is not None else [self._active[-1]]
+            err = GgufllmError(f"llama_decode failed with code {rc}"
+                               + (" (no free KV cells)" if rc == 1 else ""))
+            for v in victims:
+                self._fail(v, err)
+            return False
+
+    def _sample(self, r: Request, index: int) -> None:
+        """Samples ``r``'s next token at batch row ``index`` and hands its chunks over."""
+        try:
+            token = r.sampler.sample(self._ctx, index)  # type: ignore[union-attr]
+            r.n_gen += 1
+            chunks, done = r.reader.feed(token)
+            if done is None:
+                # the next token would go at position len(tokens): past the window, stop
+                if r.n_gen >= r.cfg.max_tokens or len(r.slot.tokens) >= self.n_ctx_seq:  # type: ignore[union-attr]
+                    done = "length"
+            if done is not None:
+                self._finish(r, done, chunks)
+                return
+            r.next_token = token
+            r.sink(chunks)
+        except Exception as exc:
+            self._fail(r, exc)
+
+    # -- leaving ---------------------------------------------------------------
+
+    def _finish(self, r: Request, finish: FinishReason, chunks: list[Chunk] | None = None,
+                release: bool = True) -> None:
+        """Hands the last chunks (with the finish reason and timings) and frees the slot."""
+        now = time.perf_counter()
+        t_first = r.t_first or now
+        timings = Timings(len(r.prompt), r.n_cached, r.n_gen,
+                          (t_first - r.t_start) if r.t_start else 0.0, now - t_first)
+        try:
+            out = list(chunks or []) + r.reader.flush(finish)
+            out.append(Chunk("", "final", (), finish, timings))
+        except Exception as exc:
+            self._leave(r, release)
+            self._deliver(r, exc)
+            return
+        self._leave(r, release)
+        self._deliver(r, out)
+
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        self._leave(r, True)
+        self._deliver(r, exc)
+
+    def _leave(self, r: Request, release: bool) -> None:
+        if r in self._active:
+            self._active.remove(r)
+        if r.sampler is not None:
+            r.sampler.close()
+            r.sampler = None
+        if r.slot is not None and release:
+            self.slots.release(r.slot)
+        r.slot = None
+        r.next_token = -1
+
+    @staticmethod
+    def _deliver(r: Request, item: Any) -> None:
+        try:
+            r.sink(item)
+        except Exception:
+            logger.exception("a request's sink failed")

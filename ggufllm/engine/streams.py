@@ -1,0 +1,110 @@
+"""How a caller receives a request's chunks: a sync iterator, or an asyncio queue.
+
+The scheduler thread calls a request's sink with a list of chunks per sampled
+token (the last list ends with the chunk that carries the finish reason) or
+with an exception. Neither side holds a lock while the other runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ..chunks import Chunk
+
+__all__ = ["ChunkStream", "async_sink", "async_chunks"]
+
+
+class ChunkStream(Iterator[Chunk]):
+    """The chunks of one submitted request, as a plain iterator.
+
+    Leaving a ``for`` loop early does not stop generation by itself (an iterator
+    cannot tell); :meth:`close`, a ``with`` block, or dropping the last reference
+    to the stream cancels it at the scheduler's next step.
+
+    Args:
+        cancel: the request's cancel flag.
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._buffer: deque[Chunk] = deque()
+        self._cancel = cancel
+        self._done = False
+        # a stream dropped unfinished (garbage-collected) cancels its request
+        self._finalizer = weakref.finalize(self, cancel.set)
+        # the request's sink; it must not reference the stream, or the request
+        # would keep an abandoned stream alive
+        self.sink = self._queue.put
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if not self._buffer:
+            if self._done:
+                raise StopIteration
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._finish()
+                raise item
+            self._buffer.extend(item)
+        chunk = self._buffer.popleft()
+        if chunk.finish_reason is not None:
+            self._finish()
+        return chunk
+
+    def _finish(self) -> None:
+        self._done = True
+        self._buffer.clear()
+        self._finalizer.detach()
+
+    def close(self) -> None:
+        """Cancels the request (it ends with reason ``cancelled``) and ends the iteration."""
+        if not self._done:
+            self._cancel.set()
+            self._finish()
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def async_sink(cancel: threading.Event) -> tuple[Any, asyncio.Queue[Any]]:
+    """A sink that hands items to the running event loop (no thread per request).
+
+    Returns:
+        The sink and the queue it fills.
+    """
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[Any] = asyncio.Queue()
+
+    def sink(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            cancel.set()
+
+    return sink, q
+
+
+async def async_chunks(q: asyncio.Queue[Any], cancel: threading.Event) -> AsyncIterator[Chunk]:
+    """Yields the chunks that :func:`async_sink` receives; leaving early cancels."""
+    try:
+        while True:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                raise item
+            for chunk in item:
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+    finally:
+        cancel.set()

@@ -1,0 +1,242 @@
+"""The KV cache: a cached answer equals the cold one, overflow policies, cache types, sampling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
+from ggufllm.engine.fit import RagQuestion
+from ggufllm.engine.kvsize import kv_cache_bytes
+
+GREEDY = dict(temperature=0.0, max_tokens=24)
+DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
+         "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
+         "cartwheel. Today visitors race wooden boats, eat plum cake and crown a Bread Queen, "
+         "and the brass band plays until midnight on the old stone bridge. ") * 3
+DOC_B = ("Mount Perrin is a volcano on the island of Tessaly. It last erupted in 1911, and its "
+         "crater holds a green lake where flamingos nest. Farmers on its slopes grow coffee and "
+         "lemons, and a narrow railway climbs to the rim every morning at seven. ") * 3
+QUESTIONS_A = ["Where is the festival held?", "Who baked the first loaf?", "What do visitors eat?"]
+
+
+def cold(svc: LLMService, question: str, context: str | None, **params) -> tuple[int, ...]:
+    svc.clear_kv_cache()
+    answer = svc.answer(question, context, **{**GREEDY, **params})
+    assert answer.timings.n_cached == 0
+    return answer.token_ids
+
+
+def test_cache_hit_equals_cold_answer(service):
+    expected = {q: cold(service, q, DOC_A) for q in QUESTIONS_A}
+    service.clear_kv_cache()
+    service.answer("What is this text about?", DOC_A, **GREEDY)
+    for q in QUESTIONS_A:
+        warm = service.answer(q, DOC_A, **GREEDY)
+        assert warm.timings.n_cached >= 128
+        assert warm.token_ids == expected[q]
+
+
+def test_cache_hit_after_a_slot_switch_equals_cold_answer(default_gguf):
+    svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
+    try:
+        q_a, q_b = "Who baked the first loaf?", "When did it last erupt?"
+        expected_a, expected_b = cold(svc, q_a, DOC_A), cold(svc, q_b, DOC_B)
+        svc.clear_kv_cache()
+        svc.answer("What is this text about?", DOC_A, **GREEDY)  # slot 0 holds A
+        svc.answer("What is this text about?", DOC_B, **GREEDY)  # slot 1 holds B
+        a = svc.answer(q_a, DOC_A, **GREEDY)  # back to slot 0
+        b = svc.answer(q_b, DOC_B, **GREEDY)
+        assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
+        assert (a.token_ids, b.token_ids) == (expected_a, expected_b)
+        assert svc.get_model_info()["kv_cache"]["prefixes_in_slots"] == 2
+    finally:
+        svc.close()
+
+
+def test_prefix_held_by_a_running_request_is_shared(service):
+    q = "Who baked the first loaf?"
+    expected = cold(service, q, DOC_A)
+    service.clear_kv_cache()
+    running = service.stream("What is this text about?", DOC_A, temperature=0.0,
+                             max_tokens=200)
+    next(running)  # its prompt is in the cache; it is still generating
+    shared = service.answer(q, DOC_A, **GREEDY)
+    running.close()
+    assert shared.timings.n_cached >= 128  # copied from the busy slot (llama_memory_seq_cp)
+    assert shared.token_ids == expected
+
+
+def test_tiny_gpt_oss_cache_hit_equals_cold_answer(tiny_gguf):
+    """gpt-oss's sliding-window layers: a prompt much longer than the window."""
+    path = tiny_gguf("q8_0")
+    svc = LLMService(path, max_length=1024, n_parallel=2)
+    try:
+        svc.load()
+        n_swa = svc.get_model_info()["kv_cache"]["n_swa"]
+        assert 0 < n_swa < 200
+        doc = DOC_A + DOC_B
+        params = dict(temperature=0.0, max_tokens=16)
+        expected = cold(svc, "Who baked the first loaf?", doc, **params)
+        svc.clear_kv_cache()
+        first = svc.answer("What is this about?", doc, **params)
+        assert first.timings.n_prompt > 3 * n_swa
+        warm = svc.answer("Who baked the first loaf?", doc, **params)
+        assert warm.timings.n_cached >= 2 * n_swa
+        assert warm.token_ids == expected
+    finally:
+        svc.close()
+
+
+# -- overflow -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(default_gguf: Path) -> Iterator[LLMService]:
+    svc = LLMService(default_gguf, max_length=256, n_parallel=1)
+    svc.load()
+    yield svc
+    svc.close()
+
+
+def prompt_len(svc: LLMService, question: str, context: str | None = None) -> int:
+    turn = RagQuestion(question, context).turn(context)
+    return len(svc._engine.build([turn], svc.generation_config).tokens)
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_overflow_at_the_window_edge(tight, delta):
+    n_prompt = prompt_len(tight, "Tell me a long story.")
+    budget = tight.get_model_info()["n_ctx"] - n_prompt + delta  # prompt + budget = n_ctx + delta
+    if delta <= 0:
+        answer = tight.answer("Tell me a long story.", temperature=0.0, max_tokens=budget)
+        assert answer.finish_reason in ("stop", "length")
+        assert answer.timings.n_generated <= budget
+    else:
+        with pytest.raises(ContextLengthExceededError) as err:
+            tight.answer("Tell me a long story.", temperature=0.0, max_tokens=budget)
+        assert (err.value.n_prompt, err.value.n_ctx, err.value.max_tokens) == (n_prompt, 256,
+                                                                                budget)
+
+
+def test_shrink_max_tokens_lowers_the_budget(tight):
+    n_prompt = prompt_len(tight, "Tell me a long story.")
+    answer = tight.answer("Tell me a long story.", temperature=0.0, max_tokens=250,
+                          overflow="shrink_max_tokens")
+    assert answer.timings.n_generated <= 256 - n_prompt
+
+
+def test_truncate_context_keeps_the_question(tight, caplog):
+    context = DOC_A * 4  # ~600 tokens for a 256-token window
+    with pytest.raises(ContextLengthExceededError):
+        tight.answer("Where is the festival held?", context, **GREEDY)
+    with caplog.at_level(logging.WARNING, logger="ggufllm"):
+        answer = tight.answer("Where is the festival held?", context, overflow="truncate_context",
+                              **GREEDY)
+    assert answer.timings.n_prompt + GREEDY["max_tokens"] <= 256
+    assert any("tokens dropped" in r.getMessage() for r in caplog.records)
+    # the trimmed prompt is cached like any other: a second call equals a cold one
+    again = tight.answer("Where is the festival held?", context, overflow="truncate_context",
+                         **GREEDY)
+    tight.clear_kv_cache()
+    cold_answer = tight.answer("Where is the festival held?", context,
+                               overflow="truncate_context", **GREEDY)
+    assert again.timings.n_cached > 0 and again.token_ids == cold_answer.token_ids == \
+        answer.token_ids
+
+
+def test_truncate_context_without_context_still_raises(tight):
+    with pytest.raises(ContextLengthExceededError):
+        tight.answer("word " * 400, overflow="truncate_context", max_tokens=8)
+
+
+def test_drop_oldest_turns_keeps_a_long_chat_alive(tight):
+    turns = []
+    for i in range(12):
+        turns += [Turn("user", f"Tell me fact number {i} about the sea, in detail please."),
+                  Turn("assistant", "The sea is deep and wide and full of fish. " * 2)]
+    turns.append(Turn("user", "And the last fact?"))
+    with pytest.raises(ContextLengthExceededError):
+        list(tight.chat_stream(turns, **GREEDY))
+    chunks = list(tight.chat_stream(turns, overflow="drop_oldest_turns", **GREEDY))
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+# -- cache types and memory -------------------------------------------------------------
+
+
+def test_kv_bytes_match_llama_cpp(default_gguf, caplog):
+    with caplog.at_level(logging.DEBUG, logger="ggufllm.llama_cpp"):
+        svc = LLMService(default_gguf, max_length=512, n_parallel=2)
+        svc.load()
+    try:
+        info = svc.get_model_info()["kv_cache"]
+        sizes = [float(r.getMessage().split("size =")[1].split("MiB")[0])
+                 for r in caplog.records if "llama_kv_cache: size =" in r.getMessage()]
+        assert sizes, "llama.cpp did not log its KV cache size"
+        assert info["bytes"] == pytest.approx(sum(sizes) * 2**20, rel=1e-3)
+        assert info["n_ctx_pool"] == 1024 and info["n_parallel"] == 2
+    finally:
+        svc.close()
+
+
+def test_kv_bytes_of_each_cache_mode():
+    meta = {"general.architecture": "gpt-oss", "gpt-oss.block_count": 24,
+            "gpt-oss.attention.head_count": 64, "gpt-oss.attention.head_count_kv": 8,
+            "gpt-oss.attention.key_length": 64, "gpt-oss.attention.value_length": 64,
+            "gpt-oss.attention.sliding_window": 128, "gpt-oss.embedding_length": 2880}
+    full = kv_cache_bytes(meta, n_ctx=16384, kv_type="f16", swa_full=True, n_seq=4, n_ubatch=512)
+    window = kv_cache_bytes(meta, n_ctx=16384, kv_type="f16", swa_full=False, n_seq=4,
+                            n_ubatch=512)
+    assert full["bytes"] == 24 * 16384 * 8 * 128 * 2  # 768 MiB for 4 x 4096 tokens
+    assert window["swa_layers"] == 12 and window["swa_cells"] == 1024
+    assert window["bytes"] == 12 * (16384 + 1024) * 8 * 128 * 2
+    q8 = kv_cache_bytes(meta, n_ctx=16384, kv_type="q8_0", swa_full=True, n_seq=4, n_ubatch=512)
+    assert q8["bytes"] == full["bytes"] * 34 // 64
+
+
+def test_quantized_kv_cache_answers(default_gguf):
+    svc = LLMService(default_gguf, max_length=512, n_parallel=1, kv_cache_type="q8_0")
+    try:
+        assert "Paris" in svc.generate_answer("What is the capital of France?", **GREEDY)
+        assert svc.get_model_info()["kv_cache"]["type"] == "q8_0"
+    finally:
+        svc.close()
+
+
+def test_quantized_kv_cache_without_flash_attention_is_a_clear_error(default_gguf):
+    svc = LLMService(default_gguf, max_length=512, kv_cache_type="q4_0", flash_attn=False)
+    with pytest.raises(ConfigError, match="flash attention"):
+        svc.load()
+    assert not svc.is_loaded
+
+
+# -- sampling ---------------------------------------------------------------------------
+
+
+def test_seed_reproduces_a_sampled_answer(service):
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, max_tokens=24)
+    q = "Tell me a story."
+    a = service.answer(q, seed=1234, **params).token_ids
+    assert service.answer(q, seed=1234, **params).token_ids == a
+    assert any(service.answer(q, seed=s, **params).token_ids != a for s in (1, 2, 3))
+
+
+def test_top_k_one_equals_greedy(service):
+    q = "Why is the sky blue?"
+    greedy = service.answer(q, **GREEDY).token_ids
+    assert service.answer(q, temperature=0.8, top_k=1, seed=7, max_tokens=24).token_ids == greedy
+
+
+def test_repeat_penalty_sees_the_prompt(service):
+    context = "The capital of France is Paris."
+    plain = service.answer("What is the capital of France?", context, **GREEDY)
+    first = plain.token_ids[0]
+    assert "Paris" in plain.text
+    # the first answer token is in the prompt: a strong penalty must avoid it
+    penalized = service.answer("What is the capital of France?", context, repeat_penalty=10.0,
+                               **GREEDY)
+    assert penalized.token_ids[0] != first

@@ -1,0 +1,43 @@
+"""What llama.cpp's CPU build guarantees about batching, measured with its bare C API.
+
+The engine's design rests on these two facts (see ggufllm/engine/slots.py): a
+sequence's logits do not change when other sequences' single decode tokens
+share its batch, and they do change when its own prompt is cut into batches
+differently (hence prompt pages).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from batch_invariance import PROMPTS, Bare, run, split_prompt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bare(default_gguf: Path) -> Iterator[Bare]:
+    b = Bare(str(default_gguf), 4, 2048)
+    yield b
+    b.close()
+
+
+def test_decode_steps_batched_with_other_sequences_are_bit_identical(bare):
+    prompts = [bare.tokenize(p) for p in PROMPTS[:4]]
+    alone = run(bare, prompts[:1], 12, "alone")
+    together = run(bare, prompts, 12, "apart")
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
+def test_cutting_a_prompt_into_other_batches_changes_its_logits(bare):
+    tokens = bare.tokenize(" ".join(PROMPTS[:3]))
+    whole = split_prompt(bare, tokens, 0)
+    assert np.array_equal(whole, split_prompt(bare, tokens, 0))  # deterministic
+    changed = [k for k in range(1, len(tokens)) if not np.array_equal(
+        whole, split_prompt(bare, tokens, k))]
+    # not batch-invariant: why ggufllm evaluates prompts in fixed pages
+    assert changed, "llama.cpp became batch-invariant here: prompt pages could go"

@@ -1,0 +1,197 @@
+"""The scheduler thread: no deadlock, no hang, no use-after-free, a bounded queue, cancellation.
+
+Each repro runs in a thread joined with a timeout, so a regression fails the
+test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ggufllm import LLMService, ServerBusyError, ServiceClosedError
+
+GREEDY = dict(temperature=0.0, max_tokens=16)
+STORY = "Tell me a long story about a dragon."
+
+
+def run_with_timeout(fn: Callable[[], object], timeout: float = 120.0) -> object:
+    """Runs ``fn`` in a thread; fails the test if it does not return within ``timeout``."""
+    box: list[object] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # handed to the test thread
+            box.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"did not return within {timeout} s (deadlock?)"
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+@pytest.fixture
+def small(default_gguf: Path) -> Iterator[LLMService]:
+    """A service of its own (some tests close it), 2 slots, queue of 1."""
+    svc = LLMService(default_gguf, max_length=512, n_parallel=2, max_queue=1)
+    svc.load()
+    yield svc
+    svc.close()
+
+
+def test_suspended_stream_does_not_block_the_same_thread(service):
+    def repro() -> str:
+        s = service.stream(STORY, temperature=0.0, max_tokens=64)
+        next(s)
+        answer = service.generate_answer("What is the capital of France?", **GREEDY)
+        s.close()
+        return answer
+
+    assert "Paris" in str(run_with_timeout(repro))
+
+
+def test_suspended_stream_does_not_block_with_one_slot(default_gguf):
+    svc = LLMService(default_gguf, max_length=256, n_parallel=1)
+
+    def repro() -> str:
+        s = svc.stream(STORY, temperature=0.0, max_tokens=32)
+        next(s)  # holds the only slot until its budget is spent, not until it is read
+        return svc.generate_answer("What is the capital of France?", **GREEDY)
+
+    try:
+        assert "Paris" in str(run_with_timeout(repro))
+    finally:
+        svc.close()
+
+
+def test_clear_gpu_cache_inside_a_stream_loop(service):
+    def repro() -> str:
+        text = []
+        for i, chunk in enumerate(service.stream(STORY, temperature=0.0, max_tokens=24)):
+            if i == 2:
+                service.clear_gpu_cache()
+            text.append(chunk)
+        return text[-1].finish_reason
+
+    assert run_with_timeout(repro) == "length"  # the running stream kept its cache
+
+
+def test_close_inside_a_stream_loop(small):
+    def repro() -> list[str | None]:
+        reasons = []
+        for i, chunk in enumerate(small.stream(STORY, temperature=0.0, max_tokens=200)):
+            if i == 2:
+                small.close()
+            reasons.append(chunk.finish_reason)
+        return reasons
+
+    reasons = run_with_timeout(repro)
+    assert reasons[-1] == "cancelled" and len(reasons) < 200
+    with pytest.raises(ServiceClosedError):
+        small.generate_answer("hi")
+
+
+def test_close_from_another_thread_during_prompt_evaluation(small):
+    context = "The quick brown fox jumps over the lazy dog. " * 40  # several prompt pages
+    closer: list[threading.Thread] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not closer:
+            closer.append(threading.Thread(target=small.close))
+            closer[0].start()
+
+    def repro() -> list[str | None]:
+        return [c.finish_reason for c in small.stream(
+            "Summarize.", context, on_prompt_progress=on_progress, temperature=0.0,
+            max_tokens=32)]
+
+    reasons = run_with_timeout(repro)
+    closer[0].join(60)
+    assert reasons[-1] == "cancelled"
+    assert not small.is_loaded
+
+
+def test_close_while_other_threads_tokenize(default_gguf):
+    svc = LLMService(default_gguf, max_length=512)
+    svc.load()
+    context = "word " * 300
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                svc.stream("Summarize.", context, max_tokens=1).close()
+            except ServiceClosedError:
+                return
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    run_with_timeout(svc.close, 60)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def test_full_queue_raises_server_busy_at_call_time(small):
+    running = [small.stream(STORY, temperature=0.0, max_tokens=200) for _ in range(2)]
+    waiting = small.stream(STORY, temperature=0.0, max_tokens=200)  # the queue holds 1
+    with pytest.raises(ServerBusyError):
+        small.stream(STORY, temperature=0.0, max_tokens=200)
+    deadline = time.monotonic() + 60
+    while small.get_model_info()["scheduler"]["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert small.get_model_info()["scheduler"] == {"running": 2, "waiting": 1, "max_queue": 1}
+    for s in running + [waiting]:
+        s.close()
+
+
+def test_a_waiting_request_cancelled_before_its_prefill_is_never_evaluated(default_gguf):
+    svc = LLMService(default_gguf, max_length=256, n_parallel=1)
+    svc.load()
+    try:
+        first = svc.stream(STORY, temperature=0.0, max_tokens=60)
+        next(first)
+        evaluated: list[int] = []
+        waiting = svc.stream("What is 2+2?", on_prompt_progress=lambda d, t: evaluated.append(d),
+                             **GREEDY)
+        waiting.close()
+        assert [c.finish_reason for c in first][-1] == "length"
+        svc.generate_answer("Who wrote Hamlet?", **GREEDY)  # the scheduler went past it
+        assert evaluated == []
+        assert svc.get_model_info()["kv_cache"]["hits"] + \
+            svc.get_model_info()["kv_cache"]["misses"] == 2  # two placements, not three
+    finally:
+        svc.close()
+
+
+def test_prompt_progress_is_reported_per_page(service):
+    context = "The quick brown fox jumps over the lazy dog. " * 20
+    service.clear_kv_cache()
+    seen: list[tuple[int, int]] = []
+    service.answer("Summarize.", context, on_prompt_progress=lambda d, t: seen.append((d, t)),
+                   **GREEDY)
+    total = seen[-1][1]
+    assert seen[-1][0] == total and len(seen) >= total // 64
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_failing_progress_callback_is_ignored(service):
+    def boom(done: int, total: int) -> None:
+        raise RuntimeError("callback bug")
+
+    answer = service.answer("What is the capital of France?", on_prompt_progress=boom, **GREEDY)
+    assert "Paris" in answer.text
