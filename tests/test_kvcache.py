@@ -452,7 +452,7 @@ def test_store_saves_an_evicted_slot_and_restores_it_into_another(tiny, tmp_path
         first = store()
         paged(history, 0)
         evicted = Slot(0, list(history), n_exact=128)  # the last partial page is not exact
-        first.on_evict(evicted)
+        first.on_evict(evicted, 0)
         assert evicted.tokens == history[:128] and ctx.pos_range(0)[1] == 127
         ctx.decode(random_prompt(50, 22), 0, 1)  # slot 1 held something else
         ctx.clear()

@@ -15,9 +15,10 @@ a failed restore leaves the slot empty and the prompt is evaluated from the star
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import llama_cpp.llama_cpp as lib
@@ -45,29 +46,35 @@ class KVStore:
     Args:
         ctx: the ``llama_context`` pointer (owned elsewhere; used on its owner's thread).
         cache: the RAM cache (its budget, window and flash-attention policy).
-        identity: what saved state is valid for (stamped on files, checked on load).
+        identity: what saved state is valid for (stamped on files, checked on load), or
+            a function computing it (it hashes the model's header: done on first use).
     """
 
     def __init__(self, ctx: lib.llama_context_p, cache: PrefixCache,
-                 identity: KVCacheIdentity) -> None:
+                 identity: KVCacheIdentity | Callable[[], KVCacheIdentity]) -> None:
         self._ctx = ctx
         self._n_swa = cache.n_swa
         self._mem = lib.llama_get_memory(ctx)
         self.cache = cache
-        self.identity = identity
+        self._identity = (identity if callable(identity) else lambda: identity)
         self.tokens_restored = 0
         self.restore_failures = 0
 
+    @functools.cached_property
+    def identity(self) -> KVCacheIdentity:
+        return self._identity()
+
     # -- the two hooks ---------------------------------------------------------
 
-    def on_evict(self, slot: SlotLike) -> None:
-        """Saves the exact prefix of ``slot`` before the scheduler cuts it back.
+    def on_evict(self, slot: SlotLike, keep: int) -> None:
+        """Saves the exact prefix of ``slot`` before the scheduler cuts it back to ``keep``.
 
-        The scheduler cuts a slot back to at most its exact prefix (``n_exact``), so the
-        tokens past it (a last partial page, generated tokens) are dropped here first:
-        only what a cold evaluation would compute goes to the RAM cache.
+        Nothing is saved when the cut keeps the whole exact prefix. The scheduler cuts a
+        slot back to at most its exact prefix (``n_exact``), so the tokens past it (a
+        last partial page, generated tokens) are dropped here first: only what a cold
+        evaluation would compute goes to the RAM cache.
         """
-        if self.cache.budget and self.cache.accepts(slot.n_exact):
+        if keep < slot.n_exact and self.cache.budget and self.cache.accepts(slot.n_exact):
             self.keep(slot)
 
     def on_place(self, slot: SlotLike, prompt: Sequence[int], n_reuse: int) -> int:
