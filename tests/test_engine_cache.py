@@ -40,7 +40,11 @@ def test_cache_hit_equals_cold_answer(service):
         assert warm.token_ids == expected[q]
 
 
-def test_cache_hit_after_a_slot_switch_equals_cold_answer(default_gguf):
+def test_cache_hit_after_a_slot_switch(default_gguf):
+    """Two documents in two slots. Exact equality is not promised here: with over 512 cells
+    in use, ggml-cpu splits a one-row attention over the threads by cell index, so the answer
+    depends on where its cells lie in the shared pool (README, "Exactness"). What holds: the
+    prefix is reused, and the first token (from the prompt's own pages) is the cold one."""
     svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
     try:
         q_a, q_b = "Who baked the first loaf?", "When did it last erupt?"
@@ -51,7 +55,7 @@ def test_cache_hit_after_a_slot_switch_equals_cold_answer(default_gguf):
         a = svc.answer(q_a, DOC_A, **GREEDY)  # back to slot 0
         b = svc.answer(q_b, DOC_B, **GREEDY)
         assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
-        assert (a.token_ids, b.token_ids) == (expected_a, expected_b)
+        assert (a.token_ids[0], b.token_ids[0]) == (expected_a[0], expected_b[0])
         assert svc.get_model_info()["kv_cache"]["prefixes_in_slots"] == 2
     finally:
         svc.close()

@@ -88,8 +88,9 @@ class Engine:
             without flash attention).
     """
 
-    def __init__(self, path: str, options: EngineOptions = EngineOptions(),
+    def __init__(self, path: str, options: EngineOptions | None = None,
                  progress: ProgressFn | None = None) -> None:
+        options = options or EngineOptions()
         self.summary: GGUFSummary = read_gguf_header(path)
         self.path = path
         self.options = options
@@ -118,7 +119,8 @@ class Engine:
         self._close_lock = threading.Lock()
         self._closed = False
         self.scheduler = Scheduler(self._ctx, self.slots, n_ctx_seq=self.n_ctx,
-                                   max_queue=options.max_queue, on_exit=self._free_native)
+                                   max_queue=options.max_queue, n_vocab=self._model.n_vocab,
+                                   on_exit=self._free_native)
 
     def _kv_store(self) -> KVStore:
         """The host-RAM prefix cache over this context, and what its files are valid for."""

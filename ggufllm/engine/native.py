@@ -336,12 +336,13 @@ _PENALTY_LAST_N = 64
 class Sampler:
     """Owns a llama.cpp sampler chain built from a :class:`GenerationConfig`."""
 
-    def __init__(self, cfg: GenerationConfig) -> None:
+    def __init__(self, cfg: GenerationConfig, n_vocab: int) -> None:
         self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
         self._penalized = cfg.repeat_penalty != 1.0
         if self._penalized:
-            add(lib.llama_sampler_init_penalties(_PENALTY_LAST_N, cfg.repeat_penalty, 0.0, 0.0))
+            add(lib.llama_sampler_init_penalties(n_vocab, _PENALTY_LAST_N, cfg.repeat_penalty,
+                                                 0.0, 0.0))
         if cfg.temperature == 0:
             add(lib.llama_sampler_init_greedy())
             return

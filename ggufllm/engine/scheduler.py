@@ -26,61 +26,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from ..chunks import Chunk, FinishReason, Timings
-from ..config import GenerationConfig
 from ..errors import GgufllmError, ServerBusyError, ServiceClosedError
 from .native import Batch, NativeContext, Sampler
-from .output import OutputReader
+from .request import ProgressCallback, Request, Sink
 from .slots import PAGE, Slot, SlotTable
 
 __all__ = ["Request", "Scheduler", "Sink", "ProgressCallback"]
 
 logger = logging.getLogger(__name__)
-
-# A sink receives a list of chunks (the last list ends with the chunk carrying the
-# finish reason) or an exception; it is called from the scheduler thread.
-Sink = Callable[[Any], None]
-ProgressCallback = Callable[[int, int], None]
-
-
-class Request:
-    """One generation: its prompt, sampling, reader, sink and cancel flag.
-
-    Args:
-        prompt: the prompt tokens.
-        cfg: generation parameters (validated; the budget fits the window).
-        reader: turns sampled tokens into chunks.
-        sink: where chunk lists (or an exception) go.
-        on_prompt_progress: called with (prompt tokens in the cache, prompt length)
-            after each prompt chunk; exceptions are logged and ignored.
-        cancel: the flag that cancels it (None: a new one).
-    """
-
-    __slots__ = ("prompt", "cfg", "reader", "sink", "on_prompt_progress", "cancel", "slot",
-                 "sampler", "n_done", "n_cached", "n_gen", "next_token", "t_start", "t_first")
-
-    def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, reader: OutputReader,
-                 sink: Sink, on_prompt_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> None:
-        self.prompt = list(prompt)
-        self.cfg = cfg
-        self.reader = reader
-        self.sink = sink
-        self.on_prompt_progress = on_prompt_progress
-        self.cancel = cancel if cancel is not None else threading.Event()
-        self.slot: Slot | None = None
-        self.sampler: Sampler | None = None
-        self.n_done = self.n_cached = self.n_gen = 0
-        self.next_token = -1  # sampled, shown, not yet in the cache
-        self.t_start = self.t_first = 0.0
-
-    @property
-    def generating(self) -> bool:
-        return self.next_token >= 0
-
 
 class Scheduler:
     """Runs the decode loop of one context in its own thread.
@@ -90,15 +47,17 @@ class Scheduler:
         slots: the slot table over ``ctx``'s sequences.
         n_ctx_seq: most tokens one request may hold (prompt + generated).
         max_queue: most requests waiting for a slot; one more is refused.
+        n_vocab: the vocabulary size (the repetition penalty needs it).
         on_exit: called by the thread once it stopped touching ``ctx`` (frees it).
     """
 
     def __init__(self, ctx: NativeContext, slots: SlotTable, *, n_ctx_seq: int,
-                 max_queue: int, on_exit: Callable[[], None]) -> None:
+                 max_queue: int, n_vocab: int, on_exit: Callable[[], None]) -> None:
         self._ctx = ctx
         self.slots = slots
         self.n_ctx_seq = n_ctx_seq
         self.max_queue = max_queue
+        self._n_vocab = n_vocab
         self._batch = Batch(max(ctx.n_batch, len(slots.slots)))
         # prompt pages per step: up to n_batch tokens, one llama_decode per page
         self._page = min(PAGE, ctx.n_batch)
@@ -266,7 +225,7 @@ class Scheduler:
         r.slot = slot
         r.n_done = r.n_cached = n_reuse
         r.t_start = time.perf_counter()
-        r.sampler = Sampler(r.cfg)
+        r.sampler = Sampler(r.cfg, self._n_vocab)
         r.sampler.accept(r.prompt)
         self._active.append(r)
 
@@ -289,7 +248,7 @@ class Scheduler:
         last = len(r.prompt) - 1
         for pos in range(r.n_done, end):
             batch.add(r.prompt[pos], pos, slot.seq, pos == last)
-        if not self._decode(batch, r):
+        if not self._decode(batch, [r]):
             return False
         slot.tokens.extend(r.prompt[r.n_done:end])
         if slot.n_exact == r.n_done and r.n_done % page == 0 and end % page == 0:
@@ -318,25 +277,26 @@ class Scheduler:
         for r in generating:
             slot = r.slot
             batch.add(r.next_token, len(slot.tokens), slot.seq, True)  # type: ignore[union-attr]
-        if not self._decode(batch, None):
+        if not self._decode(batch, generating):
             return
         for i, r in enumerate(generating):
             r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
             self._sample(r, i)
 
-    def _decode(self, batch: Batch, owner: Request | None) -> bool:
-        """llama_decode with eviction of idle slots when the pool is full."""
+    def _decode(self, batch: Batch, rows_of: list[Request]) -> bool:
+        """llama_decode, evicting idle slots while the pool is full; on failure the
+        requests in the batch fail (their slots hold only what ``Slot.tokens`` says,
+        and a later placement cuts any extra cells)."""
         while True:
             rc = self._ctx.decode(batch)
             if rc == 0:
                 return True
             if rc == 1 and self.slots.evict_one():
                 continue
-            victims = [owner] if owner is not None else [self._active[-1]]
             err = GgufllmError(f"llama_decode failed with code {rc}"
                                + (" (no free KV cells)" if rc == 1 else ""))
-            for v in victims:
-                self._fail(v, err)
+            for r in rows_of:
+                self._fail(r, err)
             return False
 
     def _sample(self, r: Request, index: int) -> None:
