@@ -480,6 +480,6 @@ def test_store_falls_back_to_evaluating_when_a_restore_fails(tiny):
         store.cache.put(prompt, state[: len(state) // 2])  # a state that cannot load
         slot = Slot(1, [1, 2, 3])
         assert store.on_place(slot, prompt + [7], 0) == 0
-        assert slot.tokens == [] and ctx.pos_range(1) == (-1, -1)
+        assert (slot.tokens, slot.n_exact) == ([], 0) and ctx.pos_range(1) == (-1, -1)
         assert ctx.pos_range(0) == (0, 29)
     assert store.stats()["ram_restore_failures"] == 1

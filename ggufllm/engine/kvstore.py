@@ -92,6 +92,7 @@ class KVStore:
             logger.warning("could not restore a cached prefix of %d tokens into slot %d; "
                            "evaluating the prompt", len(entry.tokens), slot.seq)
             slot.tokens = []
+            slot.n_exact = 0
             return 0
         if n_keep < len(entry.tokens):
             lib.llama_memory_seq_rm(self._mem, slot.seq, n_keep, -1)
