@@ -460,7 +460,8 @@ def test_store_saves_an_evicted_slot_and_restores_it_into_another(tiny, tmp_path
         assert first.on_place(slot, prompt, 0) == 128
         assert (slot.tokens, slot.n_exact) == (history[:128], 128)
         assert np.array_equal(ctx.decode(turn, 128, 1), cold(prompt))
-        assert first.save(tmp_path / "s.kv", [Slot(1, list(prompt), n_exact=128)]) == 1
+        assert first.keep_slots([Slot(1, list(prompt), n_exact=128)]) == 1
+        assert first.save(tmp_path / "s.kv") == 1
         assert first.stats()["ram_tokens_restored"] == 128
 
         second = store()  # as in a new process

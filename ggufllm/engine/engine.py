@@ -242,9 +242,10 @@ class Engine:
         """
         if self._closed:
             raise ServiceClosedError("the model was closed")
-        _ = self.kv_store.identity  # computed here (it hashes the model file), not in the loop
-        return int(self.scheduler.call(lambda: self.kv_store.save(
-            path, [s for s in self.slots.slots if not s.busy])))
+        # the slots' states are copied between two steps; the file is written here
+        self.scheduler.call(lambda: self.kv_store.keep_slots(
+            [s for s in self.slots.slots if not s.busy]))
+        return self.kv_store.save(path)
 
     def load_kv_cache(self, path: str) -> int:
         """Adds the prefixes of a file written by :meth:`save_kv_cache` to the RAM cache.

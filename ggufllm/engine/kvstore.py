@@ -129,9 +129,13 @@ class KVStore:
 
     # -- files -------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str], slots: Iterable[SlotLike] = ()) -> int:
-        """Writes the RAM cache, after adding the exact prefixes ``slots`` hold (idle
-        ones: each is cut back to it), to ``path`` atomically.
+    def keep_slots(self, slots: Iterable[SlotLike]) -> int:
+        """Copies the exact prefix of each of ``slots`` (idle ones: each is cut back to
+        it) into the RAM cache; on the context's thread. Returns how many were kept."""
+        return sum(self.keep(slot) for slot in slots if self.cache.accepts(slot.n_exact))
+
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Writes the RAM cache to ``path`` atomically (any thread: it reads no context).
 
         Returns:
             How many prefixes the file holds.
@@ -139,9 +143,6 @@ class KVStore:
         Raises:
             OSError: the file could not be written (an existing file is unchanged).
         """
-        for slot in slots:
-            if self.cache.accepts(slot.n_exact):
-                self.keep(slot)
         entries = self.cache.entries()
         save_prefixes(path, entries, self.identity)
         return len(entries)
