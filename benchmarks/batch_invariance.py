@@ -35,6 +35,11 @@ PROMPTS = ["Question: What is the capital of France?\nAnswer:",
            "def fibonacci(n):"]
 
 
+# the prompt cut in two at every point (38 tokens with Gemma 3's vocabulary)
+SPLIT_PROMPT = ("Context: The Zorblat festival is held every spring in the town of Quenby, near "
+                "the river. Question: Where is the Zorblat festival held?\nAnswer:")
+
+
 class Bare:
     """A model, a unified-KV context and one llama_batch."""
 
@@ -159,7 +164,7 @@ def main() -> None:
                            for a, b in zip(alone, logits, strict=True))
             print(f"{label:38s}: bit-identical steps {identical}/{len(alone)}, "
                   f"max |diff| {max(diffs):.3g}, greedy token agrees {same_tok}/{len(alone)}")
-        long = bare.tokenize(" ".join(PROMPTS) * 2)
+        long = bare.tokenize(SPLIT_PROMPT)
         whole = split_prompt(bare, long, 0)
         differ = [k for k in range(1, len(long)) if not np.array_equal(
             whole, split_prompt(bare, long, k))]

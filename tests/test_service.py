@@ -103,9 +103,9 @@ def test_closed_stream_ends_with_reason_cancelled(service):
 
 
 def test_concurrent_threads_start_like_sequential_answers(service):
-    """What holds exactly on this CPU build (README, "Exactness"): a prompt is evaluated in
-    batches of its own, so the first token of every answer equals the sequential one; later
-    tokens come from decode steps shared with other requests, whose logits can move slightly."""
+    """What holds on this CPU build (README, "Exactness"): a prompt is evaluated in batches of
+    its own, so the first token of every answer equals the sequential one (measured here);
+    later tokens come from decode steps shared with other requests, whose logits can move."""
     single = {q: service.answer(q, **GREEDY) for q in QUESTIONS}
     jobs = [QUESTIONS[(t + k) % len(QUESTIONS)] for t in range(8) for k in range(3)]
     peak = [0]
