@@ -112,7 +112,8 @@ class LLMService:
             n_ctx=s.max_length, n_gpu_layers=placement.n_gpu_layers, n_threads=s.n_threads,
             n_batch=s.n_batch, flash_attn=s.flash_attn, n_parallel=s.n_parallel,
             max_queue=s.max_queue, kv_cache_type=s.kv_cache_type,
-            kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full, cpu_moe=placement.cpu_moe,
+            kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full,
+            kv_cache_ram_mb=s.kv_cache_ram_mb, cpu_moe=placement.cpu_moe,
             n_cpu_moe=placement.n_cpu_moe)
 
     async def load_model(self, progress: ProgressFn | None = None) -> None:
@@ -299,8 +300,53 @@ class LLMService:
 
     # -- memory and info -----------------------------------------------------
 
+    def warm(self, context: str, *, instructions: str | None = None) -> int:
+        """Evaluates and keeps the prompt prefix every question over ``context`` shares
+        (a desktop app warms the open document before the first question).
+
+        Returns:
+            How many prompt tokens that prefix has.
+
+        Raises:
+            InvalidParameterError, ContextLengthExceededError: as for a question.
+        """
+        greedy = {"max_tokens": 1, "temperature": 0.0}
+        engine, a, cfg = self._prepare([], greedy, instructions, self._rag("?", context))
+        b = self._prepare([], greedy, instructions, self._rag("!", context))[1].tokens
+        n = next((i for i, (x, y) in enumerate(zip(a.tokens, b, strict=False)) if x != y),
+                 min(len(a.tokens), len(b)))
+        with closing(engine.stream(Prompt(a.tokens[:n], ()), cfg)) as chunks:
+            for _ in chunks:  # one token is generated; the prefix stays in its slot
+                pass
+        return n
+
+    def save_kv_cache(self, path: str | Path) -> int:
+        """Writes every cached prompt prefix (tokens and KV state) to ``path`` atomically.
+
+        Returns:
+            How many prefixes the file holds.
+
+        Raises:
+            OSError: the file could not be written (an existing file is unchanged).
+        """
+        return self._ensure_engine().save_kv_cache(str(path))
+
+    def load_kv_cache(self, path: str | Path) -> int:
+        """Reads prefixes saved by :meth:`save_kv_cache`, here or in another process; a
+        later prompt that starts with one reuses it instead of evaluating it.
+
+        Returns:
+            How many prefixes were kept (see the README for which ones).
+
+        Raises:
+            KVCacheMismatchError: the file is for another model, llama.cpp build or
+                setting (``MAX_LENGTH``, ``N_PARALLEL``, ``KV_CACHE_TYPE``, ...).
+            KVCacheError: the file is missing, truncated or corrupt.
+        """
+        return self._ensure_engine().load_kv_cache(str(path))
+
     def clear_kv_cache(self) -> int:
-        """Drops the prefixes cached in idle slots (running requests keep theirs).
+        """Drops the prefixes cached in idle slots and in RAM (running requests keep theirs).
 
         Returns:
             How many cached tokens were dropped.
@@ -318,8 +364,9 @@ class LLMService:
         GB figures are 0 on a CPU-only build. Once loaded, ``kv_cache`` says what the
         KV cache holds and costs (``n_ctx`` per request, ``n_ctx_pool`` cells in all,
         ``n_parallel`` slots, ``bytes``, ``hits``/``misses``, ``tokens_reused`` vs
-        ``tokens_evaluated``, ``tokens_in_use``, ``prefixes_in_slots``) and
-        ``scheduler`` how many requests run and wait.
+        ``tokens_evaluated``, ``tokens_in_use``, ``prefixes_in_slots``, the RAM cache's
+        ``ram_entries``/``ram_bytes``/``ram_hits``...) and ``scheduler`` how many requests
+        run and wait.
         """
         engine, resolved = self._engine, self._resolved
         gpu = gpu_info()

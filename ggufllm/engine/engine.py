@@ -23,15 +23,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import GenerationConfig, KVCacheType
-from ..errors import ContextLengthExceededError, InvalidParameterError, ServiceClosedError
+from ..errors import (
+    ConfigError,
+    ContextLengthExceededError,
+    InvalidParameterError,
+    ServiceClosedError,
+)
 from ..gguf_file import GGUFSummary, read_gguf_header
 from ..harmony import Turn
+from .kvcache import KVLayout, PrefixCache
+from .kvfile import KVCacheIdentity
 from .kvsize import kv_cache_bytes
+from .kvstore import KVStore
 from .native import NativeContext, NativeModel, ProgressFn
 from .output import HarmonyReader, OutputReader, TextReader
 from .prompt import Prompt, PromptBuilder, PromptKind
 from .scheduler import ProgressCallback, Request, Scheduler, Sink
-from .slots import SlotTable
+from .slots import PAGE, SlotTable
 from .streams import ChunkStream
 
 __all__ = ["Engine", "EngineOptions"]
@@ -59,6 +67,7 @@ class EngineOptions:
     kv_cache_type: KVCacheType = "f16"
     kv_cache_tokens: int | None = None
     swa_full: bool = True
+    kv_cache_ram_mb: int = 1024
     cpu_moe: bool = False
     n_cpu_moe: int = 0
 
@@ -87,6 +96,7 @@ class Engine:
         self.summary: GGUFSummary = read_gguf_header(path)
         self.path = path
         self.options = options
+        _check_kv_type(self.summary, options.kv_cache_type)
         self._native_lock = threading.Lock()
         self._freed = False
         self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, cpu_moe=options.cpu_moe,
@@ -103,11 +113,24 @@ class Engine:
             raise
         self.n_ctx = min(options.n_ctx, self._ctx.n_ctx)  # one request's window
         self.slots = SlotTable(self._ctx, options.n_parallel, self._model.n_swa)
+        self.kv_store = self._kv_store()
+        self.slots.on_evict, self.slots.on_place = self.kv_store.on_evict, self.kv_store.on_place
         self._close_lock = threading.Lock()
         self._closed = False
         self.scheduler = Scheduler(self._ctx, self.slots, n_ctx_seq=self.n_ctx,
                                    max_queue=options.max_queue, n_vocab=self._model.n_vocab,
                                    on_exit=self._free_native)
+
+    def _kv_store(self) -> KVStore:
+        """The host-RAM prefix cache over this context, and what its files are valid for."""
+        o = self.options
+        # a quantized cache turns flash attention on (native._flash_attn_type)
+        flash_attn = True if o.kv_cache_type != "f16" else o.flash_attn
+        cache = PrefixCache(o.kv_cache_ram_mb << 20, n_swa=self._model.n_swa,
+                            flash_attn=flash_attn, page=PAGE)
+        return KVStore(self._ctx.ptr, cache, lambda: KVCacheIdentity.of(
+            self.summary, n_ctx=self._ctx.n_ctx, n_seq=o.n_parallel, kv_unified=True,
+            kv_type=o.kv_cache_type, swa_full=o.swa_full, flash_attn=flash_attn))
 
     # -- facts ---------------------------------------------------------------
 
@@ -163,6 +186,7 @@ class Engine:
             "bytes": size["bytes"], "tokens_evaluated": self.scheduler.tokens_evaluated,
         }
         info.update(self.slots.stats())
+        info.update(self.kv_store.stats())
         return info
 
     # -- lifecycle -----------------------------------------------------------
@@ -185,14 +209,55 @@ class Engine:
         self.scheduler.close()  # the scheduler thread frees the native memory as it exits
 
     def clear_cache(self) -> int:
-        """Drops every prefix the idle slots hold (running requests keep theirs).
+        """Drops every prefix the idle slots and the RAM cache hold (running requests keep
+        theirs).
 
         Returns:
-            How many cached tokens were dropped.
+            How many cached tokens were dropped from the slots.
         """
         if self._closed:
             return 0
-        return int(self.scheduler.call(self.slots.clear_idle))
+
+        def clear() -> int:
+            hook, self.slots.on_evict = self.slots.on_evict, None  # dropped, not saved
+            try:
+                return self.slots.clear_idle()
+            finally:
+                self.slots.on_evict = hook
+
+        dropped = int(self.scheduler.call(clear))
+        self.kv_store.cache.clear()
+        return dropped
+
+    def save_kv_cache(self, path: str) -> int:
+        """Writes every cached prefix (RAM cache and idle slots) to ``path`` atomically.
+
+        Returns:
+            How many prefixes the file holds.
+
+        Raises:
+            OSError: the file could not be written (an existing file is unchanged).
+            ServiceClosedError: the engine was closed.
+        """
+        if self._closed:
+            raise ServiceClosedError("the model was closed")
+        # the slots' states are copied between two steps; the file is written here
+        self.scheduler.call(lambda: self.kv_store.keep_slots(
+            [s for s in self.slots.slots if not s.busy]))
+        return self.kv_store.save(path)
+
+    def load_kv_cache(self, path: str) -> int:
+        """Adds the prefixes of a file written by :meth:`save_kv_cache` to the RAM cache.
+
+        Returns:
+            How many prefixes were kept.
+
+        Raises:
+            KVCacheMismatchError, KVCacheError: see :func:`~.kvfile.load_prefixes`.
+        """
+        if self._closed:
+            raise ServiceClosedError("the model was closed")
+        return self.kv_store.load(path)
 
     # -- generation ----------------------------------------------------------
 
@@ -260,3 +325,13 @@ class Engine:
         request.sink = stream.sink
         self.scheduler.submit(request)
         return stream
+
+
+def _check_kv_type(summary: GGUFSummary, kv_type: KVCacheType) -> None:
+    """Refuses a cache type llama.cpp would refuse (with a NULL context) for this model."""
+    try:
+        problem = KVLayout.from_gguf(summary).kv_type_problem(kv_type)
+    except (KeyError, TypeError, ValueError):  # an unusual header: let llama.cpp decide
+        return
+    if problem:
+        raise ConfigError(problem, "KV_CACHE_TYPE")

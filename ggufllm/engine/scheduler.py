@@ -246,7 +246,8 @@ class Scheduler:
     def _prefill_chunk(self, r: Request) -> None:
         """Evaluates up to ``n_batch`` prompt tokens of ``r``, one page per llama_decode."""
         for _ in range(self._pages_per_step):
-            if not self._prefill_page(r) or r.generating:
+            # r.slot is None once r finished at its first token (max_tokens=1, a stop)
+            if not self._prefill_page(r) or r.generating or r.slot is None:
                 return
 
     def _prefill_page(self, r: Request) -> bool:

@@ -26,8 +26,8 @@ still attends to, and then the prompt is evaluated again from the start.
 
 Two hooks let a host-memory cache of prefixes plug in:
 
-- ``on_evict(slot)`` runs just before a slot's cached tokens are cut back or
-  dropped (its state can be saved with ``llama_state_seq_get_data``);
+- ``on_evict(slot, keep)`` runs just before a slot's cached tokens are cut back to
+  ``keep`` (at most ``slot.n_exact``) or dropped (its state can be saved with ``llama_state_seq_get_data``);
 - ``on_place(slot, prompt, n_reuse) -> n_reuse`` runs once a free slot was chosen
   for ``prompt`` with ``n_reuse`` tokens already in it; it may restore a longer
   prefix into ``slot.seq`` (``llama_state_seq_set_data``), set ``slot.tokens`` to
@@ -83,7 +83,7 @@ class Placement:
     shared_from: int | None  # seq id the prefix was copied from, if another slot's
 
 
-EvictHook = Callable[[Slot], None]
+EvictHook = Callable[[Slot, int], None]
 PlaceHook = Callable[[Slot, Sequence[int], int], int]
 
 
@@ -215,7 +215,7 @@ class SlotTable:
     def _drop(self, slot: Slot, keep: int) -> None:
         """Cuts ``slot`` back to its first ``keep`` tokens (hook (a) first)."""
         if len(slot.tokens) > keep and self.on_evict is not None:
-            self.on_evict(slot)
+            self.on_evict(slot, keep)
         if not self._ctx.seq_rm(slot.seq, keep, -1):
             self._ctx.seq_rm(slot.seq, 0, -1)
             keep = 0

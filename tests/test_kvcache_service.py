@@ -1,0 +1,148 @@
+"""The KV cache through LLMService: RAM-cache restores, warm(), saved files in a new
+process, and files that must be refused. Greedy answers through the cache must equal
+the cold answers token for token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufllm import KVCacheError, KVCacheMismatchError, LLMService
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+# two documents of ~150 prompt tokens each: inside Gemma's 512-token window, so their
+# prefixes are kept in RAM with flash attention on (see restore_is_exact)
+DOC_A = " ".join(["The Zorblat festival is held every spring in the town of Quenby."] * 10)
+DOC_B = " ".join(["Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres."] * 10)
+
+
+def tokens(svc: LLMService, question: str, context: str) -> tuple[tuple[int, ...], int]:
+    answer = svc.answer(question, context, **GREEDY)
+    return tuple(answer.token_ids), answer.timings.n_cached
+
+
+def cold(svc: LLMService, question: str, context: str) -> tuple[int, ...]:
+    svc.clear_kv_cache()
+    ids, n_cached = tokens(svc, question, context)
+    assert n_cached == 0
+    return ids
+
+
+@pytest.fixture(scope="module")
+def one_slot(default_gguf):
+    """One slot, so that a second document pushes the first one out to RAM."""
+    with LLMService(default_gguf, max_length=1024, n_parallel=1) as svc:
+        yield svc
+
+
+def test_a_prefix_restored_from_ram_gives_the_cold_answer(one_slot):
+    svc = one_slot
+    svc.clear_kv_cache()
+    tokens(svc, "Where is the Zorblat festival held?", DOC_A)
+    tokens(svc, "How tall is Mount Ferrow?", DOC_B)  # slot reused: DOC_A's prefix to RAM
+    info = svc.get_model_info()["kv_cache"]
+    assert info["ram_entries"] >= 1 and info["ram_bytes"] > 0
+    warm, n_cached = tokens(svc, "When is the Zorblat festival?", DOC_A)
+    restored = svc.get_model_info()["kv_cache"]["ram_tokens_restored"]
+    assert n_cached >= 128 and restored >= 128 and n_cached % 64 == 0
+    assert warm == cold(svc, "When is the Zorblat festival?", DOC_A)
+    assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0  # clear_kv_cache empties RAM
+
+
+def test_warm_keeps_the_shared_prefix_of_questions_over_a_context(one_slot):
+    svc = one_slot
+    svc.clear_kv_cache()
+    n = svc.warm(DOC_B)
+    assert n > 128
+    warm, n_cached = tokens(svc, "What range is Mount Ferrow in?", DOC_B)
+    assert n_cached >= 128 and n - n_cached < 64  # the whole pages of the warmed prefix
+    assert warm == cold(svc, "What range is Mount Ferrow in?", DOC_B)
+
+
+def test_an_answer_of_one_token_leaves_the_engine_working(one_slot):
+    for _ in range(2):
+        assert one_slot.answer("Where is Quenby?", DOC_A, temperature=0.0,
+                               max_tokens=1).timings.n_generated == 1
+
+
+@pytest.mark.slow
+def test_tiny_gpt_oss_ram_restore_past_its_window_without_flash_attention(tiny_gguf):
+    """The sliding-window model: prefixes longer than the window are kept when flash
+    attention is off (the measured exact case), and the restored answer is the cold one."""
+    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1,
+                    flash_attn=False) as svc:
+        tokens(svc, "Where is the Zorblat festival held?", DOC_A)
+        tokens(svc, "How tall is Mount Ferrow?", DOC_B)
+        warm, n_cached = tokens(svc, "When is the Zorblat festival?", DOC_A)
+        info = svc.get_model_info()["kv_cache"]
+        assert info["n_swa"] == 8 and info["ram_tokens_restored"] >= 128 and n_cached >= 128
+        assert warm == cold(svc, "When is the Zorblat festival?", DOC_A)
+
+
+_CHILD = """
+import json, sys
+from ggufllm import LLMService
+path, model, question, context = sys.argv[1:5]
+with LLMService(model, max_length=1024, n_parallel=1) as svc:
+    kept = svc.load_kv_cache(path)
+    answer = svc.answer(question, context, temperature=0.0, max_tokens=12)
+    print(json.dumps({"kept": kept, "ids": list(answer.token_ids),
+                      "n_cached": answer.timings.n_cached}))
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(one_slot, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("kv") / "doc_a.kvcache"
+    one_slot.clear_kv_cache()
+    tokens(one_slot, "Where is the Zorblat festival held?", DOC_A)
+    assert one_slot.save_kv_cache(path) == 1
+    return path
+
+
+def test_a_saved_cache_gives_the_cold_answer_in_a_new_process(one_slot, saved, default_gguf):
+    question = "Who holds the Zorblat festival?"
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(saved), str(default_gguf),
+                          question, DOC_A], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["kept"] == 1 and child["n_cached"] >= 128
+    assert tuple(child["ids"]) == cold(one_slot, question, DOC_A)
+
+
+@pytest.mark.parametrize("settings,field", [
+    (dict(max_length=2048), "n_ctx"),
+    (dict(kv_cache_type="q8_0"), "kv_type"),
+    (dict(n_parallel=2), "n_seq"),
+])
+def test_a_cache_saved_under_other_settings_is_refused(saved, default_gguf, settings, field):
+    with LLMService(default_gguf, **{"max_length": 1024, "n_parallel": 1, **settings}) as svc:
+        with pytest.raises(KVCacheMismatchError, match=field):
+            svc.load_kv_cache(saved)
+        assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0
+        assert svc.answer("Where is Quenby?", DOC_A, **GREEDY).token_ids
+
+
+def test_a_cache_of_another_model_is_refused(saved, tiny_gguf):
+    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1) as svc:
+        with pytest.raises(KVCacheMismatchError, match="model"):
+            svc.load_kv_cache(saved)
+        assert svc.answer("Where is Quenby?", DOC_A, **GREEDY).timings.n_generated > 0
+
+
+def test_truncated_and_garbage_caches_are_refused_and_the_service_answers(one_slot, saved,
+                                                                         tmp_path):
+    data = saved.read_bytes()
+    bad = tmp_path / "bad.kvcache"
+    for content in (data[:len(data) // 3], data[:-1], b"\x00" * 4096, b"not a cache file"):
+        bad.write_bytes(content)
+        with pytest.raises(KVCacheError) as info:
+            one_slot.load_kv_cache(bad)
+        assert not isinstance(info.value, KVCacheMismatchError)
+        assert one_slot.answer("Where is Quenby?", DOC_A, **GREEDY).timings.n_generated > 0
+    with pytest.raises(KVCacheError):
+        one_slot.load_kv_cache(tmp_path / "missing.kvcache")
