@@ -18,7 +18,7 @@ import statistics
 import time
 
 from ggufllm import LLMService
-from ggufllm.engine.kvsize import kv_cache_bytes
+from ggufllm.engine.kvcache import KVLayout, kv_cache_bytes
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.resolve import default_model_path
 
@@ -28,12 +28,6 @@ PARAGRAPH = ("The Zorblat festival is held every spring in the town of Quenby, o
              "and the brass band plays until midnight on the old stone bridge. ")
 QUESTIONS = ["Where is the festival held?", "Who baked the first loaf?", "What do visitors eat?",
              "Where does the band play?", "When did the festival begin?"]
-GPT_OSS_20B = {"general.architecture": "gpt-oss", "gpt-oss.block_count": 24,
-               "gpt-oss.attention.head_count": 64, "gpt-oss.attention.head_count_kv": 8,
-               "gpt-oss.attention.key_length": 64, "gpt-oss.attention.value_length": 64,
-               "gpt-oss.attention.sliding_window": 128, "gpt-oss.embedding_length": 2880}
-
-
 def document(svc: LLMService, n_tokens: int) -> str:
     text = PARAGRAPH
     while len(svc._engine.tokenize(text)) < n_tokens:
@@ -52,14 +46,17 @@ def ttft(svc: LLMService, question: str, context: str) -> float:
     return first
 
 
-def memory_table(meta: dict, name: str, ctx: int, parallel: int) -> None:
+def memory_table(layout: KVLayout, name: str, ctx: int, parallel: int) -> None:
     print(f"KV cache of {name}, {parallel} x {ctx} tokens:")
     for swa_full in (True, False):
         row = []
         for kv_type in ("f16", "q8_0", "q4_0"):
-            size = kv_cache_bytes(meta, n_ctx=ctx * parallel, kv_type=kv_type,
+            if layout.kv_type_problem(kv_type):
+                row.append(f"{kv_type}  refused")
+                continue
+            size = kv_cache_bytes(layout, n_ctx=ctx * parallel, kv_type=kv_type,
                                   swa_full=swa_full, n_seq=parallel, n_ubatch=512)
-            row.append(f"{kv_type} {size['bytes'] / 2**20:8.1f} MiB")
+            row.append(f"{kv_type} {size.total / 2**20:8.1f} MiB")
         print(f"  swa_full={swa_full!s:5}: " + "   ".join(row))
 
 
@@ -87,8 +84,8 @@ def main() -> None:
           f"cold = {ratio:.3f} (target <= 0.15); tokens reused {kv['tokens_reused']}, "
           f"evaluated {kv['tokens_evaluated']}")
     svc.close()
-    memory_table(dict(read_gguf_header(path).metadata), path, args.ctx, args.parallel)
-    memory_table(GPT_OSS_20B, "gpt-oss-20b", args.ctx, args.parallel)
+    memory_table(KVLayout.from_gguf(read_gguf_header(path, probe=False)), path, args.ctx, args.parallel)
+    memory_table(KVLayout.gpt_oss_20b(), "gpt-oss-20b", args.ctx, args.parallel)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from .engine.native import ProgressFn
 from .engine.prompt import Prompt
 from .engine.scheduler import ProgressCallback
 from .engine.streams import async_chunks, async_sink
-from .errors import InvalidParameterError, LoadCancelledError, ServiceClosedError
+from .errors import ConfigError, InvalidParameterError, LoadCancelledError, ServiceClosedError
 from .gpu import gpu_info
 from .gpu.placement import LoadReport, observe_load, placement_for_settings
 from .harmony import Turn
@@ -55,6 +55,10 @@ class LLMService:
 
     def __init__(self, model_path: str | Path | None = None, *, settings: Settings | None = None,
                  progress: ProgressFn | None = None, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(Settings.model_fields))
+        if unknown:  # the environment may carry other names; an explicit keyword may not
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known settings are "
+                              f"the fields of ggufllm.Settings", unknown[0])
         self.settings = settings if settings is not None else load_settings(**overrides)
         self.model_path = str(model_path) if model_path is not None else None
         self._generation: GenerationConfig = self.settings.generation()
@@ -414,9 +418,16 @@ class LLMService:
             self._closed = True
             self._close_engine()
 
+    def unload(self) -> None:
+        """Frees the model but keeps the service usable: the next call (or
+        :meth:`load`) loads it again. Running requests end with ``cancelled``."""
+        with self._load_lock:
+            self._close_engine()
+
     async def cleanup(self) -> None:
-        """Async :meth:`close` (waits for the decode step in flight in a worker thread)."""
-        await asyncio.to_thread(self.close)
+        """Async :meth:`unload`, as the seed's service had it: frees the model (in a worker
+        thread) and a later ``await load_model()`` loads it again. :meth:`close` is final."""
+        await asyncio.to_thread(self.unload)
 
     def __enter__(self) -> LLMService:
         self.load()

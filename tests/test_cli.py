@@ -223,3 +223,23 @@ def test_system_really_sets_the_instructions(default_gguf: Path):
         return json.loads(r.stdout)["timings"]["n_prompt"]
 
     assert n_prompt("--system", "Answer in one short sentence, in French.") > n_prompt()
+
+
+def test_kv_cache_file_is_saved_and_reused_by_the_next_run(default_gguf: Path, tmp_path: Path):
+    cache = tmp_path / "doc.kv"
+    args = ("ask", "Where is the festival held?", "-m", str(default_gguf), "--json",
+            "--temperature", "0", "--max-tokens", "12", "--kv-cache", str(cache),
+            "--context", "The Zorblat festival is held every spring in the town of Quenby.")
+    first = ggufllm(*args)
+    assert first.returncode == 0, first.stderr
+    assert cache.stat().st_size > 0
+    second = ggufllm(*args)
+    assert second.returncode == 0, second.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["timings"]["n_cached"] == 0
+    assert b["timings"]["n_cached"] > 0  # the prompt's pages came back from the file
+    assert b["answer"] == a["answer"]
+    cache.write_bytes(b"garbage")  # a bad file is a notice, never a failure
+    third = ggufllm(*args)
+    assert third.returncode == 0 and "notice:" in third.stderr
+    assert json.loads(third.stdout)["answer"] == a["answer"]

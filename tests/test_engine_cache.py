@@ -10,7 +10,7 @@ import pytest
 
 from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
 from ggufllm.engine.fit import RagQuestion
-from ggufllm.engine.kvsize import kv_cache_bytes
+from ggufllm.engine.kvcache import KVLayout, kv_cache_bytes
 
 GREEDY = dict(temperature=0.0, max_tokens=24)
 DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
@@ -213,18 +213,15 @@ def test_kv_bytes_match_llama_cpp(default_gguf, caplog):
 
 
 def test_kv_bytes_of_each_cache_mode():
-    meta = {"general.architecture": "gpt-oss", "gpt-oss.block_count": 24,
-            "gpt-oss.attention.head_count": 64, "gpt-oss.attention.head_count_kv": 8,
-            "gpt-oss.attention.key_length": 64, "gpt-oss.attention.value_length": 64,
-            "gpt-oss.attention.sliding_window": 128, "gpt-oss.embedding_length": 2880}
-    full = kv_cache_bytes(meta, n_ctx=16384, kv_type="f16", swa_full=True, n_seq=4, n_ubatch=512)
-    window = kv_cache_bytes(meta, n_ctx=16384, kv_type="f16", swa_full=False, n_seq=4,
-                            n_ubatch=512)
-    assert full["bytes"] == 24 * 16384 * 8 * 128 * 2  # 768 MiB for 4 x 4096 tokens
-    assert window["swa_layers"] == 12 and window["swa_cells"] == 1024
-    assert window["bytes"] == 12 * (16384 + 1024) * 8 * 128 * 2
-    q8 = kv_cache_bytes(meta, n_ctx=16384, kv_type="q8_0", swa_full=True, n_seq=4, n_ubatch=512)
-    assert q8["bytes"] == full["bytes"] * 34 // 64
+    layout = KVLayout.gpt_oss_20b()
+    four = dict(n_ctx=16384, n_seq=4, n_ubatch=512)
+    full = kv_cache_bytes(layout, kv_type="f16", swa_full=True, **four)
+    window = kv_cache_bytes(layout, kv_type="f16", swa_full=False, **four)
+    assert full.total == 24 * 16384 * 8 * 128 * 2  # 768 MiB for 4 x 4096 tokens
+    assert window.swa_cells == 1024
+    assert window.total == 12 * (16384 + 1024) * 8 * 128 * 2
+    q8 = kv_cache_bytes(layout, kv_type="q8_0", swa_full=True, **four)
+    assert q8.total == full.total * 34 // 64
 
 
 def test_quantized_kv_cache_answers(default_gguf):

@@ -60,9 +60,8 @@ def test_readme_block_runs(line: int, code: str, tmp_path: Path, default_gguf: P
     assert r.returncode == 0, f"README.md block at line {line} failed:\n{r.stderr[-3000:]}"
 
 
-# -- the service contract the README promises (service.py is the engine branch's) ----------
+# -- the service contract the README promises ------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="needs engine branch: cleanup() must not be final")
 def test_cleanup_then_load_model_loads_again(default_gguf: Path):
     import asyncio
 
@@ -81,7 +80,6 @@ def test_cleanup_then_load_model_loads_again(default_gguf: Path):
     assert "Paris" in asyncio.run(cycle())
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine branch: explicit unknown settings rejected")
 def test_unknown_setting_keyword_is_a_config_error(default_gguf: Path):
     with pytest.raises(ConfigError, match="n_paralel"):
         LLMService(default_gguf, n_paralel=8)

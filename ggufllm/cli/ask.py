@@ -6,12 +6,13 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from ..chunks import Answer
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, KVCacheError
 from .common import CliError, flags_from, generation_options, quiet, state, verbose
 from .load import call_options, open_service
 from .output import Streamed, after_answer, stream_to_terminal
@@ -73,9 +74,12 @@ def _inputs(question: str | None, context: str | None, context_file: str | None)
                                  "or lower --max-tokens [default: error].")
 @click.option("--no-stream", is_flag=True, help="Print the answer when it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--kv-cache", "kv_cache", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="A KV-cache file: loaded when it exists, saved after the answer.")
 def ask(question: str | None, context: str | None, context_file: str | None, model: str | None,
         system: str | None, show_reasoning: bool, stats: bool, no_stream: bool, as_json: bool,
-        **kw: Any) -> None:
+        kv_cache: Path | None, **kw: Any) -> None:
     """Answer QUESTION, optionally from retrieved context.
 
     QUESTION '-' (or none, with a pipe) reads the question from stdin.
@@ -93,26 +97,41 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
     flags = flags_from(kw)
     service, cfg = open_service(model, flags)
     with service:
-        if as_json or no_stream:
-            extra = call_options(service.answer, system, None)
-            answer = service.answer(question, context, **flags.params, **extra)
-            _print_whole(answer, service, as_json, show_reasoning)
-            if not as_json:
-                after_answer(Streamed(answer, None, False), max_tokens=cfg.max_tokens,
-                             stats=stats or verbose() > 0, quiet=quiet())
-            return
-        spinner = PromptSpinner(enabled=is_terminal() and not quiet())
-        extra = call_options(service.stream, system, spinner)
-        started = time.perf_counter()
-        spinner.start()
-        try:
-            chunks = service.stream(question, context, **flags.params, **extra)
-            streamed = stream_to_terminal(chunks, show_reasoning, started=started,
-                                          on_first=spinner.stop)
-        finally:
-            spinner.stop()
-        after_answer(streamed, max_tokens=cfg.max_tokens, stats=stats or verbose() > 0,
-                     quiet=quiet())
+        if kv_cache is not None and kv_cache.exists():
+            try:
+                service.load_kv_cache(kv_cache)
+            except KVCacheError as exc:
+                if not quiet():
+                    click.echo(f"notice: {exc}; answering without it", err=True)
+        _answer(service, question, context, system, flags, cfg, show_reasoning=show_reasoning,
+                stats=stats, no_stream=no_stream, as_json=as_json)
+        if kv_cache is not None:
+            service.save_kv_cache(kv_cache)
+
+
+def _answer(service: Any, question: str, context: str | None, system: str | None, flags: Any,
+            cfg: Any, *, show_reasoning: bool, stats: bool, no_stream: bool,
+            as_json: bool) -> None:
+    if as_json or no_stream:
+        extra = call_options(service.answer, system, None)
+        answer = service.answer(question, context, **flags.params, **extra)
+        _print_whole(answer, service, as_json, show_reasoning)
+        if not as_json:
+            after_answer(Streamed(answer, None, False), max_tokens=cfg.max_tokens,
+                         stats=stats or verbose() > 0, quiet=quiet())
+        return
+    spinner = PromptSpinner(enabled=is_terminal() and not quiet())
+    extra = call_options(service.stream, system, spinner)
+    started = time.perf_counter()
+    spinner.start()
+    try:
+        chunks = service.stream(question, context, **flags.params, **extra)
+        streamed = stream_to_terminal(chunks, show_reasoning, started=started,
+                                      on_first=spinner.stop)
+    finally:
+        spinner.stop()
+    after_answer(streamed, max_tokens=cfg.max_tokens, stats=stats or verbose() > 0,
+                 quiet=quiet())
 
 
 def _print_whole(answer: Answer, service: Any, as_json: bool, show_reasoning: bool) -> None:

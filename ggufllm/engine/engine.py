@@ -31,9 +31,8 @@ from ..errors import (
 )
 from ..gguf_file import GGUFSummary, read_gguf_header
 from ..harmony import Turn
-from .kvcache import KVLayout, PrefixCache
+from .kvcache import KVLayout, PrefixCache, kv_cache_bytes
 from .kvfile import KVCacheIdentity
-from .kvsize import kv_cache_bytes
 from .kvstore import KVStore
 from .native import NativeContext, NativeModel, ProgressFn
 from .output import HarmonyReader, OutputReader, TextReader
@@ -177,13 +176,13 @@ class Engine:
     def kv_cache_info(self) -> dict[str, Any]:
         """What the KV cache holds and costs (see ``LLMService.get_model_info``)."""
         o, ctx = self.options, self._ctx
-        size = kv_cache_bytes(self.summary.metadata, n_ctx=ctx.n_ctx, kv_type=o.kv_cache_type,
-                              swa_full=o.swa_full, n_seq=o.n_parallel,
+        size = kv_cache_bytes(KVLayout.from_gguf(self.summary), n_ctx=ctx.n_ctx,
+                              kv_type=o.kv_cache_type, swa_full=o.swa_full, n_seq=o.n_parallel,
                               n_ubatch=min(ctx.n_batch, 512))
         info: dict[str, Any] = {
             "n_ctx": self.n_ctx, "n_ctx_pool": ctx.n_ctx, "n_parallel": o.n_parallel,
             "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": self._model.n_swa,
-            "bytes": size["bytes"], "tokens_evaluated": self.scheduler.tokens_evaluated,
+            "bytes": size.total, "tokens_evaluated": self.scheduler.tokens_evaluated,
         }
         info.update(self.slots.stats())
         info.update(self.kv_store.stats())
