@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ggufllm import LLMService
-from ggufllm.cli.common import supports
-
 from .gguf_corpus import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,8 +210,6 @@ def test_short_help_shows_an_example(command: str):
         assert "[default: 0.7]" in " ".join(r.stdout.split())  # --temperature shows its default
 
 
-@pytest.mark.xfail(not supports(LLMService.stream, "instructions"), strict=False,
-                   reason="needs engine branch: instructions= on LLMService.stream")
 def test_system_really_sets_the_instructions(default_gguf: Path):
     def n_prompt(*extra: str) -> int:
         r = ggufllm("ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--json",

@@ -87,7 +87,7 @@ from ggufllm import LLMService, ModelLoadError
 for p in sys.argv[1:]:
     print("START", flush=True)
     try:
-        with LLMService(p, max_length=128) as svc:
+        with LLMService(p, max_length=2048, n_parallel=1) as svc:
             svc.generate_answer("the", max_tokens=2, temperature=0)
         print("DONE answers", flush=True)
     except ModelLoadError:
@@ -137,7 +137,7 @@ def test_semantic_case_is_refused_or_answers(tmp_path: Path, name: str, child_ou
     p.write_bytes(SEMANTIC_FILES[name])
     case = SEMANTIC[name]
     try:
-        with LLMService(p, max_length=128) as svc:
+        with LLMService(p, max_length=2048, n_parallel=1) as svc:
             assert svc.generate_answer("the", max_tokens=2, temperature=0) is not None
     except ModelLoadError as err:
         assert err.problems and err.path == str(p)

@@ -18,6 +18,7 @@ from ggufllm import (
     LLMService,
     LoadCancelledError,
     ServiceClosedError,
+    Turn,
 )
 
 GREEDY = dict(temperature=0.0, max_tokens=32)
@@ -68,6 +69,12 @@ def most_cached_tokens(svc: LLMService) -> int:
     return max(len(s.tokens) for s in svc._engine.slots.slots)
 
 
+def generated_in_cache(svc: LLMService, question: str) -> int:
+    """Tokens the longest slot holds past the question's prompt (what was generated)."""
+    prompt = svc._engine.prompts.build([Turn("user", question)], svc.generation_config)
+    return most_cached_tokens(svc) - len(prompt.tokens)
+
+
 def test_abandoned_stream_is_cancelled_at_once(service):
     expected = service.generate_answer(QUESTIONS[5], **GREEDY)
     service.clear_kv_cache()
@@ -79,7 +86,7 @@ def test_abandoned_stream_is_cancelled_at_once(service):
     stream.close()
     wait_idle(service)
     # cancelled within a few steps, far from its 400-token budget
-    assert most_cached_tokens(service) < 20 + 30
+    assert generated_in_cache(service, "Tell me a long story about a dragon.") < 30
     assert service.generate_answer(QUESTIONS[5], **GREEDY) == expected
 
 
@@ -91,7 +98,7 @@ def test_dropped_stream_is_cancelled(service):
     del stream
     gc.collect()
     wait_idle(service)
-    assert most_cached_tokens(service) < 20 + 30
+    assert generated_in_cache(service, "Tell me a long story about a dragon.") < 30
 
 
 def test_closed_stream_ends_with_reason_cancelled(service):
@@ -197,7 +204,8 @@ def test_broken_async_for_stops_decoding(service):
         return n
 
     assert asyncio.run(main()) == 2
-    assert most_cached_tokens(service) < 20 + 30  # stopped long before 300 tokens
+    # stopped long before 300 tokens
+    assert generated_in_cache(service, "Count from one to one hundred.") < 30
     assert service.generate_answer(QUESTIONS[0], **GREEDY)
 
 
@@ -374,7 +382,11 @@ def test_optimize_for_gpu_picks_the_file_of_the_folder(tmp_path: Path, default_g
 
 
 def test_stop_strings_cut_the_answer(service):
+    # both runs start from an empty pool: a greedy answer may change with where its cells sit
+    # in the shared KV pool (see README, Concurrency and the KV cache)
+    service.clear_kv_cache()
     full = service.generate_answer("Why is the sky blue?", **GREEDY)
+    service.clear_kv_cache()
     words = full.split()
     assert len(words) >= 3, full
     stop = f" {words[2]}"  # a word inside the greedy answer, whatever the prompt's wording

@@ -113,7 +113,7 @@ def _answer(service: Any, question: str, context: str | None, system: str | None
             cfg: Any, *, show_reasoning: bool, stats: bool, no_stream: bool,
             as_json: bool) -> None:
     if as_json or no_stream:
-        extra = call_options(service.answer, system, None)
+        extra = call_options(system, None)
         answer = service.answer(question, context, **flags.params, **extra)
         _print_whole(answer, service, as_json, show_reasoning)
         if not as_json:
@@ -121,7 +121,7 @@ def _answer(service: Any, question: str, context: str | None, system: str | None
                          stats=stats or verbose() > 0, quiet=quiet())
         return
     spinner = PromptSpinner(enabled=is_terminal() and not quiet())
-    extra = call_options(service.stream, system, spinner)
+    extra = call_options(system, spinner)
     started = time.perf_counter()
     spinner.start()
     try:

@@ -113,7 +113,7 @@ class ChatSession:
         dropped = 0
         kept = list(self.messages)
         while True:
-            extra = call_options(self.service.chat_stream, self.system, spinner)
+            extra = call_options(self.system, spinner)
             try:
                 chunks = iter(self.service.chat_stream(self._turns(), **self.params, **extra))
                 first = next(chunks, None)

@@ -7,7 +7,6 @@ error names what the user typed (``--ctx``, not ``MAX_LENGTH``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from ..errors import (
 )
 
 __all__ = ["CliError", "verbosity_options", "state", "explain", "generation_options",
-           "Flags", "supports"]
+           "Flags"]
 
 # generation parameter -> the flag that sets it
 PARAM_FLAGS = {
@@ -94,18 +93,6 @@ def quiet() -> bool:
 
 def verbose() -> int:
     return int(state().get("verbose", 0))
-
-
-def supports(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` takes the keyword ``name`` explicitly.
-
-    The engine branch adds ``instructions=`` and ``on_prompt_progress=``; until it
-    lands the CLI passes them only where they exist.
-    """
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def explain(exc: GgufllmError) -> str:

@@ -4,14 +4,13 @@ so a mistake is reported before a 12 GB model loads."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from ..config import GenerationConfig
 from ..gguf_file import read_gguf_header
 from ..resolve import resolve_model
 from ..service import LLMService
-from .common import CliError, Flags, quiet, state, supports
+from .common import CliError, Flags, quiet, state
 from .progress import LoadBar, PromptSpinner, is_terminal
 
 __all__ = ["open_service", "call_options"]
@@ -61,20 +60,11 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
     return service, cfg
 
 
-def call_options(fn: Callable[..., Any], instructions: str | None,
-                 spinner: PromptSpinner | None) -> dict[str, Any]:
-    """The keyword arguments for ``fn`` that this engine supports.
-
-    ``instructions=`` and ``on_prompt_progress=`` come with the engine branch; an
-    older service gets neither (and a note when instructions were asked for).
-    """
+def call_options(instructions: str | None, spinner: PromptSpinner | None) -> dict[str, Any]:
+    """The keyword arguments a generation call gets from ``--system`` and the spinner."""
     extra: dict[str, Any] = {}
     if instructions:
-        if supports(fn, "instructions"):
-            extra["instructions"] = instructions
-        elif not state().get("warned_instructions"):
-            state()["warned_instructions"] = True
-            logger.warning("this engine cannot take instructions yet: --system is ignored")
-    if spinner is not None and supports(fn, "on_prompt_progress"):
+        extra["instructions"] = instructions
+    if spinner is not None:
         extra["on_prompt_progress"] = spinner.progress
     return extra

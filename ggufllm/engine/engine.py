@@ -176,13 +176,16 @@ class Engine:
     def kv_cache_info(self) -> dict[str, Any]:
         """What the KV cache holds and costs (see ``LLMService.get_model_info``)."""
         o, ctx = self.options, self._ctx
-        size = kv_cache_bytes(KVLayout.from_gguf(self.summary), n_ctx=ctx.n_ctx,
-                              kv_type=o.kv_cache_type, swa_full=o.swa_full, n_seq=o.n_parallel,
-                              n_ubatch=min(ctx.n_batch, 512))
+        try:
+            size: int | None = kv_cache_bytes(
+                KVLayout.from_gguf(self.summary), n_ctx=ctx.n_ctx, kv_type=o.kv_cache_type,
+                swa_full=o.swa_full, n_seq=o.n_parallel, n_ubatch=min(ctx.n_batch, 512)).total
+        except (KeyError, TypeError, ValueError):  # per-layer head counts: not modelled
+            size = None
         info: dict[str, Any] = {
             "n_ctx": self.n_ctx, "n_ctx_pool": ctx.n_ctx, "n_parallel": o.n_parallel,
             "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": self._model.n_swa,
-            "bytes": size.total, "tokens_evaluated": self.scheduler.tokens_evaluated,
+            "bytes": size, "tokens_evaluated": self.scheduler.tokens_evaluated,
         }
         info.update(self.slots.stats())
         info.update(self.kv_store.stats())
@@ -330,7 +333,7 @@ def _check_kv_type(summary: GGUFSummary, kv_type: KVCacheType) -> None:
     """Refuses a cache type llama.cpp would refuse (with a NULL context) for this model."""
     try:
         problem = KVLayout.from_gguf(summary).kv_type_problem(kv_type)
-    except (KeyError, TypeError, ValueError):  # an unusual header: let llama.cpp decide
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # odd header: llama.cpp decides
         return
     if problem:
         raise ConfigError(problem, "KV_CACHE_TYPE")
