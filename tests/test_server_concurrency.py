@@ -21,7 +21,7 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
              "Who wrote Hamlet?", "What colour is the sky?", "How many legs has a spider?",
              "What is the boiling point of water?", "Name a large ocean."]
 CLIENTS, PER_CLIENT = 16, 8
-LONG = {"messages": [{"role": "user", "content": "Count from 1 to 500: 1, 2, 3,"}],
+LONG = {"messages": [{"role": "user", "content": "List the first fifty prime numbers."}],
         "max_tokens": 400, "temperature": 0, "stream": True}
 
 

@@ -108,7 +108,7 @@ def _env() -> dict[str, str]:
 
 def _sigterm_during_a_stream(proc: subprocess.Popen[bytes], url: str, port: int) -> None:
     wait_health(url, 200, timeout_s=180, proc=proc)
-    body = {"question": "Count from 1 to 500: 1, 2, 3,", "max_tokens": 500, "temperature": 0,
+    body = {"question": "List the first fifty prime numbers.", "max_tokens": 500, "temperature": 0,
             "stream": True}
     lines: list[str] = []
     with httpx.stream("POST", f"{url}/answer", json=body, timeout=120) as r:
