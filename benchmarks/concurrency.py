@@ -28,13 +28,16 @@ from batch_invariance import Bare, prompt_items  # noqa: E402
 from ggufllm import LLMService, Turn  # noqa: E402
 from ggufllm.resolve import default_model_path  # noqa: E402
 
-TOPICS = ["a dragon who learns to fly", "a lighthouse keeper", "a robot gardener",
-          "a lost city under the sea", "a clockmaker's apprentice", "a fox and a crow",
-          "a storm at sea", "the first train to the mountains"]
+# Prompts whose greedy answers on the embedded model run past 64 tokens (lists): the bare loop
+# always decodes --tokens tokens, so ours must too for the rates to compare.
+PROMPTS = ["List the first fifty prime numbers.", "List the first fifty odd numbers.",
+           "List the multiples of seven up to seven hundred.", "List the first fifty Fibonacci numbers.",
+           "List the first hundred multiples of three.", "List the first hundred multiples of five.",
+           "List the first hundred multiples of four.", "List the multiples of eight up to eight hundred."]
 
 
 def prompt_text(i: int) -> str:
-    return f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+    return PROMPTS[i % len(PROMPTS)]
 
 
 def run_ours(svc: LLMService, n: int, tokens: int, together: bool) -> tuple[int, float]:
@@ -56,7 +59,11 @@ def run_ours(svc: LLMService, n: int, tokens: int, together: bool) -> tuple[int,
     else:
         for i in range(n):
             one(i)
-    return sum(counts), time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if sum(counts) < n * tokens:
+        print(f"  note: {n * tokens - sum(counts)} of {n * tokens} tokens not generated "
+              "(an answer ended early); rates compare less well")
+    return sum(counts), elapsed
 
 
 def run_bare(bare: Bare, prompts: list[list[int]], tokens: int) -> tuple[int, float]:
