@@ -238,6 +238,37 @@ class LLMService:
         engine, prompt, cfg = self._prepare([], params, instructions, self._rag(question, context))
         return engine.stream(prompt, cfg, on_prompt_progress)
 
+    def complete_stream(self, text: str, *, on_prompt_progress: ProgressCallback | None = None,
+                        **params: Any) -> Iterator[Chunk]:
+        """Streams a raw continuation of ``text`` (no prompt format, no built-in stops),
+        as OpenAI's legacy completions and llama-server's ``/completion`` do.
+
+        Raises:
+            InvalidParameterError, ContextLengthExceededError, ServerBusyError,
+            ServiceClosedError: at call time, before any decoding.
+        """
+        engine, prompt, cfg = self._prepare_raw(text, params)
+        return engine.stream(prompt, cfg, on_prompt_progress)
+
+    async def acomplete_stream(self, text: str, *,
+                               on_prompt_progress: ProgressCallback | None = None,
+                               **params: Any) -> AsyncIterator[Chunk]:
+        """Async twin of :meth:`complete_stream`."""
+        if self._engine is None:
+            await self.load_model()
+        engine, prompt, cfg = self._prepare_raw(text, params)
+        async for chunk in self._astream_prompt(engine, prompt, cfg, on_prompt_progress):
+            yield chunk
+
+    def _prepare_raw(self, text: str, params: dict[str, Any]) -> tuple[Engine, Prompt, GenerationConfig]:
+        if not isinstance(text, str) or not text:
+            raise InvalidParameterError("the prompt must be a non-empty string", "prompt")
+        cfg = self._generation.updated(**params)
+        engine = self._ensure_engine()
+        prompt = engine.raw(text, cfg)
+        engine.check_budget(prompt, cfg)
+        return engine, prompt, cfg
+
     def answer(self, question: str, context: str | None = None, **params: Any) -> Answer:
         """The whole answer, with the reasoning apart and how generation ended."""
         with closing(self.stream(question, context, **params)) as chunks:
@@ -269,6 +300,12 @@ class LLMService:
         if self._engine is None:
             await self.load_model()
         engine, prompt, cfg = self._prepare(turns, params, instructions, rag)
+        async for chunk in self._astream_prompt(engine, prompt, cfg, on_prompt_progress):
+            yield chunk
+
+    @staticmethod
+    async def _astream_prompt(engine: Engine, prompt: Prompt, cfg: GenerationConfig,
+                              on_prompt_progress: ProgressCallback | None) -> AsyncIterator[Chunk]:
         cancel = threading.Event()
         sink, queue = async_sink(cancel)
         engine.submit(prompt, cfg, sink, on_prompt_progress, cancel)

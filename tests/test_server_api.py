@@ -120,6 +120,10 @@ def test_completions_stream_and_not(server: Running, client: openai.OpenAI) -> N
         model=server.model_id(), prompt=QUESTIONS[0], max_tokens=10, temperature=0,
         stream=True))
     assert text == whole.choices[0].text
+    # a raw continuation, as OpenAI's and llama-server's completions are
+    cont = client.completions.create(model=server.model_id(), prompt="The capital of France is",
+                                     max_tokens=4, temperature=0)
+    assert cont.choices[0].text.startswith(" ") and cont.usage.prompt_tokens == 6  # BOS + 5
 
 
 def test_answer_route_stream_equals_non_stream(server: Running) -> None:

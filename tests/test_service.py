@@ -404,3 +404,14 @@ def test_cancel_load_before_the_load_starts_is_not_lost(default_gguf):
     svc.load()  # the cancel was consumed by the load it stopped
     assert svc.is_loaded
     svc.close()
+
+
+def test_raw_completion_continues_the_text_as_it_is(service):
+    text = "The capital of France is"
+    service.clear_kv_cache()
+    done = Answer.from_chunks(service.complete_stream(text, temperature=0.0, max_tokens=4))
+    assert done.text.strip() and done.text.startswith(" ")  # a continuation keeps its space
+    # the prompt is the text's own tokens after the BOS: no frame, no turns
+    assert done.timings.n_prompt == len(service._engine.tokenize(text)) + 1
+    with pytest.raises(InvalidParameterError):
+        service.complete_stream("", max_tokens=4)

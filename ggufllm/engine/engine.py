@@ -159,6 +159,11 @@ class Engine:
         with self._native():
             return self.prompts.build(turns, cfg, instructions)
 
+    def raw(self, text: str, cfg: GenerationConfig) -> Prompt:
+        """A raw continuation prompt (see :meth:`PromptBuilder.raw`)."""
+        with self._native():
+            return self.prompts.raw(text, cfg)
+
     def tokenize(self, text: str) -> list[int]:
         with self._native() as model:
             return model.tokenize(text, add_special=False, parse_special=False)
@@ -281,6 +286,8 @@ class Engine:
             raise ContextLengthExceededError(n_prompt, self.n_ctx, cfg.max_tokens)
 
     def reader(self, prompt: Prompt) -> OutputReader:
+        if prompt.raw:
+            return TextReader(self._model, prompt.stops, strip_start=False)
         if self.prompts.harmony is not None:
             return HarmonyReader(self._model, self.prompts.harmony, prompt.stops)
         return TextReader(self._model, prompt.stops)

@@ -98,11 +98,12 @@ class TextReader:
     after everything decoded so far, including what the stop window holds back.
     """
 
-    def __init__(self, model: NativeModel, stops: Sequence[str]) -> None:
+    def __init__(self, model: NativeModel, stops: Sequence[str], *,
+                 strip_start: bool = True) -> None:
         self._model = model
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stops = StopScanner(stops)
-        self._at_start = True
+        self._at_start = strip_start  # a raw continuation keeps its leading space
         self._ended = False
 
     def feed(self, token: int) -> tuple[list[Chunk], FinishReason | None]:

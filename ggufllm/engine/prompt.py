@@ -50,6 +50,7 @@ class Prompt:
 
     tokens: list[int]
     stops: tuple[str, ...]
+    raw: bool = False  # a text continued as it is (no turns, read as plain text)
 
 
 class PromptBuilder:
@@ -113,6 +114,13 @@ class PromptBuilder:
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions, date), cfg.stop)
         return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
+
+    def raw(self, text: str, cfg: GenerationConfig) -> Prompt:
+        """A raw continuation prompt: ``text`` tokenized as plain text (after the BOS the
+        model wants), read back as plain text with only the caller's stop strings."""
+        m = self._model
+        return Prompt(m.tokenize(text, add_special=m.add_bos, parse_special=False), cfg.stop,
+                      raw=True)
 
     def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False) -> list[int]:
         m = self._model

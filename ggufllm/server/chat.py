@@ -16,7 +16,7 @@ from .errors import validate
 from .generate import Generation
 from .schemas import ChatRequest, CompletionRequest
 from .state import ServerState
-from .streaming import Fold, PromptProgress, open_chat, openai_finish
+from .streaming import Fold, PromptProgress, open_chat, open_completion, openai_finish
 
 __all__ = ["router"]
 
@@ -96,13 +96,12 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    """OpenAI (legacy) completions: the prompt is answered as one user turn in the model's
-    own format (the engine has no raw-continuation call); only the answer text is returned."""
+    """OpenAI (legacy) completions: the prompt is continued as raw text (no prompt format,
+    only the request's stop strings), as OpenAI and llama-server do."""
     req = validate(CompletionRequest, await request.body())
     state = _state(request)
-    turns = [Turn("user", req.text())]
-    gen = await _start(request, req.model, lambda p: open_chat(
-        state.service, turns, None, p, req.generation_params()))
+    gen = await _start(request, req.model, lambda p: open_completion(
+        state.service, req.text(), p, req.generation_params()))
     env = _Envelope("cmpl", "text_completion", state.model_id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -116,7 +116,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: the prompt is answered as one user turn."""
+    """``POST /v1/completions``: the prompt is continued as raw text."""
 
     prompt: str | list[str] = Field(...)
     max_tokens: int | None = Field(16, ge=1, le=1 << 20)  # OpenAI's default for completions

@@ -70,6 +70,13 @@ def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
     return _fit_budget(lambda p: fn(turns, **kwargs, **p), params)
 
 
+def open_completion(service: Any, text: str, progress: PromptProgress | None,
+                    params: dict[str, Any]) -> AsyncIterator[Chunk]:
+    """``service.acomplete_stream(text)``: a raw continuation (OpenAI's legacy completions)."""
+    kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
+    return _fit_budget(lambda p: service.acomplete_stream(text, **kwargs, **p), params)
+
+
 def open_answer(service: Any, question: str, context: str | None,
                 progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.astream(question, context)`` with prompt progress when the service reports it."""
