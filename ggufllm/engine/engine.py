@@ -324,15 +324,9 @@ class Engine:
         Raises:
             Everything :meth:`submit` raises, at call time.
         """
-        if self._closed:
-            raise ServiceClosedError("the model was closed")
-        self.check_budget(prompt, cfg)
-        with self._native():
-            reader = self.reader(prompt)
-        request = Request(prompt.tokens, cfg, reader, lambda item: None, on_prompt_progress)
-        stream = ChunkStream(request.cancel)
-        request.sink = stream.sink
-        self.scheduler.submit(request)
+        cancel = threading.Event()
+        stream = ChunkStream(cancel)
+        self.submit(prompt, cfg, stream.sink, on_prompt_progress, cancel)
         return stream
 
 

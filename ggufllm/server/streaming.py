@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +24,6 @@ from ..harmony import Turn
 __all__ = ["ChunkStream", "Fold", "open_chat", "open_answer", "PromptProgress"]
 
 logger = logging.getLogger(__name__)
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class PromptProgress:
@@ -50,24 +42,13 @@ class PromptProgress:
 
 def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
               progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
-    """``service.achat_stream`` with the keywords this service version accepts.
-
-    ``instructions`` and ``on_prompt_progress`` are newer keywords of the
-    service; with an older one, instructions are put before the first user
-    message and progress is not reported. Without ``max_tokens`` in ``params``
-    the budget is what the context leaves (see :func:`_fit_budget`).
-    """
-    fn = service.achat_stream
-    kwargs: dict[str, Any] = {}
-    if instructions:
-        if _accepts(fn, "instructions"):
-            kwargs["instructions"] = instructions
-        else:
-            turns = _fold_instructions(turns, instructions)
-    if progress is not None and _accepts(fn, "on_prompt_progress"):
+    """``service.achat_stream``; without ``max_tokens`` in ``params`` the budget is what the
+    context leaves (see :func:`_fit_budget`)."""
+    kwargs: dict[str, Any] = {"instructions": instructions} if instructions else {}
+    if progress is not None:
         kwargs["on_prompt_progress"] = progress
     turns = list(turns)
-    return _fit_budget(lambda p: fn(turns, **kwargs, **p), params)
+    return _fit_budget(lambda p: service.achat_stream(turns, **kwargs, **p), params)
 
 
 def open_completion(service: Any, text: str, progress: PromptProgress | None,
@@ -79,12 +60,9 @@ def open_completion(service: Any, text: str, progress: PromptProgress | None,
 
 def open_answer(service: Any, question: str, context: str | None,
                 progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
-    """``service.astream(question, context)`` with prompt progress when the service reports it."""
-    fn = service.astream
-    kwargs: dict[str, Any] = {}
-    if progress is not None and _accepts(fn, "on_prompt_progress"):
-        kwargs["on_prompt_progress"] = progress
-    return _fit_budget(lambda p: fn(question, context, **kwargs, **p), params)
+    """``service.astream(question, context)`` with prompt progress reported."""
+    kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
+    return _fit_budget(lambda p: service.astream(question, context, **kwargs, **p), params)
 
 
 async def _fit_budget(open_fn: Callable[[dict[str, Any]], AsyncIterator[Chunk]],
@@ -111,15 +89,6 @@ async def _fit_budget(open_fn: Callable[[dict[str, Any]], AsyncIterator[Chunk]],
             yield chunk
     finally:
         await chunks.aclose()
-
-
-def _fold_instructions(turns: Sequence[Turn], instructions: str) -> list[Turn]:
-    out = list(turns)
-    for i, turn in enumerate(out):
-        if turn.role == "user":
-            out[i] = Turn("user", f"{instructions}\n\n{turn.content}")
-            break
-    return out
 
 
 class ChunkStream:
