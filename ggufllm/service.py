@@ -29,9 +29,9 @@ from .engine.prompt import Prompt
 from .engine.scheduler import ProgressCallback
 from .engine.streams import async_chunks, async_sink
 from .errors import ConfigError, InvalidParameterError, LoadCancelledError, ServiceClosedError
-from .gpu import gpu_info
 from .gpu.placement import LoadReport, observe_load, placement_for_settings
 from .harmony import Turn
+from .model_info import model_info
 from .resolve import ResolvedModel, resolve_model
 
 __all__ = ["LLMService"]
@@ -409,37 +409,8 @@ class LLMService:
         ``ram_entries``/``ram_bytes``/``ram_hits``...) and ``scheduler`` how many requests
         run and wait.
         """
-        engine, resolved = self._engine, self._resolved
-        gpu = gpu_info()
-        info: dict[str, Any] = {
-            "loaded": engine is not None,
-            "model_name": None, "model_path": None, "architecture": None,
-            "quantization": None, "n_ctx": self.settings.max_length,
-            "n_gpu_layers": 0,
-            "device": gpu.device, "gpu_name": gpu.name,
-            "gpu_memory_total": gpu.memory_total_gb,
-            "gpu_memory_allocated": gpu.memory_used_gb,
-        }
-        if engine is not None and self._load_report is not None:  # as llama.cpp reported it
-            info.update(self._load_report.as_info())
-        if engine is not None and resolved is not None:
-            meta = engine.summary.metadata
-            file_type = meta.get("general.file_type")
-            info.update(
-                model_name=meta.get("general.name") or resolved.path.stem,
-                model_path=str(resolved.path), architecture=engine.summary.architecture,
-                quantization=_quantization_name(resolved.path, file_type),
-                n_ctx=engine.n_ctx, prompt_format=engine.prompt_kind.value,
-                source=resolved.source,
-            )
-            try:
-                facts = engine.model_facts()
-                info.update(n_params=facts["n_params"],
-                            model_size_gb=round(facts["size_bytes"] / 1e9, 3),
-                            kv_cache=engine.kv_cache_info(), scheduler=engine.scheduler.counts())
-            except ServiceClosedError:  # closed meanwhile by another thread
-                info["loaded"] = False
-        return info
+        return model_info(self.settings.max_length, self._engine, self._resolved,
+                          self._load_report)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -479,20 +450,3 @@ class LLMService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.cleanup()
-
-
-def _quantization_name(path: Path, file_type: Any) -> str:
-    """The file's own word on its quantization (``general.file_type``), else the type
-    holding most tensor bytes; never the file name, which a rename can make lie."""
-    from gguf import LlamaFileType
-
-    if file_type is not None:
-        try:
-            name = LlamaFileType(int(file_type)).name
-        except (TypeError, ValueError):
-            return f"file_type {file_type}"
-        return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
-    from .gguf_file import read_gguf_header
-
-    table = read_gguf_header(path, probe=False).type_table()  # largest first
-    return table[0][0] if table else "unknown"

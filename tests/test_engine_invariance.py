@@ -20,6 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from batch_invariance import PROMPTS, SPLIT_PROMPT, Bare, run, split_prompt  # noqa: E402
 
+from .near_tie import TIE, tie_gap  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def bare(default_gguf: Path) -> Iterator[Bare]:
@@ -47,3 +49,14 @@ def test_cutting_a_prompt_into_other_batches_changes_its_logits(bare):
     assert any(not np.array_equal(whole, split_prompt(bare, tokens, k))
                for k in range(1, len(tokens))), \
         "llama.cpp became batch-invariant here: prompt pages could go"
+
+
+def test_the_near_tie_check_fails_at_a_clear_choice(bare):
+    """tests/near_tie.py must be able to fail: a token far below the greedy one is no tie."""
+    prompt = bare.tokenize(PROMPTS[0])
+    logits = run(bare, [prompt], 1, "alone")[0]
+    order = np.argsort(logits)
+    greedy, far = int(order[-1]), int(order[-50])
+    assert tie_gap(bare, prompt, [greedy], [greedy]) == 0.0
+    assert tie_gap(bare, prompt, [greedy, 5], [greedy, 5]) == 0.0
+    assert tie_gap(bare, prompt, [greedy], [far]) > TIE

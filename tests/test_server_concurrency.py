@@ -11,8 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from ggufllm import Turn
+from ggufllm.resolve import default_model_path
 from ggufllm.server import ServerConfig
 
+from .near_tie import TIE, Bare, tie_gap
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -64,16 +67,24 @@ def test_16_clients_x_8_requests_equal_sequential_answers(server: Running) -> No
         results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
     assert len(results) == CLIENTS * PER_CLIENT
     assert [s for _, s, _ in results if s != 200] == []
-    # Greedy answers under load should equal the sequential ones: a lock engine decodes one
-    # request at a time; the batching engine never batches prompt pages with other work, and
-    # says batched decode steps are bit-identical on this CPU build.
-    differ = [(q, t, reference[q][1]) for q, _, t in results if t != reference[q][1]]
-    if differ and "scheduler" in server.service.get_model_info():
-        # Measured on the batching engine (Gemma 270M, 2 cores): some of the 128 answers take
-        # another greedy token once decode steps are batched. Reported, not hidden.
-        pytest.xfail(f"{len(differ)}/{len(results)} concurrent greedy answers differ from the "
-                     f"sequential ones on the batching engine, e.g. {differ[0]}")
-    assert differ == []
+    # llama.cpp is not batch-invariant on this CPU build (README, "Exactness"): a greedy
+    # answer computed in batches shared with other requests equals the sequential one, or
+    # leaves it at a near tie of the sequential path's logits (never at a clear choice,
+    # which a wrong cache would cause). The answers' tokens are those of their texts.
+    differ = [(q, t) for q, _, t in results if t != reference[q][1]]
+    engine = server.service._engine
+    bare = Bare(str(default_model_path()), 1, 2048)
+    gaps: list[float] = []
+    try:
+        for q, text in differ:
+            prompt = engine.build([Turn("user", q)], server.service.generation_config)
+            alone, together = engine.tokenize(reference[q][1]), engine.tokenize(text)
+            gap = tie_gap(bare, prompt.tokens, alone, together)
+            gaps.append(round(gap, 3))
+            assert abs(gap) <= TIE, (q, reference[q][1], text, gap)
+    finally:
+        bare.close()
+    print(f"{len(differ)} of {len(results)} answers left the sequential ones; gaps {gaps}")
 
 
 def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:

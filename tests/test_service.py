@@ -21,6 +21,8 @@ from ggufllm import (
     Turn,
 )
 
+from .near_tie import TIE, Bare, tie_gap
+
 GREEDY = dict(temperature=0.0, max_tokens=32)
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2+2?",
              "Name a primary color.", "What is the largest ocean on Earth?",
@@ -109,10 +111,12 @@ def test_closed_stream_ends_with_reason_cancelled(service):
     assert list(stream) == []  # closed: nothing more
 
 
-def test_concurrent_threads_start_like_sequential_answers(service):
-    """What holds on this CPU build (README, "Exactness"): a prompt is evaluated in batches of
-    its own, so the first token of every answer equals the sequential one (measured here);
-    later tokens come from decode steps shared with other requests, whose logits can move."""
+def test_concurrent_answers_leave_sequential_ones_only_at_near_ties(service, default_gguf):
+    """What holds on this CPU build (README, "Exactness"): requests running together share
+    batches (their prompt pages and decode steps go to llama.cpp in one call, as in
+    llama-server), whose shapes move logits a little; so a greedy answer computed beside
+    others equals the sequential one, or leaves it where the sequential path had a near
+    tie. A cache that held wrong cells would leave it at a clear choice."""
     single = {q: service.answer(q, **GREEDY) for q in QUESTIONS}
     jobs = [QUESTIONS[(t + k) % len(QUESTIONS)] for t in range(8) for k in range(3)]
     peak = [0]
@@ -124,11 +128,20 @@ def test_concurrent_threads_start_like_sequential_answers(service):
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(ask, jobs))
     assert len(results) == 24 and peak[0] >= 2
-    for q, answer in results:
-        assert answer.token_ids[0] == single[q].token_ids[0]
-        assert answer.finish_reason in ("stop", "length") and answer.text
-    same = sum(a.token_ids == single[q].token_ids for q, a in results)
-    assert same >= 12  # measured: 23 or 24 of 24 at 3-4 slots
+    assert all(a.finish_reason in ("stop", "length") and a.text for _, a in results)
+    differ = [(q, a) for q, a in results if a.token_ids != single[q].token_ids]
+    bare = Bare(str(default_gguf), 1, 2048)
+    gaps: list[float] = []
+    try:
+        for q, a in differ:
+            prompt = service._engine.prompts.build([Turn("user", q)], service.generation_config)
+            assert len(prompt.tokens) == a.timings.n_prompt
+            gap = tie_gap(bare, prompt.tokens, single[q].token_ids, a.token_ids)
+            gaps.append(round(gap, 3))
+            assert abs(gap) <= TIE, (q, single[q].text, a.text, gap)
+    finally:
+        bare.close()
+    print(f"{len(differ)} of {len(results)} answers left the sequential ones; gaps {gaps}")
 
 
 def test_concurrent_requests_all_finish_with_eight_slots(default_gguf):

@@ -7,17 +7,21 @@ caller touches the context and no lock is held while a caller waits. Each step:
 1. drop cancelled requests (waiting ones before their prefill);
 2. admit waiting requests into free slots (:class:`~.slots.SlotTable` picks the
    slot with the longest cached prefix);
-3. evaluate up to ``n_batch`` tokens of the oldest unfinished prompt, in pages of
-   64 tokens (see :mod:`.slots`: a token is always evaluated in the same batch);
-4. one ``llama_decode`` over one token of every generating sequence, then sample
-   each at its row of the batch and hand the chunks to its sink.
+3. one ``llama_decode`` over whole prompt pages of the new requests (oldest first,
+   up to ``n_batch`` tokens with the decode rows) and one token of every
+   generating request, as llama-server batches them; sample each request at its
+   row and hand the chunks to its sink.
 
-Prompt pages and decode steps go to llama.cpp in separate calls: measured on
-this CPU build (``benchmarks/batch_invariance.py``), a row's logits change with
-the number of rows in its batch, so a prompt arriving never changes the tokens
-of the requests already running, and a prompt is always evaluated in the same
-pages (see :mod:`.slots`). Decode steps of up to 3 sequences are bit-identical
-to a sequence alone; from 4 rows on the CPU matmul switches kernels.
+A request alone is evaluated as a cold run would be: its prompt in pages of 64
+tokens from multiples of 64, one ``llama_decode`` per page, then its decode
+steps (see :mod:`.slots`: a token is then always evaluated in the same batch, so
+an answer through the cache equals the cold one). Requests that run together
+share batches: measured on this CPU build (``benchmarks/batch_invariance.py``),
+a row's logits move with the shape of its batch (by up to ~1.4), so a greedy
+answer computed beside others can leave the sequential one at a near tie
+(``tests/near_tie.py``). Sharing the batch is what makes eight requests
+arriving at once start together (one call, not eight) and spares a pass over
+the weights for every prompt that arrives while others generate.
 """
 
 from __future__ import annotations
@@ -156,10 +160,14 @@ class Scheduler:
             self._wake.wait()
             self._wake.clear()
             return True
-        prefilling = next((r for r in self._active if not r.generating), None)
-        if prefilling is not None:
-            self._prefill_chunk(prefilling)
+        prefilling = [r for r in self._active if not r.generating]
         generating = [r for r in self._active if r.generating]
+        if prefilling and (generating or len(prefilling) > 1):
+            if self._shared_step(prefilling, generating):
+                return True
+        if prefilling:  # a request alone: its prompt in pages of their own, as cold
+            self._prefill_chunk(prefilling[0])
+            generating = [r for r in self._active if r.generating]
         if generating:
             self._decode_step(generating)
         return True
@@ -251,26 +259,72 @@ class Scheduler:
                 return
 
     def _prefill_page(self, r: Request) -> bool:
-        slot = r.slot
-        assert slot is not None
-        batch, page = self._batch, self._page
+        batch = self._batch
         batch.clear()
         # pages start at multiples of PAGE: a token is always evaluated in the same batch
-        end = min(len(r.prompt), (r.n_done // page + 1) * page)
-        last = len(r.prompt) - 1
-        for pos in range(r.n_done, end):
-            batch.add(r.prompt[pos], pos, slot.seq, pos == last)
+        end = self._add_prompt(r, self._next_page_end(r.n_done, len(r.prompt)))
         if not self._decode(batch, [r]):
             return False
+        self._stored_prompt(r, end, batch.n - 1)
+        return True
+
+    def _next_page_end(self, start: int, n_prompt: int) -> int:
+        return min(n_prompt, (start // self._page + 1) * self._page)
+
+    def _add_prompt(self, r: Request, end: int) -> int:
+        """Adds ``r``'s prompt tokens from ``r.n_done`` to ``end`` to the batch."""
+        seq, last = r.slot.seq, len(r.prompt) - 1  # type: ignore[union-attr]
+        for pos in range(r.n_done, end):
+            self._batch.add(r.prompt[pos], pos, seq, pos == last)
+        return end
+
+    def _stored_prompt(self, r: Request, end: int, row: int) -> None:
+        """Books ``r``'s prompt tokens up to ``end`` as stored; samples at ``row`` when
+        the prompt is complete."""
+        slot, page = r.slot, self._page
+        assert slot is not None
         slot.tokens.extend(r.prompt[r.n_done:end])
         if slot.n_exact == r.n_done and r.n_done % page == 0 and end % page == 0:
-            slot.n_exact = end  # a whole page, evaluated on an exact prefix
+            slot.n_exact = end  # whole pages, evaluated on an exact prefix
         self.tokens_evaluated += end - r.n_done
         r.n_done = end
         self._report_progress(r)
         if end == len(r.prompt):
             r.t_first = time.perf_counter()
-            self._sample(r, batch.n - 1)
+            self._sample(r, row)
+
+    def _shared_step(self, prefilling: list[Request], generating: list[Request]) -> bool:
+        """One ``llama_decode`` over whole prompt pages of the waiting prompts (oldest
+        first, up to ``n_batch`` tokens in all) and one token of every generating
+        request, as llama-server batches them; False when no page fits beside the
+        decode rows (the caller then evaluates a page on its own)."""
+        batch = self._batch
+        batch.clear()
+        budget = self._ctx.n_batch - len(generating)
+        spans: list[tuple[Request, int, int]] = []
+        for r in prefilling:
+            end = r.n_done
+            while end < len(r.prompt):
+                nxt = self._next_page_end(end, len(r.prompt))
+                if nxt - end > budget:
+                    break
+                budget -= nxt - end
+                end = nxt
+            if end == r.n_done:
+                break  # prompts go in arrival order
+            self._add_prompt(r, end)
+            spans.append((r, end, batch.n - 1))
+        if not spans:
+            return False
+        rows = [batch.add(r.next_token, len(r.slot.tokens), r.slot.seq, True)  # type: ignore[union-attr]
+                for r in generating]
+        if not self._decode(batch, [r for r, _, _ in spans] + generating):
+            return True
+        for r, end, row in spans:
+            self._stored_prompt(r, end, row)
+        for r, row in zip(generating, rows, strict=True):
+            r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
+            self._sample(r, row)
         return True
 
     def _report_progress(self, r: Request) -> None:

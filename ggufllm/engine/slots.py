@@ -8,17 +8,19 @@ Placing a prompt follows llama-server: the free slot whose cached tokens share
 the longest prefix with the prompt (when that prefix is at least a tenth of the
 prompt), else the least recently used free slot. A longer prefix held by a busy
 slot is shared with ``llama_memory_seq_cp`` (metadata only in a unified cache).
-Only a prefix whose K/V are exactly what a cold evaluation of the new prompt
-would compute is reused (``Slot.n_exact``). On this CPU build a token's K/V and
-logits depend on the shape of the batch it was evaluated in (the matmul kernels
-round differently for different row counts; measured in
-``benchmarks/batch_invariance.py`` and ``tests/test_engine_invariance.py``), so
-prompts are evaluated in pages: batches of ``PAGE`` tokens starting at multiples
-of ``PAGE`` (the last one shorter). A token is then always computed in the same
-batch, whatever was cached before it, and a cached answer equals a cold one.
-Whole pages of a prompt are exact; the last partial page and the generated
-tokens (decoded one row at a time) are not, and are evaluated again when a
-later prompt contains them.
+Only whole prompt pages evaluated on an exact prefix are reused
+(``Slot.n_exact``). On this CPU build a token's K/V and logits depend on the
+shape of the batch it was evaluated in (the matmul kernels round differently for
+different row counts; measured in ``benchmarks/batch_invariance.py`` and
+``tests/test_engine_invariance.py``), so prompts are evaluated in pages: batches
+of ``PAGE`` tokens starting at multiples of ``PAGE`` (the last one shorter). A
+token is then always computed in the same batch, whatever was cached before it,
+and a cached answer equals a cold one. (Pages evaluated while other requests run
+share their batch with those requests' rows; they are kept and reused all the
+same, as llama-server reuses them: their K/V are those tokens' values, rounded
+as that batch's kernels round.) Whole pages of a prompt are exact; the last
+partial page and the generated tokens (decoded one row at a time) are not, and
+are evaluated again when a later prompt contains them.
 
 Before a prefix is reused, the sequence's smallest position is checked as
 llama-server does: a sliding-window layer may have dropped cells the next token
@@ -61,8 +63,9 @@ class Slot:
     Attributes:
         seq: the llama.cpp sequence id.
         tokens: the tokens whose K/V the sequence holds, positions 0..len-1.
-        n_exact: how many leading tokens hold exactly the K/V a cold evaluation
-            of a prompt starting with them computes (a multiple of ``PAGE``).
+        n_exact: how many leading tokens were evaluated as whole prompt pages on an
+            exact prefix (a multiple of ``PAGE``); alone, exactly the K/V a cold
+            evaluation computes.
         busy: a request is using it.
         last_used: a counter value (least recently used slots are evicted first).
     """

@@ -55,6 +55,8 @@ class Generation:
         self.t0 = time.perf_counter()
         self.ttft_s: float | None = None
         self._closed = False
+        # one waiter on the shutdown event for the whole generation, not a task per chunk
+        self._shutdown: asyncio.Future[Any] = asyncio.ensure_future(state.shutdown.wait())
         state.metrics.in_flight.inc()
         state.metrics.waiting.inc()
 
@@ -74,7 +76,7 @@ class Generation:
         the grace period (``keepalive_s``). Errors the service raises for this request
         propagate (after closing), before any header is sent."""
         try:
-            chunk = await self.stream.next(self.state.config.keepalive_s, self.state.shutdown)
+            chunk = await self.stream.next(self.state.config.keepalive_s, self._shutdown)
         except StopAsyncIteration:
             return None
         except BaseException:
@@ -88,6 +90,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self._shutdown.cancel()
         await self.stream.aclose()
         self.state.metrics.in_flight.dec()
         if self.ttft_s is None:
@@ -109,7 +112,7 @@ class Generation:
                 if watcher.done():
                     break  # nobody to answer: stop generating
                 try:
-                    chunk = await self.stream.next(None, self.state.shutdown, watcher)
+                    chunk = await self.stream.next(None, self._shutdown, watcher)
                 except StopAsyncIteration:
                     break
                 if chunk is not None:
@@ -140,7 +143,7 @@ class Generation:
                     failure = _shutting_down()
                     break
                 try:
-                    chunk = await self.stream.next(keepalive, self.state.shutdown)
+                    chunk = await self.stream.next(keepalive, self._shutdown)
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # headers are sent: the error becomes an event

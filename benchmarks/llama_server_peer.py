@@ -1,0 +1,111 @@
+"""ggufllm serve against llama-server (the peer): same model, slots, threads and client.
+
+    python benchmarks/llama_server_peer.py [--rounds 3] [--requests 16] [--max-tokens 64]
+                                           [--concurrency 1,4,8] [--threads 2]
+
+llama-server is the one ``/work/shared/tools/build_llama_server.sh`` builds from the
+llama.cpp that llama-cpp-python 0.3.36 vendors (``$GGUFLLM_SCRATCH/llama-server-build/
+bin/llama-server``, or ``$LLAMA_SERVER``). Both servers run at once, idle in turn: each
+round measures every concurrency level against one server, then the other (the order
+alternates between rounds), with ``ggufllm bench``'s client (greedy streamed
+``/v1/completions``, ``--requests`` requests of ``--max-tokens`` tokens). Both get
+``--threads`` threads, ``--parallel`` = the highest level, and 1024 tokens per slot.
+
+Per level it prints each server's median aggregate tok/s over the rounds, the median of
+the per-round ratios (ggufllm / llama-server; on a shared machine single rounds drift),
+and p50 / p95 time to first token over all rounds' requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ggufllm.resolve import default_model_path
+from ggufllm.server.bench import BenchOptions, LevelResult, parse_levels, percentile, run_level, wait_ready
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peer_binary() -> Path:
+    scratch = Path(os.environ.get("GGUFLLM_SCRATCH", Path.home() / ".cache/ggufllm-scratch"))
+    return Path(os.environ.get("LLAMA_SERVER", scratch / "llama-server-build/bin/llama-server"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    levels = parse_levels(args.concurrency)
+    slots = max(levels)
+    model = str(default_model_path())
+    options = BenchOptions(levels=levels, n_requests=args.requests, max_tokens=args.max_tokens)
+    peer = _peer_binary()
+    if not peer.is_file():
+        sys.exit(f"llama-server not found at {peer}: bash /work/shared/tools/build_llama_server.sh "
+                 "builds it (about 15 minutes), or set LLAMA_SERVER")
+    servers: dict[str, str] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        port = _free_port()
+        procs.append(subprocess.Popen(
+            [str(peer), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t",
+             str(args.threads), "-np", str(slots), "-c", str(1024 * slots), "--log-disable"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        servers["llama-server"] = f"http://127.0.0.1:{port}"
+        port = _free_port()
+        env = dict(os.environ, N_THREADS=str(args.threads), MAX_LENGTH="1024")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ggufllm.cli", "serve", "--model", model, "--port", str(port),
+             "--parallel", str(slots)], env=env, stderr=subprocess.DEVNULL))
+        servers["ggufllm"] = f"http://127.0.0.1:{port}"
+        for url in servers.values():
+            wait_ready(url)
+            run_level(url, 1, BenchOptions(n_requests=1, max_tokens=8), None)  # warm-up
+        print(f"model {model}, {args.threads} threads, {slots} slots, {args.requests} requests x "
+              f"{args.max_tokens} tokens, {args.rounds} rounds")
+        runs: dict[tuple[str, int], list[LevelResult]] = {}
+        names = list(servers)
+        for k in range(args.rounds):
+            order = names if k % 2 == 0 else names[::-1]
+            for c in levels:
+                row = []
+                for name in order:
+                    level = run_level(servers[name], c, options, None)
+                    runs.setdefault((name, c), []).append(level)
+                    row.append(f"{name} {level.tokens_per_s:6.1f}")
+                print(f"round {k + 1}  {c} clients: " + "   ".join(row) + " tok/s", flush=True)
+        print(f"\n{'clients':>7} {'llama-server':>12} {'ggufllm':>8} {'ratio':>6} "
+              f"{'TTFT p50 peer/ours':>19} {'TTFT p95 peer/ours':>19}")
+        for c in levels:
+            peer_runs, ours_runs = runs[("llama-server", c)], runs[("ggufllm", c)]
+            ratio = statistics.median(o.tokens_per_s / p.tokens_per_s
+                                      for o, p in zip(ours_runs, peer_runs, strict=True))
+            ttft = {name: [r.ttft_s for level in runs[(name, c)] for r in level.results]
+                    for name in names}
+            print(f"{c:>7} {statistics.median(r.tokens_per_s for r in peer_runs):>12.1f} "
+                  f"{statistics.median(r.tokens_per_s for r in ours_runs):>8.1f} {ratio:>6.2f} "
+                  f"{percentile(ttft['llama-server'], 50):>9.3f}/{percentile(ttft['ggufllm'], 50):.3f}s"
+                  f"{percentile(ttft['llama-server'], 95):>13.3f}/{percentile(ttft['ggufllm'], 95):.3f}s")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
