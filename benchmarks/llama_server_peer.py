@@ -13,7 +13,8 @@ alternates between rounds), with ``ggufllm bench``'s client (greedy streamed
 
 Per level it prints each server's median aggregate tok/s over the rounds, the median of
 the per-round ratios (ggufllm / llama-server; on a shared machine single rounds drift),
-and p50 / p95 time to first token over all rounds' requests.
+each server's speed-up against its own rate at the lowest level, and p50 / p95 time to
+first token over all rounds' requests.
 """
 
 from __future__ import annotations
@@ -89,15 +90,19 @@ def main() -> None:
                     row.append(f"{name} {level.tokens_per_s:6.1f}")
                 print(f"round {k + 1}  {c} clients: " + "   ".join(row) + " tok/s", flush=True)
         print(f"\n{'clients':>7} {'llama-server':>12} {'ggufllm':>8} {'ratio':>6} "
-              f"{'TTFT p50 peer/ours':>19} {'TTFT p95 peer/ours':>19}")
+              f"{'x 1 client peer/ours':>21} {'TTFT p50 peer/ours':>19} {'TTFT p95 peer/ours':>19}")
+        rate = {(name, c): statistics.median(r.tokens_per_s for r in runs[(name, c)])
+                for name in names for c in levels}
+        base = min(levels)
         for c in levels:
             peer_runs, ours_runs = runs[("llama-server", c)], runs[("ggufllm", c)]
             ratio = statistics.median(o.tokens_per_s / p.tokens_per_s
                                       for o, p in zip(ours_runs, peer_runs, strict=True))
             ttft = {name: [r.ttft_s for level in runs[(name, c)] for r in level.results]
                     for name in names}
-            print(f"{c:>7} {statistics.median(r.tokens_per_s for r in peer_runs):>12.1f} "
-                  f"{statistics.median(r.tokens_per_s for r in ours_runs):>8.1f} {ratio:>6.2f} "
+            scale = [rate[(name, c)] / rate[(name, base)] for name in names]
+            print(f"{c:>7} {rate[('llama-server', c)]:>12.1f} {rate[('ggufllm', c)]:>8.1f} "
+                  f"{ratio:>6.2f} {scale[0]:>15.2f}/{scale[1]:.2f} "
                   f"{percentile(ttft['llama-server'], 50):>9.3f}/{percentile(ttft['ggufllm'], 50):.3f}s"
                   f"{percentile(ttft['llama-server'], 95):>13.3f}/{percentile(ttft['ggufllm'], 95):.3f}s")
     finally:

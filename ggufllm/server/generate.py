@@ -9,6 +9,7 @@ the generation when the client goes away (the service frees the slot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -105,22 +106,29 @@ class Generation:
             APIError: 503 when the server shuts down meanwhile; the service's errors.
         """
         watcher = asyncio.ensure_future(_disconnected(request))
+        folding = asyncio.ensure_future(self._fold_rest())
         try:
-            while not self.stream.done:
-                if self.state.shutdown.is_set():
-                    raise _shutting_down()
-                if watcher.done():
-                    break  # nobody to answer: stop generating
-                try:
-                    chunk = await self.stream.next(None, self._shutdown, watcher)
-                except StopAsyncIteration:
-                    break
-                if chunk is not None:
-                    self._seen(chunk)
-            return self.fold
+            await asyncio.wait({folding, watcher, self._shutdown},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if folding.done():
+                folding.result()  # the service's errors propagate
+            elif self._shutdown.done():
+                raise _shutting_down()
+            return self.fold  # done, or nobody to answer: generation stops below
         finally:
             watcher.cancel()
+            folding.cancel()
+            with contextlib.suppress(BaseException):
+                await folding
             await self.close()
+
+    async def _fold_rest(self) -> None:
+        while not self.stream.done:
+            try:
+                chunk = await self.stream.next(None)
+            except StopAsyncIteration:
+                return
+            self._seen(chunk)  # type: ignore[arg-type]
 
     # -- streamed ------------------------------------------------------------
 
@@ -142,8 +150,12 @@ class Generation:
                 if self.state.shutdown.is_set():
                     failure = _shutting_down()
                     break
+                # before the first token: keep-alives while the prompt is evaluated; after
+                # it tokens come every step, and shutdown is checked at each
+                waiting = self.ttft_s is None
                 try:
-                    chunk = await self.stream.next(keepalive, self._shutdown)
+                    chunk = await (self.stream.next(keepalive, self._shutdown) if waiting
+                                   else self.stream.next(None))
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # headers are sent: the error becomes an event

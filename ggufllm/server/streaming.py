@@ -107,10 +107,20 @@ class ChunkStream:
                    ) -> Chunk | None:
         """The next chunk; None when ``timeout`` passed or a ``wake`` event/future came first.
 
+        Without a timeout or a wake, the chunk is awaited in the caller's task
+        (cancelling that task then cancels the generation).
+
         Raises:
             StopAsyncIteration: the generation has ended.
             Exception: whatever the service raised for this request.
         """
+        if timeout is None and not wake and self._pending is None:
+            # nothing to race: await the generator in this task (no task per chunk)
+            try:
+                return await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self.done = True
+                raise
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._chunks.__anext__())
         waiters: set[asyncio.Future[Any]] = {self._pending}
