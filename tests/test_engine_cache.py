@@ -12,6 +12,8 @@ from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
 from ggufllm.engine.fit import RagQuestion
 from ggufllm.engine.kvcache import KVLayout, kv_cache_bytes
 
+from .near_tie import TIE, Bare, tie_gap
+
 GREEDY = dict(temperature=0.0, max_tokens=24)
 DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
          "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
@@ -42,20 +44,31 @@ def test_cache_hit_equals_cold_answer(service):
 
 def test_cache_hit_after_a_slot_switch(default_gguf):
     """Two documents in two slots of one pool. Token equality with the cold answer is not
-    promised here, and not asserted: ggml-cpu's attention kernels split their work by cell
-    index (tiles for prompt rows, thread chunks for one-row decodes past 512 cells), so an
-    answer depends on where its cells lie in the shared pool, which another cached document
-    changes (README, "Exactness"; measured here: A's answer equal, B's first token not)."""
+    promised here: ggml-cpu's attention kernels split their work by cell index (tiles for
+    prompt rows, thread chunks for one-row decodes past 512 cells), so an answer depends on
+    where its cells lie in the shared pool, which another cached document changes (README,
+    "Exactness"; measured here: A's answer equal, B's first token not). What holds: each
+    answer equals the cold one or leaves it at a near tie (tests/near_tie.py)."""
     svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
+    questions = [("Who baked the first loaf?", DOC_A), ("When did it last erupt?", DOC_B)]
     try:
+        expected = [cold(svc, q, doc) for q, doc in questions]
+        svc.clear_kv_cache()
         svc.answer("What is this text about?", DOC_A, **GREEDY)
         svc.answer("What is this text about?", DOC_B, **GREEDY)
-        a = svc.answer("Who baked the first loaf?", DOC_A, **GREEDY)
-        b = svc.answer("When did it last erupt?", DOC_B, **GREEDY)
+        a, b = (svc.answer(q, doc, **GREEDY) for q, doc in questions)
         assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
         assert a.text and b.text and {a.finish_reason, b.finish_reason} <= {"stop", "length"}
         kv = svc.get_model_info()["kv_cache"]
         assert kv["prefixes_in_slots"] == 2 and kv["hits"] >= 2
+        bare = Bare(str(default_gguf), 1, 2048)
+        try:
+            for (q, doc), answer, alone in zip(questions, (a, b), expected, strict=True):
+                prompt = svc._prepare([], dict(GREEDY), None, svc._rag(q, doc))[1].tokens
+                assert len(prompt) == answer.timings.n_prompt
+                assert abs(tie_gap(bare, prompt, alone, answer.token_ids)) <= TIE, q
+        finally:
+            bare.close()
     finally:
         svc.close()
 

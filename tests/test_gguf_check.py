@@ -182,7 +182,7 @@ def test_probe_passes_once_per_file_and_gives_llama_cpp_reasons(
 
 
 def test_quantization_comes_from_the_file_not_its_name(tmp_path: Path):
-    from ggufllm.service import _quantization_name
+    from ggufllm.model_info import _quantization_name
 
     from .gguf_models import tiny_model
 

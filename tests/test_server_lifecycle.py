@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -64,10 +65,14 @@ def test_health_is_500_with_the_reason_when_the_model_is_garbage(tmp_path: Path)
 
 ROUTES = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
           ("POST", "/answer"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-          ("GET", "/v1/nothing")]
+          ("GET", "/v1/nothing"), ("GET", "/")]
 
 
-def test_api_key_is_required_on_every_route_but_health_and_the_page() -> None:
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_api_key_is_required_on_every_route_but_health() -> None:
     key = "s3cret-key"
     with running_server(config=ServerConfig(api_key=key)) as server:
         def call(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
@@ -79,15 +84,22 @@ def test_api_key_is_required_on_every_route_but_health_and_the_page() -> None:
 
         for method, path in ROUTES:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key},
-                            {"X-Api-Key": "s3cret-ke"}, {"Authorization": f"Basic {key}"}):
+                            {"X-Api-Key": "s3cret-ke"}, {"Authorization": f"Basic {key}"},
+                            {"Authorization": _basic("user", "wrong")},
+                            {"Authorization": _basic(key, "")}):
                 r = call(method, path, headers)
                 assert r.status_code == 401, (path, headers)
                 assert r.json()["error"]["type"] == "authentication_error"
+                # the page makes a browser ask for the key; API routes ask for a bearer
+                assert r.headers["www-authenticate"].split()[0] == (
+                    "Basic" if path == "/" else "Bearer")
             for headers in ({"Authorization": f"Bearer {key}"}, {"authorization": f"bearer {key}"},
-                            {"X-Api-Key": key}):
+                            {"X-Api-Key": key}, {"Authorization": _basic("anyone", key)},
+                            {"Authorization": _basic("", key)}):
                 assert call(method, path, headers).status_code != 401, (path, headers)
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-        assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
+        page = httpx.get(f"{server.url}/", auth=("me", key), timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
 
 
 def _port_is_free(port: int) -> bool:

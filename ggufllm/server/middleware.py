@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,9 +19,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# /health is public as in llama-server; "/" is the static page (no data in it),
-# which asks for the key and sends it with each API call.
-PUBLIC_PATHS = frozenset({"/health", "/"})
+# /health is public as in llama-server; everything else, the page included, needs the key
+PUBLIC_PATHS = frozenset({"/health"})
+# the page: a browser asks for the key (as a Basic password) and sends it with the page's calls
+PAGE_PATH = "/"
 
 
 async def _send_error(send: Send, err: APIError) -> None:
@@ -38,8 +41,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class ApiKeyMiddleware:
-    """Every path but :data:`PUBLIC_PATHS` needs ``Authorization: Bearer KEY`` or
-    ``X-Api-Key: KEY`` (compared in constant time). CORS preflights pass."""
+    """Every path but :data:`PUBLIC_PATHS` needs ``Authorization: Bearer KEY``,
+    ``X-Api-Key: KEY`` (as llama-server accepts) or HTTP Basic with KEY as the password
+    (any user name: what a browser sends once asked for the page); compared in constant
+    time. CORS preflights pass."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -50,6 +55,8 @@ class ApiKeyMiddleware:
         auth = _header(scope, b"authorization")
         if auth is not None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
+        elif auth is not None and auth[:6].lower() == b"basic ":
+            given = _basic_password(auth[6:].strip())
         return given is not None and hmac.compare_digest(given, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,10 +64,23 @@ class ApiKeyMiddleware:
                 or scope["method"] == "OPTIONS" or self._authorized(scope)):
             await self.app(scope, receive, send)
             return
+        # the page's 401 makes a browser ask for the key; API clients are told to send a bearer
+        challenge = 'Basic realm="ggufllm", charset="UTF-8"' if scope["path"] == PAGE_PATH \
+            else "Bearer"
         await _send_error(send, APIError(
             401, "invalid or missing API key: send Authorization: Bearer KEY",
             "authentication_error", "invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"}))
+            headers={"WWW-Authenticate": challenge}))
+
+
+def _basic_password(token: bytes) -> bytes | None:
+    """The password of an HTTP Basic credential (``base64(user:password)``), or None."""
+    try:
+        decoded = base64.b64decode(token, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    _user, colon, password = decoded.partition(b":")
+    return password if colon else None
 
 
 class BodyLimitMiddleware:
