@@ -81,3 +81,42 @@ def test_the_page_loads_nothing_from_elsewhere(server: Running) -> None:
     html = httpx.get(server.url + "/", timeout=10).text
     assert "<script src" not in html and "<link" not in html
     assert "http://" not in html and "https://" not in html
+
+
+def test_the_page_works_behind_the_api_key(browser: object) -> None:
+    """With a key set, the page and its calls need it: a browser asked by the page's 401
+    (``WWW-Authenticate: Basic``) sends the key as a Basic password with every request of
+    that origin; here the browser is told to send that header (DevTools), as it would after
+    the user typed the key in its prompt."""
+    import base64
+
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ggufllm.server import ServerConfig
+
+    key = "page-key"
+    with running_server(config=ServerConfig(api_key=key)) as keyed:
+        bare = httpx.get(keyed.url + "/", timeout=10)
+        assert bare.status_code == 401 and bare.headers["www-authenticate"].startswith("Basic")
+        d = browser
+        basic = "Basic " + base64.b64encode(f"me:{key}".encode()).decode()
+        d.execute_cdp_cmd("Network.enable", {})  # type: ignore[attr-defined]
+        d.execute_cdp_cmd("Network.setExtraHTTPHeaders",  # type: ignore[attr-defined]
+                          {"headers": {"Authorization": basic}})
+        try:
+            d.get(keyed.url + "/")  # type: ignore[attr-defined]
+            wait = WebDriverWait(d, 180)
+            wait.until(lambda d: "gemma" in d.find_element(By.ID, "model").text)
+            d.find_element(By.ID, "question").send_keys("Name a river.")  # type: ignore[attr-defined]
+            box = d.find_element(By.ID, "max_tokens")  # type: ignore[attr-defined]
+            box.clear()
+            box.send_keys("8")
+            d.find_element(By.ID, "ask").click()  # type: ignore[attr-defined]
+            wait.until(lambda d: d.find_elements(By.ID, "finish"))
+            assert d.find_element(By.ID, "answer").text.strip()  # type: ignore[attr-defined]
+            assert d.find_element(By.ID, "error").text == ""  # type: ignore[attr-defined]
+        finally:
+            d.execute_cdp_cmd("Network.setExtraHTTPHeaders",  # type: ignore[attr-defined]
+                              {"headers": {}})
