@@ -22,17 +22,18 @@ from typing import Any
 
 from .chunks import Answer, Chunk
 from .config import GenerationConfig, Settings, load_settings
-from .engine import Engine, EngineOptions
+from .engine import Engine
 from .engine.fit import RagQuestion, fit_prompt
 from .engine.native import ProgressFn
 from .engine.prompt import Prompt
 from .engine.scheduler import ProgressCallback
 from .engine.streams import async_chunks, async_sink
-from .errors import ConfigError, InvalidParameterError, LoadCancelledError, ServiceClosedError
-from .gpu.placement import LoadReport, observe_load, placement_for_settings
+from .errors import ConfigError, InvalidParameterError, ServiceClosedError
+from .gpu.placement import LoadReport
 from .harmony import Turn
+from .loading import open_engine
 from .model_info import model_info
-from .resolve import ResolvedModel, resolve_model
+from .resolve import ResolvedModel
 
 __all__ = ["LLMService"]
 
@@ -90,35 +91,8 @@ class LLMService:
                 self._cancel_load.clear()  # a cancel is consumed by the load it stopped
 
     def _load(self, user_progress: ProgressFn | None) -> None:
-        s = self.settings
-        resolved = resolve_model(self.model_path, env_path=s.llm_model_path,
-                                 use_quantization=s.use_quantization,
-                                 load_in_8bit=s.load_in_8bit, load_in_4bit=s.load_in_4bit)
-
-        def on_progress(fraction: float) -> bool:
-            if self._cancel_load.is_set():
-                return False
-            return user_progress(fraction) is not False if user_progress else True
-
-        placement = placement_for_settings(s, resolved.path)  # resolves N_GPU_LAYERS=auto
-        if self._cancel_load.is_set():
-            raise LoadCancelledError(str(resolved.path))
-        with observe_load() as report:  # what llama.cpp placed where, from its log
-            self._engine = Engine(str(resolved.path), self._engine_options(placement), on_progress)
-        self._load_report = report
-        self._resolved = resolved
-        logger.info("loaded %s (%s prompts, n_ctx=%d, %d slots)", resolved.path,
-                    self._engine.prompt_kind.value, self._engine.n_ctx, s.n_parallel)
-
-    def _engine_options(self, placement: Any) -> EngineOptions:
-        s = self.settings
-        return EngineOptions(
-            n_ctx=s.max_length, n_gpu_layers=placement.n_gpu_layers, n_threads=s.n_threads,
-            n_batch=s.n_batch, flash_attn=s.flash_attn, n_parallel=s.n_parallel,
-            max_queue=s.max_queue, kv_cache_type=s.kv_cache_type,
-            kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full,
-            kv_cache_ram_mb=s.kv_cache_ram_mb, cpu_moe=placement.cpu_moe,
-            n_cpu_moe=placement.n_cpu_moe)
+        self._engine, self._resolved, self._load_report = open_engine(
+            self.model_path, self.settings, self._cancel_load, user_progress)
 
     async def load_model(self, progress: ProgressFn | None = None) -> None:
         """Loads the model in a worker thread, without blocking the event loop."""
