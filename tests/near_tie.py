@@ -46,3 +46,23 @@ def tie_gap(bare: Bare, prompt: Sequence[int], alone: Sequence[int],
         bare.decode([(t, start + k, 0, start + k == len(tokens) - 1) for k, t in enumerate(part)])
     logits = bare.logits((len(tokens) - 1) % 512)
     return float(logits[alone[i]] - logits[together[i]])
+
+
+def assert_equal_or_near_ties(model: str | Path,
+                              cases: list[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                              label: str = "answers") -> list[float]:
+    """Each case is (prompt tokens, answer alone, answer beside others): equal, or apart at a
+    near tie. Prints and returns the gaps of those that differ."""
+    gaps: list[float] = []
+    bare = Bare(str(model), 1, 2048)
+    try:
+        for prompt, alone, together in cases:
+            if list(alone) == list(together):
+                continue
+            gap = tie_gap(bare, prompt, alone, together)
+            gaps.append(round(gap, 3))
+            assert abs(gap) <= TIE, (alone, together, gap)
+    finally:
+        bare.close()
+    print(f"{len(gaps)} of {len(cases)} {label} left the ones computed alone; gaps {gaps}")
+    return gaps

@@ -12,7 +12,8 @@ from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
 from ggufllm.engine.fit import RagQuestion
 from ggufllm.engine.kvcache import KVLayout, kv_cache_bytes
 
-from .near_tie import TIE, Bare, tie_gap
+from .near_tie import assert_equal_or_near_ties as near_ties
+from .test_service import wait_idle
 
 GREEDY = dict(temperature=0.0, max_tokens=24)
 DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
@@ -61,19 +62,17 @@ def test_cache_hit_after_a_slot_switch(default_gguf):
         assert a.text and b.text and {a.finish_reason, b.finish_reason} <= {"stop", "length"}
         kv = svc.get_model_info()["kv_cache"]
         assert kv["prefixes_in_slots"] == 2 and kv["hits"] >= 2
-        bare = Bare(str(default_gguf), 1, 2048)
-        try:
-            for (q, doc), answer, alone in zip(questions, (a, b), expected, strict=True):
-                prompt = svc._prepare([], dict(GREEDY), None, svc._rag(q, doc))[1].tokens
-                assert len(prompt) == answer.timings.n_prompt
-                assert abs(tie_gap(bare, prompt, alone, answer.token_ids)) <= TIE, q
-        finally:
-            bare.close()
+        cases = []
+        for (q, doc), answer, alone in zip(questions, (a, b), expected, strict=True):
+            prompt = svc._prepare([], dict(GREEDY), None, svc._rag(q, doc))[1].tokens
+            assert len(prompt) == answer.timings.n_prompt
+            cases.append((prompt, alone, answer.token_ids))
+        near_ties(default_gguf, cases)
     finally:
         svc.close()
 
 
-def test_prefix_held_by_a_running_request_is_shared(service):
+def test_prefix_held_by_a_running_request_is_shared(service, default_gguf):
     q = "Who baked the first loaf?"
     expected = cold(service, q, DOC_A)
     service.clear_kv_cache()
@@ -83,7 +82,26 @@ def test_prefix_held_by_a_running_request_is_shared(service):
     shared = service.answer(q, DOC_A, **GREEDY)
     running.close()
     assert shared.timings.n_cached >= 128  # copied from the busy slot (llama_memory_seq_cp)
-    assert shared.token_ids == expected
+    # the question's tokens share a batch with the running request's decode row: equal
+    # (as measured in every run so far) or apart at a near tie
+    prompt = service._prepare([], dict(GREEDY), None, service._rag(q, DOC_A))[1].tokens
+    near_ties(default_gguf, [(prompt, expected, shared.token_ids)])
+
+
+def test_tokens_in_use_counts_a_shared_prefix_once(service):
+    service.clear_kv_cache()
+    running = service.stream("What is this text about?", DOC_A, temperature=0.0,
+                             max_tokens=200)
+    next(running)
+    shared = service.answer("Who baked the first loaf?", DOC_A, **GREEDY)
+    running.close()
+    wait_idle(service)
+    held = sum(len(s.tokens) for s in service._engine.slots.slots)
+    assert shared.timings.n_cached >= 128
+    kv = service.get_model_info()["kv_cache"]
+    assert kv["tokens_in_use"] == held - shared.timings.n_cached
+    service.clear_kv_cache()
+    assert service.get_model_info()["kv_cache"]["tokens_in_use"] == 0
 
 
 def test_tiny_gpt_oss_cache_hit_equals_cold_answer(tiny_gguf):
@@ -265,8 +283,10 @@ def test_seed_reproduces_a_sampled_answer(service):
 
 
 def test_top_k_one_equals_greedy(service):
+    # both cold from an empty pool: what other slots hold moves logits (README, "Exactness")
     q = "Why is the sky blue?"
-    greedy = service.answer(q, **GREEDY).token_ids
+    greedy = cold(service, q, None)
+    service.clear_kv_cache()
     assert service.answer(q, temperature=0.8, top_k=1, seed=7, max_tokens=24).token_ids == greedy
 
 

@@ -13,7 +13,6 @@ import logging
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from ggufllm.engine.kvcache import (
 from ggufllm.engine.kvfile import KVCacheIdentity, load_prefixes, save_prefixes
 from ggufllm.engine.kvstore import KVStore
 from ggufllm.engine.native import NativeModel
+from ggufllm.engine.slots import Slot as EngineSlot
 from ggufllm.gguf_file import read_gguf_header
 
 from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
@@ -341,6 +341,7 @@ def test_saved_prefixes_restore_in_a_new_process(saved, tiny):
         from ggufllm.engine.kvcache import seq_state_set
         from ggufllm.engine.kvfile import load_prefixes
         from ggufllm.engine.native import NativeModel
+from ggufllm.engine.slots import Slot as EngineSlot
         from tests.kv_context import RawContext
         from tests.test_kvcache import identity_of
         model = NativeModel({tiny.path!r})
@@ -415,15 +416,9 @@ def test_a_failed_save_keeps_the_old_file(saved, tiny, tmp_path, monkeypatch):
 # -- the store the scheduler plugs in -------------------------------------------------
 
 
-@dataclass
-class Slot:
-    seq: int
-    tokens: list[int] = field(default_factory=list)
-    n_exact: int = -1
-
-    def __post_init__(self) -> None:
-        if self.n_exact < 0:
-            self.n_exact = len(self.tokens)
+def Slot(seq: int, tokens: list[int], n_exact: int = -1) -> EngineSlot:  # noqa: N802
+    """The scheduler's slot, its whole content exact unless told otherwise."""
+    return EngineSlot(seq, tokens, len(tokens) if n_exact < 0 else n_exact)
 
 
 def test_store_saves_an_evicted_slot_and_restores_it_into_another(tiny, tmp_path):

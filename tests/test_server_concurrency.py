@@ -15,7 +15,7 @@ from ggufllm import Turn
 from ggufllm.resolve import default_model_path
 from ggufllm.server import ServerConfig
 
-from .near_tie import TIE, Bare, tie_gap
+from .near_tie import assert_equal_or_near_ties as near_ties
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -71,20 +71,12 @@ def test_16_clients_x_8_requests_equal_sequential_answers(server: Running) -> No
     # answer computed in batches shared with other requests equals the sequential one, or
     # leaves it at a near tie of the sequential path's logits (never at a clear choice,
     # which a wrong cache would cause). The answers' tokens are those of their texts.
-    differ = [(q, t) for q, _, t in results if t != reference[q][1]]
     engine = server.service._engine
-    bare = Bare(str(default_model_path()), 1, 2048)
-    gaps: list[float] = []
-    try:
-        for q, text in differ:
-            prompt = engine.build([Turn("user", q)], server.service.generation_config)
-            alone, together = engine.tokenize(reference[q][1]), engine.tokenize(text)
-            gap = tie_gap(bare, prompt.tokens, alone, together)
-            gaps.append(round(gap, 3))
-            assert abs(gap) <= TIE, (q, reference[q][1], text, gap)
-    finally:
-        bare.close()
-    print(f"{len(differ)} of {len(results)} answers left the sequential ones; gaps {gaps}")
+    cases = []
+    for q, _, text in results:
+        prompt = engine.build([Turn("user", q)], server.service.generation_config)
+        cases.append((prompt.tokens, engine.tokenize(reference[q][1]), engine.tokenize(text)))
+    near_ties(default_model_path(), cases)
 
 
 def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:

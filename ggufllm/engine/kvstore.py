@@ -39,6 +39,10 @@ class SlotLike(Protocol):
     tokens: list[int]
     n_exact: int
 
+    def cut(self, keep: int) -> None: ...
+
+    def replace(self, tokens: list[int], n_exact: int) -> None: ...
+
 
 class KVStore:
     """Saves evicted slots to a :class:`PrefixCache` and restores them on placement.
@@ -91,13 +95,11 @@ class KVStore:
             self.restore_failures += 1
             logger.warning("could not restore a cached prefix of %d tokens into slot %d; "
                            "evaluating the prompt", len(entry.tokens), slot.seq)
-            slot.tokens = []
-            slot.n_exact = 0
+            slot.replace([], 0)
             return 0
         if n_keep < len(entry.tokens):
             lib.llama_memory_seq_rm(self._mem, slot.seq, n_keep, -1)
-        slot.tokens = entry.tokens[:n_keep].tolist()
-        slot.n_exact = n_keep
+        slot.replace(entry.tokens[:n_keep].tolist(), n_keep)
         self.tokens_restored += n_keep
         return n_keep
 
@@ -113,7 +115,7 @@ class KVStore:
             return False
         if len(slot.tokens) > n:
             lib.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
-            del slot.tokens[n:]
+            slot.cut(n)
         pos_min = lib.llama_memory_seq_pos_min(self._mem, slot.seq)
         pos_max = lib.llama_memory_seq_pos_max(self._mem, slot.seq)
         # the window check the scheduler makes before reusing a prefix (llama-server's)

@@ -75,6 +75,31 @@ class Slot:
     n_exact: int = 0
     busy: bool = False
     last_used: int = 0
+    # leading cells this slot shares with others (llama_memory_seq_cp): slot -> how many
+    shares: dict[Slot, int] = field(default_factory=dict, repr=False)
+
+    def cut(self, keep: int) -> None:
+        """Forgets the tokens past ``keep`` (the caller removed their cells)."""
+        del self.tokens[keep:]
+        self.n_exact = min(self.n_exact, keep)
+        for other, n in list(self.shares.items()):
+            if n > keep:
+                self.share(other, keep)
+
+    def replace(self, tokens: list[int], n_exact: int) -> None:
+        """The sequence's cells were replaced (a restored state): it now holds ``tokens``."""
+        for other in list(self.shares):
+            self.share(other, 0)
+        self.tokens = tokens
+        self.n_exact = n_exact
+
+    def share(self, other: Slot, n: int) -> None:
+        """Records that this slot and ``other`` hold the same first ``n`` cells."""
+        if n > 0 and other is not self:
+            self.shares[other] = other.shares[self] = n
+        else:
+            self.shares.pop(other, None)
+            other.shares.pop(self, None)
 
 
 @dataclass(frozen=True)
@@ -148,6 +173,9 @@ class SlotTable:
                 self._ctx.seq_cp(donor.seq, slot.seq, 0, n_donor)
                 slot.tokens = list(prompt[:n_donor])
                 slot.n_exact = n_donor
+                for other, m in list(donor.shares.items()):
+                    slot.share(other, min(m, n_donor))
+                slot.share(donor, n_donor)
                 n, shared_from = n_donor, donor.seq
         if n < len(slot.tokens):
             self._drop(slot, n)
@@ -222,8 +250,7 @@ class SlotTable:
         if not self._ctx.seq_rm(slot.seq, keep, -1):
             self._ctx.seq_rm(slot.seq, 0, -1)
             keep = 0
-        del slot.tokens[keep:]
-        slot.n_exact = min(slot.n_exact, keep)
+        slot.cut(keep)
 
     def _touch(self, slot: Slot) -> None:
         self._clock += 1
@@ -231,11 +258,21 @@ class SlotTable:
 
     # -- facts -----------------------------------------------------------------
 
+    def cells_in_use(self) -> int:
+        """KV cells the slots hold, a prefix two slots share counted once."""
+        total, seen = 0, []
+        for slot in self.slots:
+            shared = max((min(n, len(slot.tokens), len(o.tokens))
+                          for o, n in slot.shares.items() if o in seen), default=0)
+            total += len(slot.tokens) - shared
+            seen.append(slot)
+        return total
+
     def stats(self) -> dict[str, int]:
         """Counters for ``get_model_info()["kv_cache"]``."""
         return {
             "hits": self.hits, "misses": self.misses, "tokens_reused": self.tokens_reused,
             "window_resets": self.window_resets,
-            "tokens_in_use": sum(len(s.tokens) for s in self.slots),
+            "tokens_in_use": self.cells_in_use(),
             "prefixes_in_slots": sum(1 for s in self.slots if s.tokens),
         }
