@@ -341,7 +341,6 @@ def test_saved_prefixes_restore_in_a_new_process(saved, tiny):
         from ggufllm.engine.kvcache import seq_state_set
         from ggufllm.engine.kvfile import load_prefixes
         from ggufllm.engine.native import NativeModel
-from ggufllm.engine.slots import Slot as EngineSlot
         from tests.kv_context import RawContext
         from tests.test_kvcache import identity_of
         model = NativeModel({tiny.path!r})
