@@ -58,6 +58,13 @@ def test_chat_in_a_terminal_survives_ctrl_c(tmp_path: Path, default_gguf: Path):
         child.sendline("/save chat.json")
         child.expect_exact("saved 6 messages")
         child.expect_exact(PROMPT)
+        child.send("a line I regret")
+        child.expect_exact("regret")
+        child.sendintr()  # Ctrl-C with text typed drops the line, as a shell does
+        child.expect_exact(PROMPT)
+        child.sendline("/save chat2.json")  # the dropped line was never sent
+        child.expect_exact("saved 6 messages")
+        child.expect_exact(PROMPT)
         child.sendintr()  # Ctrl-C at an empty prompt quits
         child.expect(pexpect.EOF)
     finally:

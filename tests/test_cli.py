@@ -238,3 +238,19 @@ def test_kv_cache_file_is_saved_and_reused_by_the_next_run(default_gguf: Path, t
     third = ggufllm(*args)
     assert third.returncode == 0 and "notice:" in third.stderr
     assert json.loads(third.stdout)["answer"] == a["answer"]
+
+
+def test_a_mistyped_option_is_one_error_line():
+    for args, wanted in (
+            (["ask", "--temprature", "0.2", "q"],
+             "error: No such option '--temprature'. Did you mean '--temperature'? "
+             "(see 'ggufllm ask -h')"),
+            (["ask", "--temperature", "abc", "q"],
+             "error: Invalid value for '--temperature' / '-t': 'abc' is not a valid float "
+             "(see 'ggufllm ask -h')"),
+            (["askk", "q"], "error: No such command 'askk'. Did you mean 'ask'? "
+                            "(see 'ggufllm -h')")):
+        r = ggufllm(*args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [wanted]
+        assert r.stdout == ""

@@ -1,9 +1,10 @@
 """The ``ggufllm`` command: thin click commands over the library.
 
-Known failures (every :class:`~ggufllm.errors.GgufllmError`) print one
-``error: ...`` line that names the flag the user typed and says the fix, and exit
-1; Ctrl-C exits 130. The answer goes to stdout; reasoning, notices, progress and
-diagnostics go to stderr (progress only on a terminal).
+Known failures (every :class:`~ggufllm.errors.GgufllmError`) print one ``error:
+...`` line that names the flag the user typed and says the fix, and exit 1; a
+mistyped option or value is one ``error: ...`` line too (exit 2); Ctrl-C exits 130.
+The answer goes to stdout; reasoning, notices, progress and diagnostics go to stderr
+(progress only on a terminal).
 
 Other parts of ggufllm register their commands here with one line each::
 
@@ -44,6 +45,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.UsageError as exc:  # a mistyped option or value: one line, not click's three
+            where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,9 +1,10 @@
 """``ggufllm chat``: an interactive session, a REPL people like.
 
 Ctrl-C during an answer stops that answer (the partial text stays in the history,
-marked ``interrupted``) and returns to the prompt; Ctrl-C or Ctrl-D at the prompt
-exits. When the conversation outgrows the context window, the oldest turns are
-dropped with a one-line notice. Slash commands: see :data:`HELP`.
+marked ``interrupted``) and returns to the prompt; Ctrl-C with text typed drops
+that line; Ctrl-C or Ctrl-D at an empty prompt exits. When the conversation
+outgrows the context window, the oldest turns are dropped with a one-line notice.
+Slash commands: see :data:`HELP`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ HELP = """\
                     (NAME: {names}; VALUE 'default' restores it)
 /show               model, settings, and tokens used of the context window
 /save FILE          write the conversation as JSON
-/bye                quit (also Ctrl-D, or Ctrl-C at the prompt)
+/bye                quit (also Ctrl-D, or Ctrl-C at an empty prompt)
 \"\"\"              begin and end a message of several lines
 Ctrl-C during an answer stops it."""
 
@@ -276,11 +277,25 @@ class _Input:
             raise EOFError
         return text.rstrip("\n")
 
+    def _typed(self) -> bool:
+        """Whether the line being edited when Ctrl-C came held any text."""
+        if not self.interactive:
+            return False
+        try:
+            import readline
+        except ImportError:
+            return False
+        return bool(readline.get_line_buffer())
+
     def message(self) -> str | None:
-        """The next message; None to quit (Ctrl-D, or Ctrl-C at the prompt)."""
+        """The next message; None to quit (Ctrl-D, or Ctrl-C at an empty prompt)."""
         try:
             first = self.line(">>> ")
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            # with text typed, Ctrl-C drops the line (as a shell does); at an empty prompt it quits
+            return "" if self._typed() else None
+        except EOFError:
             click.echo("", err=True)
             return None
         if not first.lstrip().startswith('"""'):
