@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from ggufllm.resolve import default_model_path
-from ggufllm.server.bench import BenchOptions, LevelResult, parse_levels, percentile, run_level, wait_ready
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ggufllm.server.bench import (
+    BenchOptions,
+    LevelResult,
+    free_port,
+    parse_levels,
+    percentile,
+    run_level,
+    wait_ready,
+)
 
 
 def _peer_binary() -> Path:
@@ -61,13 +62,13 @@ def main() -> None:
     servers: dict[str, str] = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        port = _free_port()
+        port = free_port()
         procs.append(subprocess.Popen(
             [str(peer), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t",
              str(args.threads), "-np", str(slots), "-c", str(1024 * slots), "--log-disable"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         servers["llama-server"] = f"http://127.0.0.1:{port}"
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, N_THREADS=str(args.threads), MAX_LENGTH="1024")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "ggufllm.cli", "serve", "--model", model, "--port", str(port),

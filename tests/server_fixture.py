@@ -32,12 +32,6 @@ class Running:
         return str(self.state.model_id)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_health(url: str, want: int = 200, timeout_s: float = 120.0,
                 proc: Any = None) -> httpx.Response:
     """Polls /health until it answers ``want`` (fails early if ``proc`` exits)."""

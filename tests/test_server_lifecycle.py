@@ -18,8 +18,9 @@ import pytest
 
 from ggufllm import LLMService
 from ggufllm.server import ServerConfig
+from ggufllm.server.bench import free_port
 
-from .server_fixture import free_port, running_server, wait_health
+from .server_fixture import running_server, wait_health
 
 pytestmark = pytest.mark.slow
 

@@ -316,15 +316,7 @@ class Scheduler:
             spans.append((r, end, batch.n - 1))
         if not spans:
             return False
-        rows = [batch.add(r.next_token, len(r.slot.tokens), r.slot.seq, True)  # type: ignore[union-attr]
-                for r in generating]
-        if not self._decode(batch, [r for r, _, _ in spans] + generating):
-            return True
-        for r, end, row in spans:
-            self._stored_prompt(r, end, row)
-        for r, row in zip(generating, rows, strict=True):
-            r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
-            self._sample(r, row)
+        self._run_step(spans, generating)
         return True
 
     def _report_progress(self, r: Request) -> None:
@@ -338,16 +330,22 @@ class Scheduler:
     # -- decoding --------------------------------------------------------------
 
     def _decode_step(self, generating: list[Request]) -> None:
+        self._batch.clear()
+        self._run_step([], generating)
+
+    def _run_step(self, spans: list[tuple[Request, int, int]], generating: list[Request]) -> None:
+        """Adds one token of every generating request after the prompt ``spans`` already in
+        the batch (request, prompt end, row of its last token), decodes, books and samples."""
         batch = self._batch
-        batch.clear()
-        for r in generating:
-            slot = r.slot
-            batch.add(r.next_token, len(slot.tokens), slot.seq, True)  # type: ignore[union-attr]
-        if not self._decode(batch, generating):
+        rows = [batch.add(r.next_token, len(r.slot.tokens), r.slot.seq, True)  # type: ignore[union-attr]
+                for r in generating]
+        if not self._decode(batch, [r for r, _, _ in spans] + generating):
             return
-        for i, r in enumerate(generating):
+        for r, end, row in spans:
+            self._stored_prompt(r, end, row)
+        for r, row in zip(generating, rows, strict=True):
             r.slot.tokens.append(r.next_token)  # type: ignore[union-attr]
-            self._sample(r, i)
+            self._sample(r, row)
 
     def _decode(self, batch: Batch, rows_of: list[Request]) -> bool:
         """llama_decode, evicting idle slots while the pool is full; on failure the

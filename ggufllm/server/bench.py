@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from ..errors import InvalidParameterError
 
 __all__ = ["BenchOptions", "RequestResult", "LevelResult", "parse_levels", "run_bench",
-           "run_level", "percentile"]
+           "run_level", "percentile", "free_port", "wait_ready"]
 
 _TOPICS = ["the moon", "rivers", "bread", "volcanoes", "the ocean", "bicycles", "libraries",
            "winter", "bees", "mountains", "trains", "coffee", "the desert", "music", "forests",
@@ -170,10 +170,15 @@ def wait_ready(url: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
-def _start_server(model: str | None, parallel: int) -> tuple[str, subprocess.Popen[bytes]]:
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def _start_server(model: str | None, parallel: int) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
     cmd = [sys.executable, "-m", "ggufllm.cli", "serve", "--port", str(port),
            "--parallel", str(parallel)]
     if model:
