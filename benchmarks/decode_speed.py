@@ -24,9 +24,15 @@ from ggufllm.resolve import default_model_path
 PROMPT = "Write a long story about a dragon who learns to fly."
 
 
-def bare_loop(model_path: str, prompt: list[int], n_tokens: int, n_ctx: int) -> float:
-    """The reference: llama.cpp's C API driven directly, no wrapper. Returns tokens/s."""
+def bare_loop(model_path: str, prompt: list[int], n_tokens: int, n_ctx: int,
+              extra_buffers: bool = True) -> float:
+    """The reference: llama.cpp's C API driven directly, no wrapper. Returns tokens/s.
+
+    ``extra_buffers`` is llama.cpp's ``use_extra_bufts`` (its default: on); the benchmark
+    passes what ggufllm's CPU kernel self-test decided, so both load alike.
+    """
     mparams = lib.llama_model_default_params()
+    mparams.use_extra_bufts = extra_buffers
     model = lib.llama_model_load_from_file(model_path.encode(), mparams)
     cparams = lib.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch = n_ctx, 512
@@ -76,15 +82,19 @@ def main() -> None:
     service.load()
     # the exact tokens ggufllm evaluates for PROMPT
     prompt = service._engine.prompts.build([Turn("user", PROMPT)], service.generation_config).tokens
+    kernels = service.get_model_info()["cpu_extra_buffers"]
+    extra = bool(kernels["use_extra_buffers"])
+    print(f"CPU kernel self-test: {kernels['status']}; extra buffers "
+          f"{'on' if extra else 'off'} for both")
     ours, bare = [], []
     for r in range(args.rounds):
         # alternate which one runs first, so that drift does not favour either
         if r % 2 == 0:
             tps, n = ggufllm_stream(service, args.tokens)
             ours.append(tps)
-            bare.append(bare_loop(path, prompt, n - 1, args.ctx))
+            bare.append(bare_loop(path, prompt, n - 1, args.ctx, extra))
         else:
-            bare.append(bare_loop(path, prompt, args.tokens - 1, args.ctx))
+            bare.append(bare_loop(path, prompt, args.tokens - 1, args.ctx, extra))
             tps, n = ggufllm_stream(service, args.tokens)
             ours.append(tps)
         print(f"round {r + 1}: ggufllm {ours[-1]:6.2f} tok/s   bare {bare[-1]:6.2f} tok/s   "

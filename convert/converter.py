@@ -1,14 +1,18 @@
 """Hugging Face checkpoint -> GGUF, one tensor at a time, written atomically.
 
-The output goes to ``OUT.partial``; it is fsynced and renamed over ``OUT`` only
-once complete, so Ctrl-C, a kill or a full disk never leave a file at ``OUT``.
+The output goes to a file of its own beside ``OUT`` (``OUT.<random>.partial``: two runs
+to one output never share one); it is fsynced and renamed over ``OUT`` only once
+complete, so Ctrl-C, a kill or a full disk never leave a file at ``OUT``, and a reader
+of ``OUT`` sees a whole file, never a mix of two runs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +116,11 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
     if out.exists() and not force:
         raise OutputExistsError(str(out))
     ckpt, arch, jobs = load_plan(src, out_type, experts, download=download)
-    partial = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     w: gguf.GGUFWriter | None = None
+    partial: Path | None = None
     try:
+        partial = _new_partial(out)
         w = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.ARCH])
         _write_metadata(w, ckpt, arch, OutType(out_type), ExpertType(experts))
         _write_tensor_infos(w, jobs)
@@ -126,7 +131,7 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
         w.fout[0].flush()  # type: ignore[index]
         os.fsync(w.fout[0].fileno())  # type: ignore[index]
         w.close()
-        os.replace(partial, out)
+        _publish(partial, out, force)
         fsync_dir(out.parent)
     except OSError as exc:
         _abandon(w, partial)
@@ -177,11 +182,51 @@ def _write_tensor_data(w: gguf.GGUFWriter, jobs: list[gpt_oss.TensorJob],
     return total
 
 
-def _abandon(w: gguf.GGUFWriter | None, partial: Path) -> None:
+def _new_partial(out: Path) -> Path:
+    """A new empty file of this run's own beside ``out``, made as ``mkstemp`` makes one
+    (a random name, ``O_EXCL``) but with the mode the umask gives a new file: a model is
+    read by whoever serves it, where ``mkstemp`` would leave it 0600."""
+    while True:
+        partial = out.with_name(f"{out.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return partial
+
+
+def _publish(partial: Path, out: Path, force: bool) -> None:
+    """Moves the finished file to ``out`` in one step (a reader sees the old file or the whole
+    new one). Without ``force``, ``out`` must still not exist: another run may have finished
+    first since the check at the start, and a rename would replace its file, a link does not.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is False.
+    """
+    if force:
+        os.replace(partial, out)
+        return
+    try:
+        os.link(partial, out)
+    except FileExistsError:
+        raise OutputExistsError(str(out)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        # no hard links on this file system (FAT, some network mounts): check, then rename
+        if out.exists():
+            raise OutputExistsError(str(out)) from None
+        os.replace(partial, out)
+        return
+    partial.unlink()
+
+
+def _abandon(w: gguf.GGUFWriter | None, partial: Path | None) -> None:
     """Closes a half-written output without flushing more into it, and deletes it."""
     for f in (w.fout or []) if w is not None else []:
         try:
             f.close()
         except OSError:  # the disk that failed the write may fail the flush too
             pass
-    partial.unlink(missing_ok=True)
+    if partial is not None:
+        partial.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 # Offline always: the hub client must never reach the network from this package.
@@ -29,10 +30,15 @@ from .errors import (  # noqa: E402
     ConfigError,
     ContextLengthExceededError,
     ConversionError,
+    DecodeFailedError,
+    EngineError,
+    EngineFailedError,
     GgufllmError,
     InvalidParameterError,
+    KernelSelfTestError,
     KVCacheError,
     KVCacheMismatchError,
+    KVCacheUntrustedError,
     LoadCancelledError,
     ModelLoadError,
     ModelNotFoundError,
@@ -53,10 +59,13 @@ __all__ = [
     "GgufllmError", "ConfigError", "InvalidParameterError", "ModelNotFoundError",
     "ModelLoadError", "LoadCancelledError", "ContextLengthExceededError",
     "ServiceClosedError", "ConversionError", "OutputExistsError",
-    "ServerBusyError", "KVCacheError", "KVCacheMismatchError",
+    "ServerBusyError", "KVCacheError", "KVCacheMismatchError", "KVCacheUntrustedError",
+    "KernelSelfTestError",
+    "EngineError", "DecodeFailedError", "EngineFailedError",
 ]
 
 _service: LLMService | None = None
+_service_lock = threading.Lock()
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +74,8 @@ def __getattr__(name: str) -> Any:
     global _service
     if name == "llm_service":
         if _service is None:
-            _service = LLMService()
+            with _service_lock:  # threads racing to the first use get one service, not two
+                if _service is None:
+                    _service = LLMService()
         return _service
     raise AttributeError(f"module 'ggufllm' has no attribute {name!r}")

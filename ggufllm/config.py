@@ -8,9 +8,10 @@ a bad one raises :class:`~ggufllm.errors.ConfigError` naming the variable.
 
 from __future__ import annotations
 
+import datetime as _dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, InvalidParameterError
@@ -21,6 +22,8 @@ ReasoningEffort = Literal["low", "medium", "high"]
 # what to do when a prompt plus its budget does not fit the context window
 OverflowPolicy = Literal["error", "truncate_context", "shrink_max_tokens", "drop_oldest_turns"]
 KVCacheType = Literal["f16", "q8_0", "q4_0"]
+# llama.cpp's extra CPU buffer types (repacked layouts, AMX): see ggufllm.native.kernels
+ExtraBuffersMode = Literal["auto", "on", "off", "force"]
 DEFAULT_MODEL_DIR = "models/llm"
 
 # llama.cpp reads the seed 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed":
@@ -99,11 +102,18 @@ class Settings(BaseSettings):
     default_top_k: TopK = 50
     default_seed: Seed = None
     reasoning_effort: ReasoningEffort = "low"
+    current_date: str = Field("none", description="the date in gpt-oss's system message: none "
+                              "(no date line, as openai-harmony; cached prompts stay valid "
+                              "across days), today, or YYYY-MM-DD")
     n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(
         "auto", description="layers to offload; -1 = all; auto = what fits the GPU (0 without one)")
     n_threads: int | None = Field(None, ge=1, le=1024)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     flash_attn: bool | None = Field(None, description="None: llama.cpp decides")
+    cpu_extra_buffers: ExtraBuffersMode = Field(
+        "auto", description="llama.cpp's repacked/AMX CPU weight layouts: auto = use them where "
+        "a self-test decode in a child process passes; on = use them, error if the test fails; "
+        "off = never; force = use them untested")
     # engine: concurrency and KV cache
     n_parallel: int = Field(4, ge=1, le=256, description="sequences decoded together (slots)")
     max_queue: int = Field(64, ge=0, le=1 << 16,
@@ -118,6 +128,17 @@ class Settings(BaseSettings):
     cpu_moe: bool = Field(False, description="keep every MoE expert tensor in CPU memory")
     n_cpu_moe: int = Field(0, ge=0, le=512,
                            description="keep the expert tensors of the first N layers on the CPU")
+
+    @field_validator("current_date")
+    @classmethod
+    def _date_or_word(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("none", "today"):
+            try:
+                _dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError("must be none, today or a date as YYYY-MM-DD") from None
+        return value
 
     def generation(self) -> GenerationConfig:
         """The default generation parameters these settings describe."""

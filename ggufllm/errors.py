@@ -5,6 +5,7 @@ HTTP server translate :class:`GgufllmError` in one place each.
 
     GgufllmError
     ├── ConfigError                  a setting or environment variable is invalid
+    │   └── KernelSelfTestError      CPU_EXTRA_BUFFERS=on, but those kernels failed their self-test
     ├── InvalidParameterError        a call argument is invalid (also a ValueError)
     ├── ModelNotFoundError           no GGUF file at the path (also FileNotFoundError)
     ├── ModelLoadError               the file is not a usable GGUF, or llama.cpp refused it
@@ -12,8 +13,12 @@ HTTP server translate :class:`GgufllmError` in one place each.
     ├── ContextLengthExceededError   prompt (+ budget) does not fit the context window
     ├── ServerBusyError              every slot is busy and the wait queue is full
     ├── KVCacheError                 a saved KV-cache file is unreadable (truncated, garbage)
-    │   └── KVCacheMismatchError     the file is from another model, build or setting
+    │   ├── KVCacheMismatchError     the file is from another model, build, setting or format
+    │   └── KVCacheUntrustedError    the file was not signed with this user's key (trusted=True)
     ├── ServiceClosedError           the service was cleaned up / closed
+    ├── EngineError                  the engine failed while it ran a request
+    │   ├── DecodeFailedError        llama_decode failed for the requests of one batch
+    │   └── EngineFailedError        the scheduler stopped on an error (the model reloads)
     └── ConversionError              the converter found problems (lists them all)
         └── OutputExistsError        the output exists and --force was not given
 """
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 __all__ = [
     "GgufllmError",
     "ConfigError",
+    "KernelSelfTestError",
     "InvalidParameterError",
     "ModelNotFoundError",
     "ModelLoadError",
@@ -33,7 +39,11 @@ __all__ = [
     "ServerBusyError",
     "KVCacheError",
     "KVCacheMismatchError",
+    "KVCacheUntrustedError",
     "ServiceClosedError",
+    "EngineError",
+    "DecodeFailedError",
+    "EngineFailedError",
     "ConversionError",
     "OutputExistsError",
 ]
@@ -58,6 +68,25 @@ class ConfigError(GgufllmError, ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class KernelSelfTestError(ConfigError):
+    """``CPU_EXTRA_BUFFERS=on`` asked for llama.cpp's extra buffer types (repacked
+    layouts, AMX), but a child process decoding with them on this CPU failed.
+
+    Attributes:
+        reason: how the test failed (the signal, non-finite logits, a hang).
+        weight_types: the weight types that were tested.
+    """
+
+    def __init__(self, reason: str, weight_types: Sequence[str]) -> None:
+        super().__init__(
+            f"CPU_EXTRA_BUFFERS=on: llama.cpp's repacked CPU kernels for {', '.join(weight_types)} "
+            f"failed a self-test on this CPU ({reason}); use CPU_EXTRA_BUFFERS=auto (loads "
+            "without them) or CPU_EXTRA_BUFFERS=force to use them anyway",
+            "CPU_EXTRA_BUFFERS")
+        self.reason = reason
+        self.weight_types = tuple(weight_types)
 
 
 class InvalidParameterError(GgufllmError, ValueError):
@@ -149,11 +178,61 @@ class KVCacheError(GgufllmError):
 
 
 class KVCacheMismatchError(KVCacheError):
-    """A saved KV-cache file was made by another model, llama.cpp build or context setting."""
+    """A saved KV-cache file was made by another model, llama.cpp build, context setting
+    or file format."""
+
+
+class KVCacheUntrustedError(KVCacheError):
+    """A saved KV-cache file was not signed with this user's key: another machine or
+    account wrote it, or it was changed since. Its tokens would be taken to match its
+    KV state unchecked, so it is used only when the caller trusts it
+    (``load_kv_cache(path, trusted=True)``).
+
+    Attributes:
+        key_path: the key the file was checked against.
+    """
+
+    def __init__(self, path: str, key_path: str) -> None:
+        super().__init__(path, f"it was not written by ggufllm under this user's key "
+                               f"({key_path}): another machine or account wrote it, or it was "
+                               "changed since. Load it only if you trust where it came from: "
+                               "LLMService.load_kv_cache(path, trusted=True)")
+        self.key_path = key_path
 
 
 class ServiceClosedError(GgufllmError):
     """The service (or engine) was closed; create a new one."""
+
+
+class EngineError(GgufllmError):
+    """The engine failed while it ran a request: the request was not answered (a server
+    answers 5xx or ends the stream with an error event, never as a whole answer)."""
+
+
+class DecodeFailedError(EngineError):
+    """``llama_decode`` failed for the batch this request was in.
+
+    Attributes:
+        code: llama_decode's return code (1: no free KV cells; < 0: an error).
+    """
+
+    def __init__(self, code: int) -> None:
+        what = " (no free KV cells)" if code == 1 else ""
+        super().__init__(f"llama_decode failed with code {code}{what}")
+        self.code = code
+
+
+class EngineFailedError(EngineError):
+    """The scheduler thread stopped on an unexpected error; every request it held ends
+    with this error and the service reloads the model (a bounded number of times).
+
+    Attributes:
+        reason: the error that stopped it, as ``Type: message``.
+    """
+
+    def __init__(self, reason: str, detail: str = "the model is reloaded") -> None:
+        super().__init__(f"the engine stopped on an error ({reason}); {detail}")
+        self.reason = reason
 
 
 class ConversionError(GgufllmError):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .config import Settings
 from .engine import Engine, EngineOptions
 from .engine.native import ProgressFn
-from .errors import LoadCancelledError
+from .errors import EngineFailedError, LoadCancelledError
 from .gpu.placement import LoadReport, observe_load, placement_for_settings
 from .resolve import ResolvedModel, resolve_model
 
@@ -19,11 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def open_engine(model_path: str | None, settings: Settings, cancel: threading.Event,
-                user_progress: ProgressFn | None) -> tuple[Engine, ResolvedModel, LoadReport]:
+                user_progress: ProgressFn | None,
+                on_failure: Callable[[EngineFailedError], None] | None = None,
+                ) -> tuple[Engine, ResolvedModel, LoadReport]:
     """Loads the model ``model_path`` (or the one the settings name) into a new engine.
 
     ``cancel`` stops the load at its next progress report (or before it starts);
-    ``user_progress`` receives 0..1 and may return False to cancel.
+    ``user_progress`` receives 0..1 and may return False to cancel; ``on_failure`` is
+    the engine's (see :class:`~ggufllm.engine.Engine`).
 
     Raises:
         ModelNotFoundError, ModelLoadError, LoadCancelledError, ConfigError.
@@ -42,7 +46,8 @@ def open_engine(model_path: str | None, settings: Settings, cancel: threading.Ev
     if cancel.is_set():
         raise LoadCancelledError(str(resolved.path))
     with observe_load() as report:  # what llama.cpp placed where, from its log
-        engine = Engine(str(resolved.path), engine_options(s, placement), on_progress)
+        engine = Engine(str(resolved.path), engine_options(s, placement), on_progress,
+                        on_failure)
     logger.info("loaded %s (%s prompts, n_ctx=%d, %d slots)", resolved.path,
                 engine.prompt_kind.value, engine.n_ctx, s.n_parallel)
     return engine, resolved, report
@@ -56,4 +61,5 @@ def engine_options(s: Settings, placement: Any) -> EngineOptions:
         max_queue=s.max_queue, kv_cache_type=s.kv_cache_type,
         kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full,
         kv_cache_ram_mb=s.kv_cache_ram_mb, cpu_moe=placement.cpu_moe,
-        n_cpu_moe=placement.n_cpu_moe)
+        n_cpu_moe=placement.n_cpu_moe, cpu_extra_buffers=s.cpu_extra_buffers,
+        current_date=s.current_date)

@@ -30,6 +30,12 @@ def model_info(max_length: int, engine: Engine | None, resolved: ResolvedModel |
     }
     if engine is not None and load_report is not None:  # as llama.cpp reported it
         info.update(load_report.as_info())
+    if engine is not None:
+        kernels = engine.kernel_verdict.as_info()
+        if load_report is not None:  # the CPU buffer types the weights went to
+            kernels["buffers_in_use"] = sorted(b for b in load_report.model_buffers
+                                               if b.startswith(("CPU", "AMX")))
+        info["cpu_extra_buffers"] = kernels
     if engine is not None and resolved is not None:
         meta = engine.summary.metadata
         file_type = meta.get("general.file_type")

@@ -23,12 +23,13 @@ from typing import Any
 from .chunks import Answer, Chunk
 from .config import GenerationConfig, Settings, load_settings
 from .engine import Engine
-from .engine.fit import RagQuestion, fit_prompt
+from .engine.fit import RagQuestion, fit_prompt, fit_raw
 from .engine.native import ProgressFn
 from .engine.prompt import Prompt
 from .engine.scheduler import ProgressCallback
 from .engine.streams import async_chunks, async_sink
-from .errors import ConfigError, InvalidParameterError, ServiceClosedError
+from .engine_health import EngineHealth
+from .errors import ConfigError, EngineFailedError, InvalidParameterError, ServiceClosedError
 from .gpu.placement import LoadReport
 from .harmony import Turn
 from .loading import open_engine
@@ -67,9 +68,12 @@ class LLMService:
         self._engine: Engine | None = None
         self._resolved: ResolvedModel | None = None
         self._load_report: LoadReport | None = None
+        # the three above change together; held only to swap them, never across a load
+        self._swap_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._cancel_load = threading.Event()
         self._closed = False
+        self.health = EngineHealth()
 
     # -- loading -------------------------------------------------------------
 
@@ -85,14 +89,48 @@ class LLMService:
         with self._load_lock:
             try:
                 self._check_open()
+                if self._engine is not None and self._engine.failure is not None:
+                    self._engine.close()  # failed and not yet recovered: load a new one
+                    self._engine = None
                 if self._engine is None:
+                    self.health.reset()
                     self._load(progress or self._progress)
             finally:
                 self._cancel_load.clear()  # a cancel is consumed by the load it stopped
 
     def _load(self, user_progress: ProgressFn | None) -> None:
-        self._engine, self._resolved, self._load_report = open_engine(
-            self.model_path, self.settings, self._cancel_load, user_progress)
+        loaded = open_engine(self.model_path, self.settings, self._cancel_load, user_progress,
+                             self._on_engine_failure)
+        with self._swap_lock:
+            self._engine, self._resolved, self._load_report = loaded
+
+    def _on_engine_failure(self, failure: EngineFailedError) -> None:
+        """From the failed engine's scheduler thread: reload in another thread."""
+        engine = self._engine
+        if engine is not None and engine.failure is failure:
+            threading.Thread(target=self._recover, args=(engine,), daemon=True,
+                             name="ggufllm-recover").start()
+
+    def _recover(self, engine: Engine) -> None:
+        """Replaces a failed engine by a new load, within :class:`EngineHealth`'s bound."""
+        with self._load_lock:
+            if self._engine is not engine or self._closed:
+                return  # recovered already, or closed
+            self._engine = None
+            engine.close()  # its scheduler already freed the native memory
+            reason = engine.failure.reason if engine.failure else "unknown"
+            if not self.health.failed(reason):
+                logger.error("the engine stopped on an error (%s); %s", reason,
+                             self.health.gave_up())
+                return
+            logger.warning("the engine stopped on an error (%s); reloading the model", reason)
+            try:
+                self._load(None)
+            except Exception as exc:
+                self.health.reload_failed(f"{type(exc).__name__}: {exc}")
+                logger.error("reloading the model failed: %s", exc)
+                return
+            self.health.reloaded()
 
     async def load_model(self, progress: ProgressFn | None = None) -> None:
         """Loads the model in a worker thread, without blocking the event loop."""
@@ -104,18 +142,37 @@ class LLMService:
 
     @property
     def is_loaded(self) -> bool:
-        return self._engine is not None
+        """A model is loaded and its engine runs (False while a failed one reloads)."""
+        engine = self._engine
+        return engine is not None and engine.failure is None
 
     def _check_open(self) -> None:
         if self._closed:
             raise ServiceClosedError("this LLMService was cleaned up; create a new one")
 
     def _ensure_engine(self) -> Engine:
+        """The running engine; loads the model on first use, waits for a reload.
+
+        Raises:
+            EngineFailedError: the engine failed more often than the reload bound allows.
+        """
         self._check_open()
         engine = self._engine
-        if engine is None:
-            self.load()
+        if engine is not None and engine.failure is not None:
+            self._recover(engine)  # or wait for the recovery already under way
             engine = self._engine
+        if engine is None:
+            with self._load_lock:  # a recovery may hold it: its outcome decides
+                self._check_open()
+                if self._engine is None:
+                    if self.health.state == "failed":
+                        raise EngineFailedError(self.health.last_failure or "unknown",
+                                                self.health.gave_up())
+                    try:
+                        self._load(self._progress)
+                    finally:
+                        self._cancel_load.clear()  # consumed by the load it stopped
+                engine = self._engine
         assert engine is not None
         return engine
 
@@ -144,16 +201,18 @@ class LLMService:
 
         In GGUF terms, 8-bit prefers the ``Q8_0`` file and 4-bit the ``Q4_K_M``
         file of the folder. Takes effect at the next load: a loaded model is
-        unloaded (with a log line) when the choice changes it.
+        unloaded (with a log line) when the choice changes it; a load under way is
+        waited for, so the choice also applies to the model that load leaves.
         """
         changes = {k: v for k, v in dict(use_quantization=use_quantization,
                                          load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                                          n_gpu_layers=n_gpu_layers).items() if v is not None}
-        updated = load_settings(**{**self.settings.model_dump(), **changes})
-        if updated != self.settings and self._engine is not None:
-            logger.warning("GPU settings changed: the model reloads at the next call")
-            self._close_engine()
-        self.settings = updated
+        with self._load_lock:  # a load under way reads the settings: change them after it
+            updated = load_settings(**{**self.settings.model_dump(), **changes})
+            if updated != self.settings and self._engine is not None:
+                logger.warning("GPU settings changed: the model reloads at the next call")
+                self._close_engine()
+            self.settings = updated
 
     def _prepare(self, turns: Sequence[Turn], params: dict[str, Any], instructions: str | None,
                  rag: RagQuestion | None = None) -> tuple[Engine, Prompt, GenerationConfig]:
@@ -161,7 +220,9 @@ class LLMService:
         if instructions is not None and not isinstance(instructions, str):
             raise InvalidParameterError("instructions must be a string or None", "instructions")
         engine = self._ensure_engine()
-        prompt, cfg = fit_prompt(engine, turns, cfg, instructions, rag)
+        # no max_tokens: the default budget, capped to what the window leaves (engine/fit.py)
+        prompt, cfg = fit_prompt(engine, turns, cfg, instructions, rag,
+                                 budget_given=params.get("max_tokens") is not None)
         engine.check_budget(prompt, cfg)
         return engine, prompt, cfg
 
@@ -239,7 +300,7 @@ class LLMService:
             raise InvalidParameterError("the prompt must be a non-empty string", "prompt")
         cfg = self._generation.updated(**params)
         engine = self._ensure_engine()
-        prompt = engine.raw(text, cfg)
+        prompt, cfg = fit_raw(engine, text, cfg, budget_given=params.get("max_tokens") is not None)
         engine.check_budget(prompt, cfg)
         return engine, prompt, cfg
 
@@ -336,7 +397,9 @@ class LLMService:
         return n
 
     def save_kv_cache(self, path: str | Path) -> int:
-        """Writes every cached prompt prefix (tokens and KV state) to ``path`` atomically.
+        """Writes every cached prompt prefix (tokens and KV state: the RAM cache and the
+        idle slots) to ``path`` atomically, mode 0600, signed with this user's key
+        (``$XDG_CACHE_HOME/ggufllm/kv-key``, made on first use).
 
         Returns:
             How many prefixes the file holds.
@@ -346,19 +409,28 @@ class LLMService:
         """
         return self._ensure_engine().save_kv_cache(str(path))
 
-    def load_kv_cache(self, path: str | Path) -> int:
-        """Reads prefixes saved by :meth:`save_kv_cache`, here or in another process; a
+    def load_kv_cache(self, path: str | Path, *, trusted: bool = False) -> int:
+        """Reads prefixes saved by :meth:`save_kv_cache`, in this or another process; a
         later prompt that starts with one reuses it instead of evaluating it.
 
+        Args:
+            path: the file.
+            trusted: accept a file written under another user's key (another machine
+                or account). Its tokens are taken to match its KV state unchecked, so
+                pass it only for files from a source you trust.
+
         Returns:
-            How many prefixes were kept (see the README for which ones).
+            How many of the file's prefixes the RAM cache holds after the load: the
+            newest that fit ``KV_CACHE_RAM_MB`` (a warning says when some do not).
 
         Raises:
-            KVCacheMismatchError: the file is for another model, llama.cpp build or
-                setting (``MAX_LENGTH``, ``N_PARALLEL``, ``KV_CACHE_TYPE``, ...).
+            KVCacheMismatchError: the file is for another model, llama.cpp build,
+                setting (``MAX_LENGTH``, ``N_PARALLEL``, ``KV_CACHE_TYPE``, ...) or format.
+            KVCacheUntrustedError: the file was not written under this user's key, and
+                ``trusted`` is False.
             KVCacheError: the file is missing, truncated or corrupt.
         """
-        return self._ensure_engine().load_kv_cache(str(path))
+        return self._ensure_engine().load_kv_cache(str(path), trusted=trusted)
 
     def clear_kv_cache(self) -> int:
         """Drops the prefixes cached in idle slots and in RAM (running requests keep theirs).
@@ -380,16 +452,26 @@ class LLMService:
         KV cache holds and costs (``n_ctx`` per request, ``n_ctx_pool`` cells in all,
         ``n_parallel`` slots, ``bytes``, ``hits``/``misses``, ``tokens_reused`` vs
         ``tokens_evaluated``, ``tokens_in_use``, ``prefixes_in_slots``, the RAM cache's
-        ``ram_entries``/``ram_bytes``/``ram_hits``...) and ``scheduler`` how many requests
-        run and wait.
+        ``ram_entries``/``ram_bytes``/``ram_hits``...), ``scheduler`` how many requests
+        run and wait, and ``cpu_extra_buffers`` what the CPU kernel self-test decided
+        (``mode``, ``status``, ``reason``, ``use_extra_buffers``, ``buffers_in_use``...),
+        and ``engine`` its health (``state`` ok / reloading / failed, ``failures``,
+        ``reloads``, ``last_failure``).
         """
-        return model_info(self.settings.max_length, self._engine, self._resolved,
-                          self._load_report)
+        with self._swap_lock:  # one load's engine, file and report, never two loads' mixed
+            engine, resolved, report = self._engine, self._resolved, self._load_report
+        info = model_info(self.settings.max_length, engine, resolved, report)
+        info["engine"] = self.health.as_info()
+        if engine is not None and engine.failure is not None:
+            info["loaded"] = False
+            info["engine"]["state"] = "failed" if self.health.state == "failed" else "reloading"
+        return info
 
     # -- lifecycle -----------------------------------------------------------
 
     def _close_engine(self) -> None:
-        engine, self._engine, self._resolved = self._engine, None, None
+        with self._swap_lock:
+            engine, self._engine, self._resolved = self._engine, None, None
         if engine is not None:
             engine.close()
 

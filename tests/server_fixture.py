@@ -55,7 +55,10 @@ def running_server(service: LLMService | None = None, *, wait: bool = True,
         settings.setdefault("max_length", 1024)
         service = LLMService(default_model_path(), **settings)
     app = create_app(service, config or ServerConfig(api_key=None))
-    sock = socket.socket()
+    # proto=IPPROTO_TCP, as uvicorn's own sockets have it: asyncio sets TCP_NODELAY only on
+    # connections of such a socket, and without it every response waits ~40 ms (Nagle's
+    # algorithm meets the client's delayed ACK between the header and the body writes)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ">>> "
 
 
-def spawn(*args: str, cwd: Path) -> pexpect.spawn:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="dumb")
+def spawn(*args: str, cwd: Path, **env_vars: str) -> pexpect.spawn:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="dumb", **env_vars)
+    # surrogateescape: a test can type bytes that are not UTF-8 ("\udcff" sends 0xff)
     child = pexpect.spawn(sys.executable, ["-m", "ggufllm.cli", "chat", *args], cwd=str(cwd),
-                          env=env, encoding="utf-8", timeout=300, dimensions=(40, 200))
-    child.logfile_read = open(cwd / "terminal.log", "w", encoding="utf-8")  # noqa: SIM115
+                          env=env, encoding="utf-8", codec_errors="surrogateescape",
+                          timeout=300, dimensions=(40, 200))
+    child.logfile_read = open(cwd / "terminal.log", "w", encoding="utf-8",  # noqa: SIM115
+                              errors="surrogateescape")
     return child
 
 
@@ -65,7 +70,15 @@ def test_chat_in_a_terminal_survives_ctrl_c(tmp_path: Path, default_gguf: Path):
         child.sendline("/save chat2.json")  # the dropped line was never sent
         child.expect_exact("saved 6 messages")
         child.expect_exact(PROMPT)
-        child.sendintr()  # Ctrl-C at an empty prompt quits
+        # Ctrl-C at an empty prompt (say, one meant for an answer that has just ended) only
+        # says how to quit, as `ollama run` does: the conversation is kept
+        child.sendintr()
+        child.expect_exact("Ctrl-D or /bye")
+        child.expect_exact(PROMPT)
+        child.sendline("/save chat3.json")
+        child.expect_exact("saved 6 messages")
+        child.expect_exact(PROMPT)
+        child.sendeof()  # Ctrl-D at an empty prompt quits
         child.expect(pexpect.EOF)
     finally:
         child.close()
@@ -82,11 +95,54 @@ def test_chat_in_a_terminal_survives_ctrl_c(tmp_path: Path, default_gguf: Path):
     assert saved["settings"]["max_tokens"] == 500 and saved["settings"]["temperature"] == 0
 
 
-def chat_piped(args: list[str], lines: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def test_bytes_that_are_not_utf8_under_a_c_locale_do_not_end_the_chat(tmp_path: Path,
+                                                                     default_gguf: Path):
+    child = spawn("--model", str(default_gguf), "--temperature", "0", "--max-tokens", "4",
+                  cwd=tmp_path, LANG="C", LC_ALL="C")
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("caf\u00e9 \udcff\udcfe ok?")  # UTF-8 "é", then two invalid bytes
+        child.expect_exact("not UTF-8")  # a notice; the line is answered
+        child.expect_exact(PROMPT)
+        child.sendline("/save chat.json")
+        child.expect_exact("saved 2 messages")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+        child.logfile_read.close()
+    assert child.exitstatus == 0, child.before
+    messages = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))["messages"]
+    assert messages[0]["content"] == "caf\u00e9 \ufffd\ufffd ok?"
+
+
+def chat_piped(args: list[str], lines: list[str], cwd: Path,
+               file_size_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+
+    def limit() -> None:  # in the child: writes past the limit fail (EFBIG) as a full disk would
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run([sys.executable, "-m", "ggufllm.cli", "chat", *args],
                           input="\n".join(lines) + "\n", capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=600,
+                          preexec_fn=limit if file_size_limit is not None else None)
+
+
+def test_a_save_that_fails_keeps_the_old_file(tmp_path: Path, default_gguf: Path):
+    old = tmp_path / "chat.json"
+    old.write_text(json.dumps({"messages": [{"role": "user", "content": "precious"}]}))
+    before = old.read_bytes()
+    lines = ["/system " + "long instructions " * 500, "/save chat.json", "/system",
+             "/save other.json"]
+    r = chat_piped(["--model", str(default_gguf)], lines, tmp_path, file_size_limit=4096)
+    assert r.returncode == 0, r.stderr
+    assert "error: cannot write chat.json" in r.stderr and "Traceback" not in r.stderr
+    assert old.read_bytes() == before  # the old file is whole, not truncated
+    # the chat went on, and no temporary file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "other.json"]
 
 
 def test_a_long_chat_drops_the_oldest_turns(tmp_path: Path, default_gguf: Path):

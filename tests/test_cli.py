@@ -63,6 +63,7 @@ def test_no_stream_prints_the_same_answer(default_gguf: Path):
     (["ask", "q", "--ctx", "10"], "--ctx: "),
     (["ask", "   "], "the question is empty"),
     (["ask", "q", "--max-tokens", "5000"], "--max-tokens 5000 leaves no room"),
+    (["ask", "q", "--ctx", "512", "--max-tokens", "512"], "--max-tokens 512 leaves no room"),
     (["ask", "q", "--context", "a", "--context-file", "-"], "not both"),
 ])
 def test_known_failures_print_one_line(args, needle, tmp_path: Path):
@@ -72,6 +73,16 @@ def test_known_failures_print_one_line(args, needle, tmp_path: Path):
     # one line: checked before a model loads (-q silences the embedded-model notice)
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert needle in r.stderr
+
+
+@pytest.mark.parametrize("env", [{}, {"DEFAULT_MAX_TOKENS": "2000"}])
+def test_a_ctx_below_the_default_budget_still_answers(default_gguf: Path, env: dict[str, str]):
+    # the default budget (DEFAULT_MAX_TOKENS) is capped to what the window leaves; only a
+    # --max-tokens typed is refused when it cannot fit
+    r = ggufllm("ask", "What is the capital of France?", "--ctx", "512", "--temperature", "0",
+                "--model", str(default_gguf), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
 
 
 def test_corrupt_model_is_one_line(tmp_path: Path):

@@ -126,3 +126,16 @@ def test_seed_none_returns_to_random_sampling(default_gguf):
     # None still means "not given" for parameters that have no None value
     assert GenerationConfig(max_tokens=9, seed=1).updated(max_tokens=None).max_tokens == 9
     svc.close()
+
+
+def test_current_date_is_none_today_or_a_date(monkeypatch):
+    assert load_settings().current_date == "none"  # as openai-harmony: no date line
+    monkeypatch.setenv("CURRENT_DATE", " Today ")
+    assert load_settings().current_date == "today"
+    monkeypatch.setenv("CURRENT_DATE", "2026-02-28")
+    assert load_settings().current_date == "2026-02-28"
+    for bad in ("2026-02-30", "tomorrow", ""):
+        monkeypatch.setenv("CURRENT_DATE", bad)
+        with pytest.raises(ConfigError) as err:
+            load_settings()
+        assert err.value.field == "CURRENT_DATE"

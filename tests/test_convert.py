@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -312,18 +314,21 @@ def test_existing_output_is_kept_without_force(tiny_checkpoint, tmp_path):
     assert out.read_bytes() == b"precious"
     convert(tiny_checkpoint, out, "q8_0", force=True)
     assert out.read_bytes()[:4] == b"GGUF"
-    assert not (tmp_path / "m.gguf.partial").exists()
+    assert not partials(tmp_path)
+
+
+def partials(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.partial"))
 
 
 def test_sigkill_during_conversion_leaves_nothing_at_the_output(tiny_checkpoint, tmp_path):
     out = tmp_path / "killed.gguf"
     proc = subprocess.Popen([sys.executable, "-m", "convert", str(tiny_checkpoint), "-o",
                              str(out), "--type", "f32"], stderr=subprocess.DEVNULL)
-    partial = tmp_path / "killed.gguf.partial"
     deadline = time.monotonic() + 60
-    while not partial.exists() and time.monotonic() < deadline:
+    while not partials(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert partial.exists()
+    assert partials(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
@@ -343,7 +348,7 @@ def test_full_disk_fails_cleanly(tiny_checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "failed" in r.stderr
-    assert not out.exists() and not (tmp_path / "full.gguf.partial").exists()
+    assert not out.exists() and not partials(tmp_path)
 
 
 def test_interrupt_removes_the_partial_file(tiny_checkpoint, tmp_path):
@@ -358,7 +363,42 @@ def test_interrupt_removes_the_partial_file(tiny_checkpoint, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_checkpoint, out, "q8_0", progress=progress)
-    assert not out.exists() and not (tmp_path / "int.gguf.partial").exists()
+    assert not out.exists() and not partials(tmp_path)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_converts_to_one_output_leave_one_whole_file(tiny_checkpoint, tiny_gguf, tmp_path,
+                                                        force):
+    """Two runs write one OUT at once (F16 and Q8_0, both held until both are writing):
+    one run's whole file ends at OUT, never a mix; without --force the other says OUT exists;
+    no partial file is left."""
+    whole = {t: tiny_gguf(t).read_bytes() for t in ("f16", "q8_0")}
+    folder = tmp_path / "race"
+    out = folder / "m.gguf"
+    both_writing = threading.Barrier(2)
+
+    def run(out_type: str) -> object:
+        first = [True]
+
+        def progress(name: str, size: int) -> None:
+            if first[0]:
+                first[0] = False
+                both_writing.wait(60)
+
+        try:
+            return convert(tiny_checkpoint, out, out_type, force=force, progress=progress)
+        except OutputExistsError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(("f16", "q8_0"), pool.map(run, ("f16", "q8_0")), strict=True))
+    won = [t for t, r in results.items() if not isinstance(r, OutputExistsError)]
+    assert len(won) == (2 if force else 1), results
+    data = out.read_bytes()
+    assert data in (whole["f16"], whole["q8_0"])  # one run's whole file, never a mix
+    if not force:
+        assert data == whole[won[0]]
+    assert sorted(folder.iterdir()) == [out]  # no partial file left
 
 
 def test_n_bytes_table():

@@ -1,4 +1,12 @@
-"""The KV cache: a cached answer equals the cold one, overflow policies, cache types, sampling."""
+"""The KV cache: a cached answer equals the cold one, overflow policies, cache types, sampling.
+
+Where an answer through the cache is said to equal the cold one token for token, the engine
+feeds every token in the cold run's batch and cell (one document in the pool, a full-size
+window cache), and llama.cpp's kernels are deterministic (tests/test_engine_invariance.py):
+that holds on every CPU. Where the cells lie elsewhere (two documents in the pool, a
+window-sized cache, a prefix shared with a running request), only rounding differs, and
+the answer equals the cold one or leaves it at a near tie (tests/near_tie.py).
+"""
 
 from __future__ import annotations
 
@@ -129,10 +137,18 @@ def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf
     """SWA_FULL=false: the windowed layers keep only a few hundred cells, so after a long
     prompt the oldest positions are gone from them. A prefix cut back close to the end
     (the window there is still cached) is reused; one cut back before the oldest cell the
-    next token needs must be evaluated again (llama-server's pos_min check)."""
+    next token needs must be evaluated again (llama-server's pos_min check).
+
+    The window cells form a ring whose next free cell depends on what it held before: the
+    reused prefix's last page lands at other cells than in the cold run (here from cell 0,
+    where the cold run put it from cell 192), and the attention adds the same window in
+    another order. So that answer equals the cold one or leaves it at a near tie (README,
+    "Exactness"; ``benchmarks/kv_layout.py``). The prompt evaluated again starts from an
+    empty ring, in the cold run's batches and cells: that answer equals the cold one token
+    for token."""
     # n_batch 64: the window cache holds pad256(n_swa + 64) = 256 cells, half the prompt
-    svc = LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1, swa_full=False,
-                     n_batch=64)
+    path = tiny_gguf("q8_0")
+    svc = LLMService(path, max_length=1024, n_parallel=1, swa_full=False, n_batch=64)
     try:
         svc.load()
         q, params = "Who baked the first loaf?", dict(temperature=0.0, max_tokens=16)
@@ -142,13 +158,16 @@ def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf
         svc.clear_kv_cache()
         svc.answer("What is this about?", long_doc, **params)
         near = svc.answer(q, long_doc, **params)  # cut back near the end: window still there
-        assert near.timings.n_cached >= 256 and near.token_ids == expected_long
+        assert near.timings.n_cached >= 256 and near.text
         far = svc.answer(q, other_doc, **params)  # shares only DOC_A: cut back too far
         kv = svc.get_model_info()["kv_cache"]
         assert kv["swa_full"] is False and kv["window_resets"] >= 1
         assert far.timings.n_cached == 0 and far.token_ids == expected_other
+        prompt = svc._prepare([], dict(params), None, svc._rag(q, long_doc))[1].tokens
+        assert len(prompt) == near.timings.n_prompt
     finally:
         svc.close()
+    near_ties(path, [(prompt, expected_long, near.token_ids)], "reused window prefixes")
 
 
 # -- overflow -------------------------------------------------------------------

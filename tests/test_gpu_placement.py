@@ -32,9 +32,11 @@ def expert_names(path, layers=None) -> set[str]:
 def test_n_cpu_moe_overrides_reach_llama_cpp(tiny_gguf):
     path = tiny_gguf("q8_0")
     report = loaded_report(path, n_cpu_moe=1)
-    # llama.cpp logs "tensor NAME (... MiB TYPE) buffer type overridden to CPU" per tensor
+    # llama.cpp logs "tensor NAME (... MiB TYPE) buffer type overridden to BUFT" per tensor;
+    # an override to ggml's CPU buffer type lets llama.cpp pick a CPU extra buffer type
+    # (CPU_REPACK...) for it, as its --n-cpu-moe does: host memory either way
     assert set(report.overrides) == expert_names(path, {0}) and len(report.overrides) == 6
-    assert set(report.overrides.values()) == {"CPU"}
+    assert report.overrides.values() and all(v.startswith("CPU") for v in report.overrides.values())
 
 
 def test_cpu_moe_overrides_every_expert_tensor(tiny_gguf):

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from ggufllm.cli import cli
-from ggufllm.gpu.install import diagnose, preflight, supports_gpu_offload, verdict
+from ggufllm.gpu.install import diagnose, loads_cpu_backend, preflight, supports_gpu_offload, verdict
 from ggufllm.gpu.presets import LLAMA_CPP_PYTHON, find_presets_file, load_presets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,12 @@ def test_cmake_lists_exactly_the_presets_we_read():
     listed = re.findall(r'^\s+"([\w-]+)"', out, re.M)
     ours = [name for name, p in load_presets().items() if p.available]
     assert listed == ours
-    assert {"cpu", "cuda", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "vulkan"} <= set(listed)
+    assert {"cpu", "cpu-portable", "cpu-avx2", "cuda", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90",
+            "vulkan"} <= set(listed)
     assert "metal" in load_presets()  # present, but its condition holds on macOS only
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda", "cuda-sm90", "vulkan"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-portable", "cpu-avx2", "cuda", "cuda-sm90", "vulkan"])
 def test_cmake_configures_each_preset_with_the_variables_we_pass(name, tmp_path: Path):
     # A project with no languages: cmake applies the preset's cache variables and stops.
     shutil.copy(find_presets_file(), tmp_path / "CMakePresets.json")
@@ -51,7 +52,8 @@ def test_cmake_configures_each_preset_with_the_variables_we_pass(name, tmp_path:
         assert cmake_vars[k] == v
 
 
-@pytest.mark.parametrize("name,backend", [("cpu", "cpu"), ("cuda", "cuda"), ("cuda-sm80", "cuda"),
+@pytest.mark.parametrize("name,backend", [("cpu", "cpu"), ("cpu-portable", "cpu"), ("cpu-avx2", "cpu"),
+                                          ("cuda", "cuda"), ("cuda-sm80", "cuda"),
                                           ("cuda-sm86", "cuda"), ("cuda-sm89", "cuda"),
                                           ("cuda-sm90", "cuda"), ("vulkan", "vulkan"),
                                           ("metal", "metal")])
@@ -66,6 +68,26 @@ def test_each_preset_maps_to_its_cmake_args(name, backend):
     assert args["CMAKE_BUILD_TYPE"] == "Release"
 
 
+def test_the_portable_presets_compile_nothing_for_the_build_machine():
+    """Only ``cpu`` builds for the CPU it is built on (-march=native). ``cpu-portable`` builds
+    one backend module per CPU level (ggml's GGML_CPU_ALL_VARIANTS needs GGML_BACKEND_DL),
+    installed in llama_cpp/lib beside libllama so that a wheel carries them; ``cpu-avx2``
+    names its instruction sets, which -DGGML_NATIVE=OFF alone drops under SOURCE_DATE_EPOCH."""
+    presets = load_presets()
+    assert presets["cpu"].cache_variables["GGML_NATIVE"] == "ON"
+    portable = presets["cpu-portable"].cache_variables
+    assert portable["GGML_NATIVE"] == "OFF"
+    assert portable["GGML_BACKEND_DL"] == portable["GGML_CPU_ALL_VARIANTS"] == "ON"
+    assert portable["CMAKE_INSTALL_BINDIR"] == "llama_cpp/lib"
+    avx2 = presets["cpu-avx2"].cache_variables
+    assert avx2["GGML_NATIVE"] == "OFF"
+    for switch in ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"):
+        assert avx2[switch] == "ON"
+    assert avx2["GGML_AVX512"] == "OFF"
+    assert not any(k.startswith("GGML_AMX") and v == "ON" for k, v in avx2.items())
+    assert [name for name, p in presets.items() if p.dynamic_backends] == ["cpu-portable"]
+
+
 def test_backend_install_dry_run_prints_the_exact_command_and_env():
     result = CliRunner().invoke(cli, ["backend", "install", "--preset", "cuda-sm86", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -78,6 +100,18 @@ def test_backend_install_dry_run_prints_the_exact_command_and_env():
     for flag in ("--no-cache-dir", "--force-reinstall", "--no-deps"):
         assert flag in command
     assert command[-3:] == ["--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON]
+
+
+def test_backend_install_dry_run_of_the_portable_preset():
+    result = CliRunner().invoke(cli, ["backend", "install", "--preset", "cpu-portable", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    env = dict(line.split("=", 1) for line in result.output.splitlines()
+               if re.match(r"^[A-Z_]+=", line))
+    args = shlex.split(env["CMAKE_ARGS"])
+    for arg in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
+                "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"):
+        assert arg in args
+    assert "-DGGML_CUDA=ON" not in args
 
 
 def test_backend_install_offline_source_and_unknown_preset():
@@ -128,8 +162,12 @@ def test_a_gpu_preset_that_built_a_cpu_library_is_a_failure(tmp_path: Path):
     assert not bad.ok and bad.causes[0].startswith("CPU fallback detected")
     assert verdict(load_presets()["cuda"], log, True, "").ok
     assert verdict(load_presets()["cpu"], log, False, "").ok
+    lost = verdict(load_presets()["cpu-portable"], log, False, "", cpu_backend=False)
+    assert not lost.ok and lost.causes[0].startswith("no CPU backend")
+    assert verdict(load_presets()["cpu-portable"], log, False, "", cpu_backend=True).ok
     # this machine's own build, asked in a fresh interpreter
     assert supports_gpu_offload() is bool(__import__("llama_cpp").llama_supports_gpu_offload())
+    assert loads_cpu_backend()  # whichever build this is, it runs on this CPU
 
 
 def test_a_failed_build_points_at_its_log(tmp_path: Path):
@@ -141,3 +179,16 @@ def test_a_failed_build_points_at_its_log(tmp_path: Path):
     assert f"build failed; see {log}" in result.output
     text = log.read_text()
     assert text.startswith("$ ") and "--force-reinstall" in text and "missing.tar.gz" in text
+
+
+def test_backends_are_loaded_once_and_the_cpu_is_one_of_them():
+    """A cpu-portable build registers no backend until ggufllm loads its modules from
+    llama_cpp/lib; on a build with them compiled in the loader changes nothing."""
+    from ggufllm.engine.native import ensure_backend
+    from ggufllm.gpu.devices import backends
+    from ggufllm.native.backends import load_backends
+
+    ensure_backend()
+    before = backends()
+    assert "CPU" in before
+    assert load_backends() == len(before) and backends() == before

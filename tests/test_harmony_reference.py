@@ -65,11 +65,13 @@ def vocab(tiny_gguf) -> Iterator[NativeModel]:
     model.close()
 
 
-def reference_prompt(enc, turns: list[Turn], instructions: str | None, effort: str) -> list[int]:
+def reference_prompt(enc, turns: list[Turn], instructions: str | None, effort: str,
+                     date: dt.date | None = DATE) -> list[int]:
     system = (oh.SystemContent.new()
               .with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
-              .with_knowledge_cutoff(KNOWLEDGE_CUTOFF)
-              .with_conversation_start_date(DATE.isoformat()))
+              .with_knowledge_cutoff(KNOWLEDGE_CUTOFF))
+    if date is not None:
+        system = system.with_conversation_start_date(date.isoformat())
     messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
     developer = [instructions] if instructions else []
     developer += [t.content for t in turns if t.role in ("system", "developer")]
@@ -111,6 +113,25 @@ def test_prompt_equals_openai_harmony_token_for_token(encoding, vocab, name, ins
     if instructions is None and not any(t.role in ("system", "developer") for t in turns):
         instructions = DEFAULT_INSTRUCTIONS
     assert ours == reference_prompt(encoding, turns, instructions, effort)
+
+
+@pytest.mark.parametrize("name", ["question", "developer turns"])
+def test_without_a_date_the_prompt_equals_openai_harmony_without_one(encoding, vocab, name):
+    """CURRENT_DATE=none (the default): no date line, as openai-harmony renders it without a
+    conversation start date; so the prompt (and its cached KV) is the same every day."""
+    turns = CONVERSATIONS[name]
+    ours = PromptBuilder(vocab, "gpt-oss").build(turns, GenerationConfig(), None).tokens
+    instructions = None if name == "developer turns" else DEFAULT_INSTRUCTIONS
+    assert ours == reference_prompt(encoding, turns, instructions, "low", date=None)
+    assert "Current date" not in encoding.decode(ours)
+
+
+def test_current_date_today_and_fixed(encoding, vocab):
+    turns = CONVERSATIONS["question"]
+    today = PromptBuilder(vocab, "gpt-oss", "today").build(turns, GenerationConfig(), None).tokens
+    assert today == reference_prompt(encoding, turns, DEFAULT_INSTRUCTIONS, "low", dt.date.today())
+    fixed = PromptBuilder(vocab, "gpt-oss", "2025-01-31").build(turns, GenerationConfig(), None)
+    assert "Current date: 2025-01-31" in encoding.decode(fixed.tokens)
 
 
 def test_system_turn_is_a_developer_message_not_a_user_message(encoding, vocab):

@@ -4,6 +4,9 @@ happy paths, raw HTTP for every error case."""
 from __future__ import annotations
 
 import json
+import logging
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -238,13 +241,16 @@ def test_budget_over_the_context_is_400(server: Running) -> None:
 
 def test_body_over_the_limit_is_413(server: Running) -> None:
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}).encode()
-    _error(httpx.post(f"{server.url}/v1/chat/completions", content=big, timeout=30), 413)
+    json_type = {"content-type": "application/json"}
+    _error(httpx.post(f"{server.url}/v1/chat/completions", content=big, headers=json_type,
+                      timeout=30), 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while read
         for i in range(0, len(big), 4096):
             yield big[i:i + 4096]
 
-    _error(httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), timeout=30), 413)
+    _error(httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), headers=json_type,
+                      timeout=30), 413)
 
 
 def test_unknown_route_and_wrong_method(server: Running) -> None:
@@ -257,6 +263,171 @@ def test_errors_never_5xx(server: Running) -> None:
     fives = [k for k in _samples(text) if k.startswith("ggufllm_requests_total")
              and 'status="5' in k and 'route="/health"' not in k]  # /health is 503 while loading
     assert not fives
+
+
+# -- a window smaller than DEFAULT_MAX_TOKENS ----------------------------------------
+
+SMALL_CTX = 512
+
+
+def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
+    # DEFAULT_MAX_TOKENS (1000) does not fit a 512-token window: it is capped to what the
+    # window leaves; only a max_tokens the client sent can be refused
+    with running_server(max_length=SMALL_CTX) as small:
+        assert small.service.generation_config.max_tokens > SMALL_CTX
+        short = [("/v1/chat/completions", {"messages": [{"role": "user", "content":
+                                                          QUESTIONS[0]}]}),
+                 ("/answer", {"question": QUESTIONS[0]}),
+                 ("/v1/completions", {"prompt": "The capital of France is", "stop": ["."]})]
+        for path, body in short:
+            for stream in (False, True):
+                r = httpx.post(f"{small.url}{path}", json={**body, "temperature": 0,
+                               "stream": stream}, timeout=120)
+                assert r.status_code == 200, (path, stream, r.text)
+        # a prompt that leaves a few tokens: the answer gets exactly those
+        words = "word " * 490
+        r = httpx.post(f"{small.url}/v1/completions", json={"prompt": words, "temperature": 0},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert 0 < usage["completion_tokens"] < 30 and usage["total_tokens"] == SMALL_CTX
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        r = httpx.post(f"{small.url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "word " * 440 + "Say something."}]})
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= SMALL_CTX, r.text
+        # an explicit budget is the client's: refused when it cannot fit
+        err = _error(httpx.post(f"{small.url}/v1/chat/completions", timeout=60, json={
+            "messages": MSG, "max_tokens": SMALL_CTX + 1}), 400)
+        assert err["param"] == "max_tokens"
+        err = _error(httpx.post(f"{small.url}/v1/completions", timeout=60, json={
+            "prompt": words, "max_tokens": 100}), 400)
+        assert err["type"] == "exceed_context_size_error"
+
+
+# -- every bad input is a 4xx ------------------------------------------------------
+
+# the documented limits on stop strings (README): at most 16, of at most 256 characters each
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+SURROGATE = "\ud800"  # a lone surrogate: valid JSON (as an escape), not valid Unicode text
+SURROGATE_BODIES = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a" + SURROGATE}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": SURROGATE},
+                                           {"role": "user", "content": "Hi"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi",
+                                            "name": SURROGATE}]}),
+    ("/v1/chat/completions", {"messages": MSG, "stop": [SURROGATE]}),
+    ("/v1/chat/completions", {"messages": MSG, "model": SURROGATE}),
+    ("/v1/chat/completions", {"messages": MSG, SURROGATE: 1}),
+    ("/v1/completions", {"prompt": SURROGATE}),
+    ("/v1/completions", {"prompt": ["x" + SURROGATE]}),
+    ("/v1/completions", {"prompt": "x", "stop": SURROGATE}),
+    ("/answer", {"question": SURROGATE}),
+    ("/answer", {"question": "q", "context": "c" + SURROGATE}),
+    ("/answer", {"question": "q", SURROGATE: 1}),
+]
+
+
+@pytest.mark.parametrize("path,body", SURROGATE_BODIES,
+                         ids=[f"{p}-{i}" for i, (p, _) in enumerate(SURROGATE_BODIES)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_is_400_naming_the_field(server: Running, path: str, body: dict,
+                                                  stream: bool) -> None:
+    raw = json.dumps({**body, "max_tokens": 2, "stream": stream}).encode()
+    assert b"\\ud800" in raw  # sent as the JSON escape, as a client's json.dumps sends it
+    err = _error(httpx.post(f"{server.url}{path}", content=raw, timeout=60,
+                            headers={"content-type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] and "surrogate" in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b'{"question": "\xed\xa0\x80"}',  # a surrogate as UTF-8 bytes
+                                 b'{"question": "\xff"}',
+                                 '{"question": "q"}'.encode("utf-16")])
+def test_a_body_that_is_not_utf8_is_400(server: Running, raw: bytes) -> None:
+    err = _error(httpx.post(f"{server.url}/answer", content=raw, timeout=60,
+                            headers={"content-type": "application/json"}), 400)
+    assert err["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/answer"])
+@pytest.mark.parametrize("raw", [b"[" * 5000, b"{\"a\":" * 5000, b'{"messages": ' + b"[" * 20_000])
+def test_deep_nesting_is_400(server: Running, path: str, raw: bytes) -> None:
+    err = _error(httpx.post(f"{server.url}{path}", content=raw, timeout=60,
+                            headers={"content-type": "application/json"}), 400)
+    assert err["code"] == "invalid_json" and "nest" in err["message"]
+
+
+@pytest.mark.parametrize("path,base", [("/v1/chat/completions", {"messages": MSG}),
+                                       ("/v1/completions", {"prompt": "Hi"})])
+@pytest.mark.parametrize("stop", [["s"] * (MAX_STOPS + 1), ["x" * (MAX_STOP_CHARS + 1)],
+                                  "x" * (MAX_STOP_CHARS + 1), ["ok", 5]])
+def test_stop_strings_over_the_limits_are_400_naming_stop(server: Running, path: str,
+                                                          base: dict, stop: object) -> None:
+    r = httpx.post(f"{server.url}{path}", json={**base, "stop": stop, "max_tokens": 2},
+                   timeout=60)
+    assert _error(r, 400)["param"] == "stop"
+
+
+def test_stop_strings_at_the_limits_are_accepted(server: Running) -> None:
+    stops = [chr(0x4e00 + i) * MAX_STOP_CHARS for i in range(MAX_STOPS)]
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                   json={"messages": MSG, "stop": stops, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def _requests_total(server: Running, route: str, status: int) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return _samples(text).get(f'ggufllm_requests_total{{route="{route}",status="{status}"}}', 0.0)
+
+
+def test_an_unexpected_500_is_counted_and_in_openai_shape(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    def broken() -> dict:
+        raise RuntimeError("injected fault")
+
+    # a server of its own: the module's server must never count a 5xx (test_errors_never_5xx)
+    with running_server() as own:
+        assert _requests_total(own, "/v1/models", 500) == 0
+        monkeypatch.setattr(own.service, "get_model_info", broken)
+        err = _error(httpx.get(f"{own.url}/v1/models", timeout=10), 500)
+        assert err["type"] == "server_error" and "injected" not in err["message"]
+        monkeypatch.undo()
+        assert _requests_total(own, "/v1/models", 500) == 1
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_client_that_leaves_mid_upload_is_not_an_error(server: Running) -> None:
+    records = _Records()
+    loggers = [logging.getLogger(n) for n in ("ggufllm", "uvicorn", "uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        for path in ("/v1/chat/completions", "/answer"):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                             '{"messages": [{"role": "user", "content": "'.encode())
+                time.sleep(0.2)  # the route is waiting for the rest of the body
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not records.records:
+            time.sleep(0.05)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    errors = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+    assert not errors
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
 # -- helpers -------------------------------------------------------------------

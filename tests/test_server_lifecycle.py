@@ -116,7 +116,9 @@ def _port_is_free(port: int) -> bool:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "GGUFLLM_API_KEY": ""}
+    # no key from the caller's shell (an empty GGUFLLM_API_KEY is an error, not "no key")
+    env = {k: v for k, v in os.environ.items() if k != "GGUFLLM_API_KEY"}
+    return {**env, "PYTHONPATH": str(ROOT)}
 
 
 def _sigterm_during_a_stream(proc: subprocess.Popen[bytes], url: str, port: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -428,3 +429,163 @@ def test_raw_completion_continues_the_text_as_it_is(service):
     assert done.timings.n_prompt == len(service._engine.tokenize(text)) + 1
     with pytest.raises(InvalidParameterError):
         service.complete_stream("", max_tokens=4)
+
+
+def _check_model_info(info: dict, path: Path) -> None:
+    """What every get_model_info() answer holds, whatever the load state at that moment."""
+    assert isinstance(info["loaded"], bool) and isinstance(info["n_ctx"], int)
+    assert info["engine"]["state"] in ("ok", "reloading", "failed")
+    if not info["loaded"]:
+        return
+    assert info["model_path"] == str(path) and isinstance(info["model_name"], str)
+    assert isinstance(info["n_params"], int) and info["n_params"] > 0
+    kv, sched = info["kv_cache"], info["scheduler"]
+    assert kv["n_ctx"] == 256 and kv["n_swa"] > 0 and 0 <= kv["tokens_in_use"] <= kv["n_ctx_pool"]
+    assert 0 <= kv["prefixes_in_slots"] <= kv["n_parallel"]
+    assert all(isinstance(sched[k], int) and sched[k] >= 0 for k in ("running", "waiting"))
+
+
+def test_model_info_stays_well_formed_while_the_model_loads_and_unloads(default_gguf):
+    """get_model_info() from one thread while another loads and unloads the model and a third
+    asks questions: it never raises, crashes the process or answers a half-built dict
+    (every native read is under the engine's lock; what the scheduler mutates is snapshotted)."""
+    svc = LLMService(default_gguf, max_length=256)
+    stop, errors, seen = threading.Event(), [], {"loaded": 0, "unloaded": 0}
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                info = svc.get_model_info()
+                _check_model_info(info, default_gguf)
+                seen["loaded" if info["loaded"] else "unloaded"] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                stop.set()
+
+    def ask() -> None:
+        while not stop.is_set():
+            try:
+                svc.generate_answer("Why is the sky blue?", max_tokens=4)
+            except ServiceClosedError:  # unloaded under it: expected
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                stop.set()
+
+    threads = [threading.Thread(target=hammer), threading.Thread(target=ask)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads every few bytecodes: races show sooner
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    try:
+        for _ in range(12):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            svc.load()
+            time.sleep(0.05)
+            svc.unload()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        sys.setswitchinterval(switch)
+        svc.close()
+    assert not errors, repr(errors[0])
+    assert seen["loaded"] and seen["unloaded"]
+
+
+def test_model_info_when_an_unload_lands_in_the_middle(default_gguf, monkeypatch):
+    """An unload from another thread between two of get_model_info()'s reads of the model
+    (here: right after the parameter count): the answer says "not loaded", never raises."""
+    from ggufllm.engine import Engine
+
+    svc = LLMService(default_gguf, max_length=256)
+    svc.load()
+    facts = Engine.model_facts
+
+    def facts_then_unload(engine: Engine) -> dict[str, int]:
+        out = facts(engine)
+        unloader = threading.Thread(target=svc.unload)  # frees the model's native memory
+        unloader.start()
+        unloader.join()
+        return out
+
+    monkeypatch.setattr(Engine, "model_facts", facts_then_unload)
+    try:
+        info = svc.get_model_info()
+    finally:
+        svc.close()
+    assert info["loaded"] is False
+
+
+def test_model_info_reads_the_slots_while_the_scheduler_changes_them(default_gguf):
+    """Fault injection: a thread shares and unshares slot prefixes as the scheduler does on
+    placement, while get_model_info() counts the cells in use; switching threads every few
+    bytecodes makes an unguarded read of those dicts fail at once."""
+    svc = LLMService(default_gguf, max_length=256, n_parallel=4)
+    svc.load()
+    slots = svc._engine.slots.slots
+    for i, slot in enumerate(slots):  # what four placed prompts would leave (no request runs)
+        slot.tokens = list(range(64 * (i + 1)))
+    stop, errors = threading.Event(), []
+
+    def scheduler_like() -> None:
+        while not stop.is_set():
+            for a in slots:
+                for b in slots:
+                    a.share(b, 64)
+            for a in slots:
+                for b in slots:
+                    a.share(b, 0)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    mutator = threading.Thread(target=scheduler_like)
+    mutator.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not errors:
+            try:
+                kv = svc.get_model_info()["kv_cache"]
+                assert 64 * 4 <= kv["tokens_in_use"] <= 64 * (1 + 2 + 3 + 4), kv
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+    finally:
+        stop.set()
+        mutator.join()
+        sys.setswitchinterval(switch)
+        for slot in slots:
+            slot.replace([], 0)
+        svc.close()
+    assert not errors, repr(errors[0])
+
+
+def test_optimize_for_gpu_during_a_load_is_not_lost(tmp_path: Path, default_gguf):
+    """A choice made while a load is under way applies to the model that load leaves:
+    optimize_for_gpu waits for it (the load lock), then unloads what no longer fits."""
+    for name in ("tiny-Q8_0.gguf", "tiny-F16.gguf"):
+        (tmp_path / name).symlink_to(default_gguf)
+    svc = LLMService(tmp_path, max_length=256)
+    svc.optimize_for_gpu(use_quantization=False)  # the F16 file
+    loading, release = threading.Event(), threading.Event()
+
+    def held(fraction: float) -> bool:  # holds the load open until the choice was made
+        loading.set()
+        return release.wait(30)
+
+    loader = threading.Thread(target=svc.load, kwargs={"progress": held})
+    loader.start()
+    assert loading.wait(30)
+    chooser = threading.Thread(target=svc.optimize_for_gpu,
+                               kwargs={"use_quantization": True, "load_in_8bit": True})
+    chooser.start()
+    chooser.join(0.5)  # returns at once without the lock; waits for the load with it
+    release.set()
+    loader.join(60)
+    chooser.join(60)
+    try:
+        svc.load()
+        assert svc.get_model_info()["model_path"].endswith("tiny-Q8_0.gguf")
+    finally:
+        svc.close()

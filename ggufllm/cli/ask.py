@@ -97,16 +97,34 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
     flags = flags_from(kw)
     service, cfg = open_service(model, flags)
     with service:
-        if kv_cache is not None and kv_cache.exists():
-            try:
-                service.load_kv_cache(kv_cache)
-            except KVCacheError as exc:
-                if not quiet():
-                    click.echo(f"notice: {exc}; answering without it", err=True)
+        save_to = _load_kv_cache(service, kv_cache) if kv_cache is not None else None
         _answer(service, question, context, system, flags, cfg, show_reasoning=show_reasoning,
                 stats=stats, no_stream=no_stream, as_json=as_json)
-        if kv_cache is not None:
-            service.save_kv_cache(kv_cache)
+        if save_to is not None:
+            service.save_kv_cache(save_to)
+
+
+def _load_kv_cache(service: Any, path: Path) -> Path | None:
+    """Loads ``--kv-cache FILE`` when it exists. Returns where to save the cache after the
+    answer: the file, unless saving would lose what it holds (a load that failed, or one
+    that left prefixes out: they are kept on disk, and the notice says so)."""
+    if not path.exists():
+        return path
+    try:
+        service.load_kv_cache(path)
+    except KVCacheError as exc:
+        if not quiet():
+            click.echo(f"notice: {exc}; answering without it ({path} is left unchanged)",
+                       err=True)
+        return None
+    if service.get_model_info()["kv_cache"]["ram_load_skipped"]:
+        if not quiet():
+            click.echo(f"notice: {path} holds more prefixes than the RAM cache "
+                       f"(KV_CACHE_RAM_MB={service.settings.kv_cache_ram_mb}); it is left "
+                       "unchanged: raise KV_CACHE_RAM_MB to use all of it, or delete it",
+                       err=True)
+        return None
+    return path
 
 
 def _answer(service: Any, question: str, context: str | None, system: str | None, flags: Any,

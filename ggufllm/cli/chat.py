@@ -2,22 +2,23 @@
 
 Ctrl-C during an answer stops that answer (the partial text stays in the history,
 marked ``interrupted``) and returns to the prompt; Ctrl-C with text typed drops
-that line; Ctrl-C or Ctrl-D at an empty prompt exits. When the conversation
-outgrows the context window, the oldest turns are dropped with a one-line notice.
-Slash commands: see :data:`HELP`.
+that line; Ctrl-D or ``/bye`` exits. Ctrl-C at an empty prompt only says so, as
+``ollama run`` does: one meant for an answer that has just ended must not throw the
+conversation away. When the conversation outgrows the context window, the oldest
+turns are dropped with a one-line notice. Slash commands: see :data:`HELP`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
-import signal
-import sys
-import threading
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,6 +29,7 @@ from ..errors import ContextLengthExceededError, GgufllmError, InvalidParameterE
 from ..harmony import Turn
 from ..service import LLMService
 from .common import explain, flags_from, generation_options, quiet, state, verbose
+from .lines import LineReader, interruptible
 from .load import call_options, open_service
 from .output import Streamed, after_answer, stream_to_terminal
 from .progress import PromptSpinner, is_terminal
@@ -42,7 +44,7 @@ HELP = """\
                     (NAME: {names}; VALUE 'default' restores it)
 /show               model, settings, and tokens used of the context window
 /save FILE          write the conversation as JSON
-/bye                quit (also Ctrl-D, or Ctrl-C at an empty prompt)
+/bye                quit (also Ctrl-D)
 \"\"\"              begin and end a message of several lines
 Ctrl-C during an answer stops it."""
 
@@ -135,7 +137,7 @@ class ChatSession:
         self.messages.append(Message("user", text))
         spinner = PromptSpinner(enabled=is_terminal() and not quiet())
         started = time.perf_counter()
-        with _interruptible() as interrupt:
+        with interruptible() as interrupt:
             spinner.start()
             try:
                 chunks = self._open(spinner)
@@ -217,12 +219,28 @@ class ChatSession:
                 "settings": self.config().model_dump(mode="json"),
                 "messages": [m.as_json() for m in self.messages]}
         try:
-            with open(arg, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=2)
+            _write_atomically(Path(arg), json.dumps(data, ensure_ascii=False, indent=2))
         except OSError as exc:
-            click.echo(f"error: cannot write {arg}: {exc.strerror}", err=True)
+            click.echo(f"error: cannot write {arg}: {exc.strerror or exc}", err=True)
             return
         click.echo(f"(saved {len(self.messages)} messages to {arg})", err=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``: a
+    write that fails (a full disk) leaves the old file whole, never truncated. The file is
+    mkstemp's 0600: a conversation is its user's own."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _prepend(first: Chunk | None, rest: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -234,88 +252,6 @@ def _prepend(first: Chunk | None, rest: Iterator[Chunk]) -> Iterator[Chunk]:
         close = getattr(rest, "close", None)
         if close is not None:
             close()
-
-
-@contextmanager
-def _interruptible() -> Iterator[threading.Event]:
-    """Ctrl-C sets the event (the answer stops at the next token); a second one quits."""
-    event = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-
-    try:
-        old = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
-        yield event
-        return
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-class _Input:
-    """Reads messages: readline on a terminal, plain lines from a pipe; ``\"\"\"`` blocks."""
-
-    def __init__(self) -> None:
-        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        if self.interactive:
-            try:
-                import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
-
-    def line(self, prompt: str) -> str:
-        if self.interactive:
-            return input(prompt)
-        click.echo(prompt, nl=False, err=True)
-        text = sys.stdin.readline()
-        if not text:
-            raise EOFError
-        return text.rstrip("\n")
-
-    def _typed(self) -> bool:
-        """Whether the line being edited when Ctrl-C came held any text."""
-        if not self.interactive:
-            return False
-        try:
-            import readline
-        except ImportError:
-            return False
-        return bool(readline.get_line_buffer())
-
-    def message(self) -> str | None:
-        """The next message; None to quit (Ctrl-D, or Ctrl-C at an empty prompt)."""
-        try:
-            first = self.line(">>> ")
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            # with text typed, Ctrl-C drops the line (as a shell does); at an empty prompt it quits
-            return "" if self._typed() else None
-        except EOFError:
-            click.echo("", err=True)
-            return None
-        if not first.lstrip().startswith('"""'):
-            return first
-        text = first.lstrip()[3:]
-        if text.rstrip().endswith('"""'):
-            return text.rstrip()[:-3]
-        lines = [text] if text else []
-        try:
-            while True:
-                more = self.line("... ")
-                if more.rstrip().endswith('"""'):
-                    lines.append(more.rstrip()[:-3])
-                    return "\n".join(lines)
-                lines.append(more)
-        except KeyboardInterrupt:
-            click.echo("\n(message cancelled)", err=True)
-            return ""
-        except EOFError:
-            return "\n".join(lines)
 
 
 @click.command()
@@ -338,15 +274,19 @@ def chat(model: str | None, system: str | None, show_reasoning: bool, stats: boo
         if not quiet():
             click.echo(f"{info['model_name']} ({info['model_path']}), {info['n_ctx']}-token "
                        "window. /help for commands, Ctrl-D to quit.", err=True)
-        reader = _Input()
-        while True:
-            text = reader.message()
-            if text is None:
-                return
-            if not text.strip():
-                continue
-            if text.startswith("/"):
-                if not session.command(text.strip()):
+        reader = LineReader()
+        # outside an answer and the prompt, a Ctrl-C (most likely meant for the answer that
+        # has just ended) is dropped; a second one in a row quits
+        with interruptible() as stray:
+            while True:
+                stray.clear()
+                text = reader.message()
+                if text is None:
                     return
-                continue
-            session.send(text)
+                if not text.strip():
+                    continue
+                if text.startswith("/"):
+                    if not session.command(text.strip()):
+                        return
+                    continue
+                session.send(text)

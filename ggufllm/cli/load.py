@@ -26,7 +26,7 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
 
     Raises:
         ConfigError, InvalidParameterError: a flag or setting is invalid.
-        CliError: ``--max-tokens`` leaves no room in the window.
+        CliError: a ``--max-tokens`` typed leaves no room in the window.
         ModelNotFoundError, ModelLoadError: no usable model.
     """
     settings = flags.settings()
@@ -39,13 +39,14 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
     state()["trained_ctx"] = trained
     typed = state().get("flags", {})
     ctx_name = "--ctx" if "max_length" in typed else "--ctx (MAX_LENGTH)"
-    budget_name = "--max-tokens" if "max_tokens" in typed else "--max-tokens (DEFAULT_MAX_TOKENS)"
     if trained and settings.max_length > trained and not quiet():
         logger.warning("%s %d is past the %d tokens %s was trained on: answers past that "
                        "length may degrade", ctx_name, settings.max_length, trained,
                        resolved.path.name)
-    if cfg.max_tokens >= settings.max_length:
-        raise CliError(f"{budget_name} {cfg.max_tokens} leaves no room for the prompt in the "
+    # only a budget typed can be wrong: the default one (DEFAULT_MAX_TOKENS) is capped to what
+    # the window leaves by the service
+    if "max_tokens" in typed and cfg.max_tokens >= settings.max_length:
+        raise CliError(f"--max-tokens {cfg.max_tokens} leaves no room for the prompt in the "
                        f"context window of {settings.max_length} tokens ({ctx_name}); use "
                        f"--max-tokens {settings.max_length // 2} or less, or --ctx above {cfg.max_tokens}")
     service = LLMService(resolved.path, settings=settings)

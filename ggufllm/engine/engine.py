@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import GenerationConfig, KVCacheType
+from ..config import ExtraBuffersMode, GenerationConfig, KVCacheType
 from ..errors import (
     ConfigError,
     ContextLengthExceededError,
+    EngineFailedError,
     InvalidParameterError,
     ServiceClosedError,
 )
@@ -67,8 +68,8 @@ class EngineOptions:
     kv_cache_tokens: int | None = None
     swa_full: bool = True
     kv_cache_ram_mb: int = 1024
-    cpu_moe: bool = False
-    n_cpu_moe: int = 0
+    cpu_extra_buffers: ExtraBuffersMode = "auto"
+    current_date: str = "none"  # CURRENT_DATE: none | today | YYYY-MM-DD
 
     @property
     def pool_tokens(self) -> int:
@@ -82,6 +83,8 @@ class Engine:
         path: the GGUF file; its header is checked before llama.cpp sees it.
         options: context, concurrency and offload settings.
         progress: load progress callback (0..1); returning False cancels.
+        on_failure: called (from the scheduler thread, once the native memory is freed)
+            if the scheduler stops on an unexpected error.
 
     Raises:
         ModelLoadError: the file is not a usable GGUF (or the load was cancelled).
@@ -90,7 +93,8 @@ class Engine:
     """
 
     def __init__(self, path: str, options: EngineOptions | None = None,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None,
+                 on_failure: Callable[[EngineFailedError], None] | None = None) -> None:
         options = options or EngineOptions()
         self.summary: GGUFSummary = read_gguf_header(path)
         self.path = path
@@ -99,14 +103,18 @@ class Engine:
         self._native_lock = threading.Lock()
         self._freed = False
         self._model = NativeModel(path, n_gpu_layers=options.n_gpu_layers, cpu_moe=options.cpu_moe,
-                                  n_cpu_moe=options.n_cpu_moe, progress=progress)
+                                  n_cpu_moe=options.n_cpu_moe, progress=progress,
+                                  extra_buffers=options.cpu_extra_buffers, summary=self.summary,
+                                  n_threads=options.n_threads)
+        self.kernel_verdict = self._model.kernel_verdict
         try:
             self._ctx = NativeContext(
                 self._model, n_ctx=options.pool_tokens,
                 n_batch=max(options.n_batch, options.n_parallel), n_threads=options.n_threads,
                 flash_attn=options.flash_attn, n_seq_max=options.n_parallel,
                 kv_type=options.kv_cache_type, swa_full=options.swa_full)
-            self.prompts = PromptBuilder(self._model, self.summary.architecture)
+            self.prompts = PromptBuilder(self._model, self.summary.architecture,
+                                         options.current_date)
         except BaseException:
             self._free_native()
             raise
@@ -118,7 +126,7 @@ class Engine:
         self._closed = False
         self.scheduler = Scheduler(self._ctx, self.slots, n_ctx_seq=self.n_ctx,
                                    max_queue=options.max_queue, n_vocab=self._model.n_vocab,
-                                   on_exit=self._free_native)
+                                   on_exit=self._free_native, on_failure=on_failure)
 
     def _kv_store(self) -> KVStore:
         """The host-RAM prefix cache over this context, and what its files are valid for."""
@@ -132,6 +140,11 @@ class Engine:
             kv_type=o.kv_cache_type, swa_full=o.swa_full, flash_attn=flash_attn))
 
     # -- facts ---------------------------------------------------------------
+
+    @property
+    def failure(self) -> EngineFailedError | None:
+        """Why the scheduler stopped on its own (None while it runs or after a close)."""
+        return self.scheduler.failure
 
     @property
     def model(self) -> NativeModel:
@@ -150,7 +163,7 @@ class Engine:
         """
         with self._native_lock:
             if self._freed:
-                raise ServiceClosedError("the model was closed")
+                raise self.failure or ServiceClosedError("the model was closed")
             yield self._model
 
     def build(self, turns: Sequence[Turn], cfg: GenerationConfig,
@@ -179,8 +192,15 @@ class Engine:
                     "n_ctx_train": m.n_ctx_train}
 
     def kv_cache_info(self) -> dict[str, Any]:
-        """What the KV cache holds and costs (see ``LLMService.get_model_info``)."""
+        """What the KV cache holds and costs (see ``LLMService.get_model_info``); safe from any
+        thread (the slots' counters are read as a snapshot).
+
+        Raises:
+            ServiceClosedError: the native memory was freed.
+        """
         o, ctx = self.options, self._ctx
+        with self._native() as model:  # an unload frees the model under an unlocked read
+            n_swa = model.n_swa
         try:
             size: int | None = kv_cache_bytes(
                 KVLayout.from_gguf(self.summary), n_ctx=ctx.n_ctx, kv_type=o.kv_cache_type,
@@ -189,7 +209,7 @@ class Engine:
             size = None
         info: dict[str, Any] = {
             "n_ctx": self.n_ctx, "n_ctx_pool": ctx.n_ctx, "n_parallel": o.n_parallel,
-            "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": self._model.n_swa,
+            "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": n_swa,
             "bytes": size, "tokens_evaluated": self.scheduler.tokens_evaluated,
         }
         info.update(self.slots.stats())
@@ -248,23 +268,28 @@ class Engine:
         """
         if self._closed:
             raise ServiceClosedError("the model was closed")
-        # the slots' states are copied between two steps; the file is written here
-        self.scheduler.call(lambda: self.kv_store.keep_slots(
+        # the slots' states are copied between two steps (whatever KV_CACHE_RAM_MB); the
+        # file is written here
+        held = self.scheduler.call(lambda: self.kv_store.snapshot_slots(
             [s for s in self.slots.slots if not s.busy]))
-        return self.kv_store.save(path)
+        return self.kv_store.save(path, held)
 
-    def load_kv_cache(self, path: str) -> int:
+    def load_kv_cache(self, path: str, *, trusted: bool = False) -> int:
         """Adds the prefixes of a file written by :meth:`save_kv_cache` to the RAM cache.
 
+        Args:
+            trusted: accept a file signed with another user's key.
+
         Returns:
-            How many prefixes were kept.
+            How many of the file's prefixes the RAM cache holds (its newest that fit).
 
         Raises:
-            KVCacheMismatchError, KVCacheError: see :func:`~.kvfile.load_prefixes`.
+            KVCacheMismatchError, KVCacheUntrustedError, KVCacheError: see
+                :func:`~.kvfile.read_prefixes`.
         """
         if self._closed:
             raise ServiceClosedError("the model was closed")
-        return self.kv_store.load(path)
+        return self.kv_store.load(path, trusted=trusted)
 
     # -- generation ----------------------------------------------------------
 

@@ -9,6 +9,10 @@
 
 Every policy raises :class:`ContextLengthExceededError` when it cannot make the
 prompt fit (no context to cut, a last turn alone too long...).
+
+A *default* budget (``DEFAULT_MAX_TOKENS``, when the caller gave no ``max_tokens``) never
+makes a call fail: where the policy cannot make room for it, it is capped to what the
+window leaves after the prompt. Only a budget the caller asked for is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .prompt import Prompt
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["RagQuestion", "fit_prompt"]
+__all__ = ["RagQuestion", "fit_prompt", "fit_raw"]
 
 logger = logging.getLogger(__name__)
 _MAX_TRIES = 8
@@ -44,9 +48,13 @@ class RagQuestion:
 
 
 def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
-               instructions: str | None, rag: RagQuestion | None = None
-               ) -> tuple[Prompt, GenerationConfig]:
+               instructions: str | None, rag: RagQuestion | None = None, *,
+               budget_given: bool = True) -> tuple[Prompt, GenerationConfig]:
     """Builds the prompt of ``turns`` (+ ``rag`` as the last turn) and applies ``cfg.overflow``.
+
+    Args:
+        budget_given: whether the caller asked for ``cfg.max_tokens``; False for the default
+            budget, which is capped to the window rather than refused.
 
     Returns:
         The prompt and the config to generate with (``max_tokens`` may be lowered).
@@ -55,14 +63,45 @@ def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
         ContextLengthExceededError: it does not fit and the policy cannot help.
         InvalidParameterError: the budget alone exceeds the window, or an empty prompt.
     """
-    if cfg.max_tokens > engine.n_ctx and cfg.overflow != "shrink_max_tokens":
+    n_ctx = engine.n_ctx
+    if budget_given and cfg.max_tokens > n_ctx and cfg.overflow != "shrink_max_tokens":
         raise InvalidParameterError(f"max_tokens={cfg.max_tokens} exceeds the context window "
-                                    f"of {engine.n_ctx}", "max_tokens")
+                                    f"of {n_ctx}", "max_tokens")
     all_turns = list(turns) + ([rag.turn(rag.context)] if rag is not None else [])
     prompt = engine.build(all_turns, cfg, instructions)
-    n_ctx = engine.n_ctx
     if len(prompt.tokens) + cfg.max_tokens <= n_ctx or not prompt.tokens:
         return prompt, cfg
+    try:
+        return _apply_policy(engine, list(turns), all_turns, cfg, instructions, rag, prompt)
+    except ContextLengthExceededError:
+        if budget_given or len(prompt.tokens) >= n_ctx:
+            raise
+    return prompt, _capped(len(prompt.tokens), n_ctx, cfg)
+
+
+def fit_raw(engine: Engine, text: str, cfg: GenerationConfig, *,
+            budget_given: bool = True) -> tuple[Prompt, GenerationConfig]:
+    """The raw continuation prompt of ``text``, with a default budget capped to the window
+    (an asked-for one is checked by :meth:`Engine.check_budget`, as is the rest)."""
+    prompt = engine.raw(text, cfg)
+    n_prompt, n_ctx = len(prompt.tokens), engine.n_ctx
+    if budget_given or not 0 < n_prompt < n_ctx or n_prompt + cfg.max_tokens <= n_ctx:
+        return prompt, cfg
+    return prompt, _capped(n_prompt, n_ctx, cfg)
+
+
+def _capped(n_prompt: int, n_ctx: int, cfg: GenerationConfig) -> GenerationConfig:
+    # the default budget's meaning: up to DEFAULT_MAX_TOKENS, and never past the window
+    logger.debug("the default budget of %d tokens is capped to the %d the window leaves",
+                 cfg.max_tokens, n_ctx - n_prompt)
+    return cfg.updated(max_tokens=n_ctx - n_prompt)
+
+
+def _apply_policy(engine: Engine, turns: list[Turn], all_turns: list[Turn],
+                  cfg: GenerationConfig, instructions: str | None, rag: RagQuestion | None,
+                  prompt: Prompt) -> tuple[Prompt, GenerationConfig]:
+    """``cfg.overflow`` applied to a prompt that does not fit with its budget."""
+    n_ctx = engine.n_ctx
     policy = cfg.overflow
     if policy == "shrink_max_tokens" and len(prompt.tokens) < n_ctx:
         fitted = cfg.updated(max_tokens=n_ctx - len(prompt.tokens))
@@ -70,7 +109,7 @@ def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
                        len(prompt.tokens), fitted.max_tokens, cfg.max_tokens)
         return prompt, fitted
     if policy == "truncate_context" and rag is not None and rag.context:
-        return _truncate_context(engine, list(turns), cfg, instructions, rag, prompt), cfg
+        return _truncate_context(engine, turns, cfg, instructions, rag, prompt), cfg
     if policy == "drop_oldest_turns":
         return _drop_oldest_turns(engine, all_turns, cfg, instructions, prompt), cfg
     raise ContextLengthExceededError(len(prompt.tokens), n_ctx, cfg.max_tokens)

@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp.llama_cpp as lib
 import numpy as np
@@ -29,7 +30,8 @@ from ..config import KVCacheType
 from ..gguf_file import GGUFSummary
 
 __all__ = [
-    "KV_TYPES", "KVLayout", "KVBytes", "kv_cache_bytes", "seq_state_get", "seq_state_set",
+    "KV_TYPES", "KVLayout", "KVBytes", "kv_cache_bytes", "seq_state_size", "seq_state_get",
+    "seq_state_set",
     "restore_is_exact", "usable_prefix", "CachedPrefix", "PrefixCache", "PrefixCacheStats",
 ]
 
@@ -167,23 +169,34 @@ def kv_cache_bytes(layout: KVLayout, *, n_ctx: int, n_seq: int = 1,
 # -- one sequence's state ------------------------------------------------------------
 
 
-def seq_state_get(ctx: lib.llama_context_p, seq_id: int) -> bytes:
-    """Copies the KV cells of sequence ``seq_id`` out of the context.
+def seq_state_size(ctx: lib.llama_context_p, seq_id: int) -> int:
+    """Bytes :func:`seq_state_get` would copy (llama.cpp measures without copying)."""
+    return int(lib.llama_state_seq_get_size(ctx, seq_id))
+
+
+def seq_state_get(ctx: lib.llama_context_p, seq_id: int, size: int | None = None) -> bytearray:
+    """Copies the KV cells of sequence ``seq_id`` out of the context, once: the buffer
+    llama.cpp writes is the one returned.
+
+    Args:
+        size: :func:`seq_state_size`, when the caller has it already.
 
     Raises:
         RuntimeError: llama.cpp could not write the state (it logs why).
     """
-    size = lib.llama_state_seq_get_size(ctx, seq_id)
+    if size is None:
+        size = seq_state_size(ctx, seq_id)
     buf = bytearray(size)
     dst = (ctypes.c_uint8 * size).from_buffer(buf)
     written = lib.llama_state_seq_get_data(ctx, dst, size, seq_id)
     del dst  # release the export of ``buf`` before handing it on
     if size == 0 or written != size:
         raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-    return bytes(buf)
+    return buf
 
 
-def seq_state_set(ctx: lib.llama_context_p, seq_id: int, state: bytes, n_tokens: int) -> bool:
+def seq_state_set(ctx: lib.llama_context_p, seq_id: int, state: bytes | bytearray,
+                  n_tokens: int) -> bool:
     """Puts saved state into sequence ``seq_id`` (replacing what it held).
 
     The restored sequence must end at position ``n_tokens - 1``; anything else (a state
@@ -193,9 +206,15 @@ def seq_state_set(ctx: lib.llama_context_p, seq_id: int, state: bytes, n_tokens:
         True if the sequence now holds exactly those ``n_tokens`` positions.
     """
     mem = lib.llama_get_memory(ctx)
-    src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+    # pointers into the caller's buffer, not copies of it
+    src: Any
+    if isinstance(state, bytearray):
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state)
+    else:
+        src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
     # returns 0 on failure (a short or inconsistent buffer: llama.cpp logs why)
     read = lib.llama_state_seq_set_data(ctx, src, len(state), seq_id)
+    del src
     if read == len(state) and lib.llama_memory_seq_pos_max(mem, seq_id) == n_tokens - 1:
         return True
     lib.llama_memory_seq_rm(mem, seq_id, -1, -1)
@@ -204,7 +223,8 @@ def seq_state_set(ctx: lib.llama_context_p, seq_id: int, state: bytes, n_tokens:
 
 def restore_is_exact(n_tokens: int, *, n_swa: int, flash_attn: bool | None) -> bool:
     """Whether restoring a saved sequence of ``n_tokens`` gives bit-identical logits to
-    the cache it was saved from (measured on this build; tests/test_kvcache.py).
+    the cache it was saved from (measured: ``benchmarks/kv_layout.py``; held where the
+    policy allows it by ``tests/test_kvcache.py``).
 
     A saved sequence leaves out the cells its sliding window masks, so past the window
     the restored window cells sit at other cell indices than before. Their values are
@@ -246,11 +266,12 @@ class CachedPrefix:
 
     Attributes:
         tokens: the prefix (int32).
-        state: ``llama_state_seq_get_data`` of a sequence holding exactly ``tokens``.
+        state: ``llama_state_seq_get_data`` of a sequence holding exactly ``tokens``
+            (a bytearray when it was copied out of a context; never changed).
     """
 
     tokens: np.ndarray
-    state: bytes
+    state: bytes | bytearray
 
     @property
     def n_bytes(self) -> int:
@@ -313,7 +334,17 @@ class PrefixCache:
         return n_tokens > 0 and restore_is_exact(n_tokens, n_swa=self.n_swa,
                                                  flash_attn=self.flash_attn)
 
-    def put(self, tokens: Sequence[int] | np.ndarray, state: bytes) -> bool:
+    def fits(self, n_tokens: int, n_state: int) -> bool:
+        """Whether a prefix of ``n_tokens`` with ``n_state`` bytes of state would be kept
+        (asked before the state is copied out of the context)."""
+        return self.accepts(n_tokens) and 4 * n_tokens + n_state <= self.budget
+
+    def holds(self, tokens: Sequence[int] | np.ndarray) -> bool:
+        """Whether an entry for exactly ``tokens`` is held."""
+        with self._lock:
+            return as_tokens(tokens).tobytes() in self._entries
+
+    def put(self, tokens: Sequence[int] | np.ndarray, state: bytes | bytearray) -> bool:
         """Keeps ``state`` for ``tokens``, evicting the least recently used entries.
 
         Returns:

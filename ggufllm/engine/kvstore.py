@@ -8,9 +8,11 @@
 - a slot chosen for a prompt gets a RAM entry restored when that entry shares a longer
   prefix with the prompt than the slot holds.
 
-Every method that touches the context runs on the thread that owns it (the scheduler).
-Loading a file only fills the RAM cache: entries reach the context on placement, where
-a failed restore leaves the slot empty and the prompt is evaluated from the start.
+Every method that touches the context runs on the thread that owns it (the scheduler);
+there a slot's state is measured before it is copied, and copied once. Loading a file
+only fills the RAM cache (with as many of its newest entries as the budget holds):
+entries reach the context on placement, where a failed restore leaves the slot empty and
+the prompt is evaluated from the start. Saving writes the RAM cache and the idle slots.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any, Protocol
 
 import llama_cpp.llama_cpp as lib
 
-from .kvcache import PrefixCache, seq_state_get, seq_state_set
-from .kvfile import KVCacheIdentity, load_prefixes, save_prefixes
+from .kvcache import CachedPrefix, PrefixCache, as_tokens, seq_state_get, seq_state_set, seq_state_size
+from .kvfile import KVCacheIdentity, read_prefixes, save_prefixes
 
 __all__ = ["KVStore", "SlotLike"]
 
@@ -63,6 +65,7 @@ class KVStore:
         self._identity = (identity if callable(identity) else lambda: identity)
         self.tokens_restored = 0
         self.restore_failures = 0
+        self.load_skipped = 0
 
     @functools.cached_property
     def identity(self) -> KVCacheIdentity:
@@ -108,11 +111,26 @@ class KVStore:
 
         Returns:
             False if nothing was kept (nothing exact, a window that no longer holds
-            what the prefix's next token reads, or the cache refused it).
+            what the prefix's next token reads, or more than the cache's budget: then
+            nothing is copied).
+        """
+        entry = self.snapshot(slot, max_bytes=self.cache.budget)
+        return entry is not None and self.cache.put(entry.tokens, entry.state)
+
+    def snapshot(self, slot: SlotLike, max_bytes: int | None = None) -> CachedPrefix | None:
+        """Cuts ``slot`` back to its exact prefix and copies that out of the context.
+
+        Args:
+            max_bytes: copy nothing when the prefix (state and tokens) would take more;
+                its size is asked of llama.cpp first, so a prefix too big costs no copy.
+
+        Returns:
+            The prefix, or None: nothing exact, a restore that would not be exact, a
+            window that no longer holds what the prefix's next token reads, or too big.
         """
         n = slot.n_exact
-        if n <= 0:
-            return False
+        if not self.cache.accepts(n):
+            return None
         if len(slot.tokens) > n:
             lib.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
             slot.cut(n)
@@ -121,13 +139,16 @@ class KVStore:
         # the window check the scheduler makes before reusing a prefix (llama-server's)
         needed_from = max(0, n - self._n_swa) if self._n_swa else 0
         if pos_max != n - 1 or not 0 <= pos_min <= needed_from:
-            return False  # a sliding window already dropped cells this prefix needs
+            return None  # a sliding window already dropped cells this prefix needs
+        size = seq_state_size(self._ctx, slot.seq)
+        if max_bytes is not None and 4 * n + size > max_bytes:
+            return None
         try:
-            state = seq_state_get(self._ctx, slot.seq)
+            state = seq_state_get(self._ctx, slot.seq, size)
         except RuntimeError:
             logger.warning("could not save the state of slot %d", slot.seq, exc_info=True)
-            return False
-        return self.cache.put(slot.tokens, state)
+            return None
+        return CachedPrefix(as_tokens(slot.tokens), state)
 
     # -- files -------------------------------------------------------------------
 
@@ -136,8 +157,14 @@ class KVStore:
         it) into the RAM cache; on the context's thread. Returns how many were kept."""
         return sum(self.keep(slot) for slot in slots if self.cache.accepts(slot.n_exact))
 
-    def save(self, path: str | os.PathLike[str]) -> int:
-        """Writes the RAM cache to ``path`` atomically (any thread: it reads no context).
+    def snapshot_slots(self, slots: Iterable[SlotLike]) -> list[CachedPrefix]:
+        """The exact prefix of each of ``slots`` (idle ones: each is cut back to it), for
+        :meth:`save`, whatever the RAM budget; on the context's thread."""
+        return [e for e in map(self.snapshot, slots) if e is not None]
+
+    def save(self, path: str | os.PathLike[str], slots: Sequence[CachedPrefix] = ()) -> int:
+        """Writes the RAM cache and ``slots`` (from :meth:`snapshot_slots`) to ``path``
+        atomically; any thread (it reads no context).
 
         Returns:
             How many prefixes the file holds.
@@ -145,27 +172,60 @@ class KVStore:
         Raises:
             OSError: the file could not be written (an existing file is unchanged).
         """
-        entries = self.cache.entries()
+        newer = {e.tokens.tobytes() for e in slots}
+        entries = [e for e in self.cache.entries() if e.tokens.tobytes() not in newer]
+        entries += slots  # the file lists the least recently used first
         save_prefixes(path, entries, self.identity)
         return len(entries)
 
-    def load(self, path: str | os.PathLike[str]) -> int:
-        """Adds every prefix of a saved file to the RAM cache.
+    def load(self, path: str | os.PathLike[str], *, trusted: bool = False) -> int:
+        """Adds the newest prefixes of a saved file that the RAM cache holds to it.
+
+        Only those are read into memory. When some are left out (beyond the budget, or
+        whose restore would not be exact here), a warning says so and
+        ``stats()["ram_load_skipped"]`` counts them.
+
+        Args:
+            trusted: accept a file signed with another user's key (see
+                :func:`~.kvfile.read_prefixes`).
 
         Returns:
-            How many prefixes were kept (entries beyond the budget, or whose restore
-            would not be exact here, are skipped).
+            How many of the file's prefixes the RAM cache holds after the load.
 
         Raises:
-            KVCacheMismatchError: the file is for another model, build or setting.
+            KVCacheMismatchError: the file is for another model, build, setting or format.
+            KVCacheUntrustedError: the file was not signed with this user's key.
             KVCacheError: the file is missing, truncated or corrupt.
         """
-        return sum(self.cache.put(e.tokens, e.state) for e in load_prefixes(path, self.identity))
+        contents = read_prefixes(path, self.identity, trusted=trusted, choose=self._fitting)
+        for e in contents.entries:
+            self.cache.put(e.tokens, e.state)
+        kept = len({e.tokens.tobytes() for e in contents.entries if self.cache.holds(e.tokens)})
+        skipped = contents.n_entries - kept
+        if skipped:
+            self.load_skipped += skipped
+            logger.warning("kept %d of the %d prefixes in %s: the others do not fit the RAM "
+                           "cache (KV_CACHE_RAM_MB=%d) or would not restore exactly here",
+                           kept, contents.n_entries, path, self.cache.budget >> 20)
+        return kept
+
+    def _fitting(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """The newest entries (a file lists the least recently used first) that the RAM
+        cache accepts and that fit its budget together."""
+        chosen, total = [], 0
+        for i in range(len(sizes) - 1, -1, -1):
+            n_tokens, n_state = sizes[i]
+            if self.cache.fits(n_tokens, n_state) and total + 4 * n_tokens + n_state <= self.cache.budget:
+                chosen.append(i)
+                total += 4 * n_tokens + n_state
+        return chosen
 
     def stats(self) -> dict[str, Any]:
-        """RAM entries and bytes, hits and misses, for ``get_model_info()["kv_cache"]``."""
+        """RAM entries and bytes, hits and misses, restores, and prefixes of loaded files
+        left out (``ram_load_skipped``), for ``get_model_info()["kv_cache"]``."""
         s = self.cache.stats()
         return {"ram_entries": s.entries, "ram_bytes": s.bytes, "ram_budget": s.budget,
                 "ram_hits": s.hits, "ram_misses": s.misses, "ram_evictions": s.evictions,
                 "ram_tokens_restored": self.tokens_restored,
-                "ram_restore_failures": self.restore_failures}
+                "ram_restore_failures": self.restore_failures,
+                "ram_load_skipped": self.load_skipped}

@@ -16,8 +16,10 @@ from typing import Any
 
 import llama_cpp.llama_cpp as lib
 
-from ..config import GenerationConfig
+from ..config import ExtraBuffersMode, GenerationConfig
 from ..errors import ConfigError, LoadCancelledError, ModelLoadError
+from ..native.backends import load_backends
+from ..native.kernels import KernelVerdict, decide_extra_buffers
 
 __all__ = ["NativeModel", "NativeContext", "Batch", "Sampler", "ensure_backend", "KV_TYPES"]
 
@@ -47,6 +49,7 @@ def ensure_backend() -> None:
     with _backend_lock:
         if not _backend_ready:
             lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            load_backends()  # a cpu-portable build's CPU modules (a no-op otherwise)
             lib.llama_backend_init()
             _backend_ready = True
 
@@ -71,15 +74,27 @@ class NativeModel:
         cpu_moe: keep every MoE expert tensor in CPU memory.
         n_cpu_moe: keep the expert tensors of the first N layers in CPU memory.
         progress: called with 0..1 while loading; returning False cancels.
+        vocab_only: load the vocabulary only (no weights, no kernel self-test).
+        extra_buffers: ``CPU_EXTRA_BUFFERS`` (see :mod:`ggufllm.native.kernels`): whether
+            llama.cpp may repack weights into its extra CPU buffer types.
+        summary: the file's header, if already read (the self-test needs its weight types).
+        n_threads: the threads that will decode (the self-test uses as many).
+
+    Raises:
+        ModelLoadError, LoadCancelledError: the load failed or was cancelled.
+        KernelSelfTestError: ``extra_buffers="on"`` and the self-test failed.
     """
 
     def __init__(self, path: str, *, n_gpu_layers: int = -1, cpu_moe: bool = False,
                  n_cpu_moe: int = 0, progress: ProgressFn | None = None,
-                 vocab_only: bool = False) -> None:
+                 vocab_only: bool = False, extra_buffers: ExtraBuffersMode = "auto",
+                 summary: Any = None, n_threads: int | None = None) -> None:
         from ..gpu.placement import TensorOverrides
 
         ensure_backend()
+        self.kernel_verdict = _kernel_verdict(path, vocab_only, extra_buffers, summary, n_threads)
         params = lib.llama_model_default_params()
+        params.use_extra_bufts = self.kernel_verdict.use_extra_buffers
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
         # the array must outlive the load: llama.cpp reads it while placing tensors
         self._overrides = TensorOverrides.for_experts(cpu_moe, n_cpu_moe)
@@ -194,6 +209,18 @@ class NativeModel:
     def n_swa(self) -> int:
         """The sliding-window size of the model's windowed layers (0: none)."""
         return int(lib.llama_model_n_swa(self.ptr))
+
+
+def _kernel_verdict(path: str, vocab_only: bool, mode: ExtraBuffersMode, summary: Any,
+                    n_threads: int | None) -> KernelVerdict:
+    """Decides ``use_extra_bufts`` before llama.cpp repacks anything (see :mod:`..native.kernels`)."""
+    if vocab_only:  # nothing is decoded
+        return KernelVerdict(mode, False, "not tested", "vocabulary only")
+    if summary is None:
+        from ..gguf_file import read_gguf_header
+
+        summary = read_gguf_header(path, probe=False)
+    return decide_extra_buffers(mode, summary, n_threads or default_threads())
 
 
 # KV cache element types (ggml_type) by the names KV_CACHE_TYPE accepts

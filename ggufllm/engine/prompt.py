@@ -59,13 +59,17 @@ class PromptBuilder:
     Args:
         model: the loaded model (its vocabulary and metadata).
         architecture: ``general.architecture`` of the file.
+        current_date: ``CURRENT_DATE``: ``none`` (gpt-oss's system message carries no date,
+            as openai-harmony renders it without one; chat templates get today), ``today``,
+            or a fixed ``YYYY-MM-DD``.
 
     Raises:
         ModelLoadError: the model's chat template does not parse.
     """
 
-    def __init__(self, model: NativeModel, architecture: str) -> None:
+    def __init__(self, model: NativeModel, architecture: str, current_date: str = "none") -> None:
         self._model = model
+        self._current_date = current_date
         self.harmony: HarmonyTokens | None = None
         self._template: ChatTemplate | None = None
         if architecture == "gpt-oss":
@@ -94,7 +98,7 @@ class PromptBuilder:
             instructions: the application's instructions: gpt-oss's developer
                 message (the default instructions when None and no instruction
                 turn is given), a chat template's system message.
-            date: the date shown to the model (today when None).
+            date: the date shown to the model (None: as ``current_date`` says).
 
         Raises:
             InvalidParameterError: a turn has an unknown role, or the chat
@@ -105,6 +109,7 @@ class PromptBuilder:
             if turn.role not in ROLES:
                 raise InvalidParameterError(f"turn role must be one of {', '.join(ROLES)} "
                                             f"(got {turn.role!r})", "turns")
+        date = date or self._date()
         if self.kind is PromptKind.HARMONY:
             if instructions is None and not any(t.role in INSTRUCTION_ROLES for t in turns):
                 instructions = DEFAULT_INSTRUCTIONS
@@ -114,6 +119,13 @@ class PromptBuilder:
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions, date), cfg.stop)
         return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
+
+    def _date(self) -> _dt.date | None:
+        if self._current_date == "none":
+            return None
+        if self._current_date == "today":
+            return _dt.date.today()
+        return _dt.date.fromisoformat(self._current_date)
 
     def raw(self, text: str, cfg: GenerationConfig) -> Prompt:
         """A raw continuation prompt: ``text`` tokenized as plain text (after the BOS the

@@ -16,8 +16,8 @@ A request alone is evaluated as a cold run would be: its prompt in pages of 64
 tokens from multiples of 64, one ``llama_decode`` per page, then its decode
 steps (see :mod:`.slots`: a token is then always evaluated in the same batch, so
 an answer through the cache equals the cold one). Requests that run together
-share batches: measured on this CPU build (``benchmarks/batch_invariance.py``),
-a row's logits move with the shape of its batch (by up to ~1.4), so a greedy
+share batches: a row's logits move with the shape of its batch, by an amount
+that depends on the CPU's kernels (``benchmarks/batch_invariance.py``), so a greedy
 answer computed beside others can leave the sequential one at a near tie
 (``tests/near_tie.py``). Sharing the batch is what makes eight requests
 arriving at once start together (one call, not eight) and spares a pass over
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..chunks import Chunk, FinishReason, Timings
-from ..errors import GgufllmError, ServerBusyError, ServiceClosedError
+from ..errors import DecodeFailedError, EngineFailedError, ServerBusyError, ServiceClosedError
 from .native import Batch, NativeContext, Sampler
 from .request import ProgressCallback, Request, Sink
 from .slots import PAGE, Slot, SlotTable
@@ -64,10 +64,13 @@ class Scheduler:
         max_queue: most requests waiting for a slot; one more is refused.
         n_vocab: the vocabulary size (the repetition penalty needs it).
         on_exit: called by the thread once it stopped touching ``ctx`` (frees it).
+        on_failure: called by the thread, after ``on_exit``, when it stopped on an
+            unexpected error (every request it held ended with :class:`EngineFailedError`).
     """
 
     def __init__(self, ctx: NativeContext, slots: SlotTable, *, n_ctx_seq: int,
-                 max_queue: int, n_vocab: int, on_exit: Callable[[], None]) -> None:
+                 max_queue: int, n_vocab: int, on_exit: Callable[[], None],
+                 on_failure: Callable[[EngineFailedError], None] | None = None) -> None:
         self._ctx = ctx
         self.slots = slots
         self.n_ctx_seq = n_ctx_seq
@@ -78,6 +81,8 @@ class Scheduler:
         self._page = min(PAGE, ctx.n_batch)
         self._pages_per_step = max(1, ctx.n_batch // self._page)
         self._on_exit = on_exit
+        self._on_failure = on_failure
+        self.failure: EngineFailedError | None = None  # set once, by the thread, as it stops
         self._lock = threading.Lock()  # guards _waiting, _commands, _stopping (never held long)
         self._wake = threading.Event()
         self._waiting: deque[Request] = deque()
@@ -100,7 +105,7 @@ class Scheduler:
         """
         with self._lock:
             if self._stopping:
-                raise ServiceClosedError("the model was closed")
+                raise self.failure or ServiceClosedError("the model was closed")
             pending = sum(1 for r in self._waiting if not r.cancel.is_set())
             free = sum(1 for s in self.slots.slots if not s.busy)
             # requests that a free slot will take at the next step do not count as queued
@@ -144,10 +149,16 @@ class Scheduler:
         try:
             while self._loop_once():
                 pass
-        except BaseException:  # a bug here must not leave callers waiting forever
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
             logger.exception("the scheduler stopped on an error")
+            self.failure = EngineFailedError(f"{type(exc).__name__}: {exc}")
         finally:
             self._shutdown()
+        if self.failure is not None and self._on_failure is not None:
+            try:
+                self._on_failure(self.failure)
+            except Exception:
+                logger.exception("the engine-failure handler failed")
 
     def _loop_once(self) -> bool:
         self._run_commands()
@@ -190,10 +201,14 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), deque()
             commands, self._commands = list(self._commands), deque()
         for r in self._active + waiting:
-            self._finish(r, "cancelled", release=False)
+            if self.failure is None:  # closed: requests end as cancelled
+                self._finish(r, "cancelled", release=False)
+            else:  # failed: an error, never a cut answer passed off as whole
+                self._leave(r, False)
+                self._deliver(r, self.failure)
         self._active = []
         for _fn, done, box in commands:
-            box.append(ServiceClosedError("the model was closed"))
+            box.append(self.failure or ServiceClosedError("the model was closed"))
             done.set()
         self._batch.close()
         try:
@@ -348,20 +363,34 @@ class Scheduler:
             self._sample(r, row)
 
     def _decode(self, batch: Batch, rows_of: list[Request]) -> bool:
-        """llama_decode, evicting idle slots while the pool is full; on failure the
-        requests in the batch fail (their slots hold only what ``Slot.tokens`` says,
-        and a later placement cuts any extra cells)."""
+        """llama_decode, evicting idle slots while the pool is full.
+
+        On failure the requests in the batch fail with :class:`DecodeFailedError`, and
+        whatever cells the failed call left past each one's ``Slot.tokens`` are removed
+        (a later prompt in that slot starts from what ``Slot.tokens`` says). Out of KV
+        cells with several requests in the batch, only the newest fails; the caller
+        builds the batch again without it (see :meth:`_run_step`).
+        """
         while True:
             rc = self._ctx.decode(batch)
             if rc == 0:
                 return True
             if rc == 1 and self.slots.evict_one():
                 continue
-            err = GgufllmError(f"llama_decode failed with code {rc}"
-                               + (" (no free KV cells)" if rc == 1 else ""))
+            err = DecodeFailedError(rc)
+            victims = rows_of
+            if rc == 1 and len(rows_of) > 1:
+                victims = [max(rows_of, key=lambda r: r.t_start)]
             for r in rows_of:
+                self._drop_stale(r)
+            for r in victims:
                 self._fail(r, err)
             return False
+
+    def _drop_stale(self, r: Request) -> None:
+        """Removes the cells a failed decode may have stored past ``r``'s booked tokens."""
+        if r.slot is not None:
+            self.slots.drop_past(r.slot)
 
     def _sample(self, r: Request, index: int) -> None:
         """Samples ``r``'s next token at batch row ``index`` and hands its chunks over."""

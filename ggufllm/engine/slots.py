@@ -11,8 +11,9 @@ slot is shared with ``llama_memory_seq_cp`` (metadata only in a unified cache).
 Only whole prompt pages evaluated on an exact prefix are reused
 (``Slot.n_exact``). On this CPU build a token's K/V and logits depend on the
 shape of the batch it was evaluated in (the matmul kernels round differently for
-different row counts; measured in ``benchmarks/batch_invariance.py`` and
-``tests/test_engine_invariance.py``), so prompts are evaluated in pages: batches
+different row counts; measured in ``benchmarks/batch_invariance.py``; the same
+batches give the same logits: ``tests/test_engine_invariance.py``), so prompts
+are evaluated in pages: batches
 of ``PAGE`` tokens starting at multiples of ``PAGE`` (the last one shorter). A
 token is then always computed in the same batch, whatever was cached before it,
 and a cached answer equals a cold one. (Pages evaluated while other requests run
@@ -202,6 +203,8 @@ class SlotTable:
     def _check_window(self, slot: Slot, n: int) -> int:
         """Keeps ``n`` cached tokens only if the cache still holds what the next token reads."""
         if n == 0:
+            if self._ctx.seq_pos_max(slot.seq) >= 0:  # cells nothing booked: never reuse them
+                self._drop(slot, 0)
             return 0
         ctx = self._ctx
         pos_min, pos_max = ctx.seq_pos_min(slot.seq), ctx.seq_pos_max(slot.seq)
@@ -234,6 +237,13 @@ class SlotTable:
         self._drop(min(idle, key=lambda s: s.last_used), 0)
         return True
 
+    def drop_past(self, slot: Slot) -> None:
+        """Removes cells ``slot``'s sequence holds past ``slot.tokens`` (what a failed
+        ``llama_decode`` may have stored); cuts it to nothing if that cannot be done."""
+        if not self._ctx.seq_rm(slot.seq, len(slot.tokens), -1):
+            self._ctx.seq_rm(slot.seq, 0, -1)
+            slot.cut(0)
+
     def clear_idle(self) -> int:
         """Drops what every idle slot holds; returns how many tokens were dropped."""
         dropped = 0
@@ -259,13 +269,18 @@ class SlotTable:
     # -- facts -----------------------------------------------------------------
 
     def cells_in_use(self) -> int:
-        """KV cells the slots hold, a prefix two slots share counted once."""
-        total, seen = 0, []
-        for slot in self.slots:
-            shared = max((min(n, len(slot.tokens), len(o.tokens))
-                          for o, n in slot.shares.items() if o in seen), default=0)
-            total += len(slot.tokens) - shared
-            seen.append(slot)
+        """KV cells the slots hold, a prefix two slots share counted once.
+
+        Safe from any thread: it counts a snapshot of each slot, as the scheduler thread
+        changes them meanwhile (``len`` and ``dict`` copy a builtin in one step under the GIL).
+        """
+        held = [(slot, len(slot.tokens), dict(slot.shares)) for slot in self.slots]
+        total, seen = 0, {}
+        for slot, n_tokens, shares in held:
+            shared = max((min(n, n_tokens, seen[o]) for o, n in shares.items() if o in seen),
+                         default=0)
+            total += n_tokens - shared
+            seen[slot] = n_tokens
         return total
 
     def stats(self) -> dict[str, int]:

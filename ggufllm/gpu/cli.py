@@ -25,9 +25,12 @@ def doctor_report(model: str | None = None, max_length: int | None = None) -> di
     import llama_cpp.llama_cpp as lib
 
     from ..config import load_settings
-    from ..errors import GgufllmError
+    from ..engine.native import default_threads
+    from ..errors import GgufllmError, KernelSelfTestError
+    from ..gguf_file import read_gguf_header
+    from ..native.kernels import decide_extra_buffers
     from ..resolve import resolve_model
-    from .devices import backends, devices, versions
+    from .devices import backends, cpu_features, devices, extra_buffer_types, versions
     from .placement import placement_for_settings
 
     settings = load_settings(max_length=max_length)
@@ -40,7 +43,9 @@ def doctor_report(model: str | None = None, max_length: int | None = None) -> di
                     for d in devs],
         "settings": {"n_gpu_layers": settings.n_gpu_layers, "cpu_moe": settings.cpu_moe,
                      "n_cpu_moe": settings.n_cpu_moe, "max_length": settings.max_length,
-                     "n_parallel": settings.n_parallel, "kv_cache_type": settings.kv_cache_type},
+                     "n_parallel": settings.n_parallel, "kv_cache_type": settings.kv_cache_type,
+                     "cpu_extra_buffers": settings.cpu_extra_buffers},
+        "cpu": {"features": sorted(cpu_features()), "extra_buffer_types": extra_buffer_types()},
     }
     report["gpu"] = any(d.is_gpu for d in devs) and report["gpu_offload_compiled_in"]
     try:
@@ -50,6 +55,13 @@ def doctor_report(model: str | None = None, max_length: int | None = None) -> di
                                  load_in_4bit=settings.load_in_4bit)
         report["model"] = str(resolved.path)
         report["placement"] = placement_for_settings(settings, resolved.path).as_dict()
+        # the verdict the next load will use (remembered, or tested now in a child process)
+        try:
+            report["cpu"]["self_test"] = decide_extra_buffers(
+                settings.cpu_extra_buffers, read_gguf_header(resolved.path),
+                settings.n_threads or default_threads()).as_info()
+        except KernelSelfTestError as exc:  # CPU_EXTRA_BUFFERS=on on a CPU that fails it
+            report["cpu"]["self_test_error"] = str(exc)
     except GgufllmError as exc:
         report["model"] = None
         report["model_error"] = str(exc)
@@ -69,8 +81,12 @@ def _print_report(r: dict[str, Any]) -> None:
                else "the GPU backend found no device")
         click.echo(f"No GPU: {why}; everything runs on the CPU. "
                    "For a CUDA build: ggufllm backend install --preset cuda")
+    c = r["cpu"]
+    click.echo(f"CPU kernels: {', '.join(c['features']) or 'none reported'}; extra buffer types: "
+               f"{', '.join(c['extra_buffer_types']) or 'none'}")
     s = r["settings"]
-    click.echo(f"settings: N_GPU_LAYERS={s['n_gpu_layers']} CPU_MOE={s['cpu_moe']} "
+    click.echo(f"settings: CPU_EXTRA_BUFFERS={s['cpu_extra_buffers']} "
+               f"N_GPU_LAYERS={s['n_gpu_layers']} CPU_MOE={s['cpu_moe']} "
                f"N_CPU_MOE={s['n_cpu_moe']} MAX_LENGTH={s['max_length']} "
                f"N_PARALLEL={s['n_parallel']} KV_CACHE_TYPE={s['kv_cache_type']}")
     if r.get("model") is None:
@@ -78,6 +94,15 @@ def _print_report(r: dict[str, Any]) -> None:
         return
     p = r["placement"]
     click.echo(f"model: {r['model']}")
+    if c.get("self_test_error"):
+        click.echo(f"CPU kernel self-test: {c['self_test_error']}")
+    t = c.get("self_test")
+    if t:
+        use = "used" if t["use_extra_buffers"] else "NOT used"
+        why = f" ({t['reason']})" if t["reason"] else ""
+        tested = f"{', '.join(t['weight_types'])}: " if t["weight_types"] else ""
+        click.echo(f"CPU kernel self-test: {tested}{t['status']}{why}; extra buffers {use}"
+                   + (" (remembered)" if t["cached"] else f" (took {t['seconds']:.2f} s)"))
     click.echo(f"placement: {p['reason']} (n_gpu_layers={p['n_gpu_layers']}, "
                f"cpu_moe={p['cpu_moe']}, n_cpu_moe={p['n_cpu_moe']})")
     e = p.get("estimate")
@@ -106,12 +131,12 @@ def doctor(as_json: bool, model: str | None, max_length: int | None) -> None:
 
 @click.group()
 def backend() -> None:
-    """Rebuild llama-cpp-python for a GPU backend (CUDA, Vulkan, Metal)."""
+    """Rebuild llama-cpp-python for a GPU backend (CUDA, Vulkan, Metal) or a portable CPU build."""
 
 
 @backend.command("install")
-@click.option("--preset", required=True, help="A configure preset of CMakePresets.json (cpu, cuda, "
-              "cuda-sm80/86/89/90, vulkan, metal).")
+@click.option("--preset", required=True, help="A configure preset of CMakePresets.json (cpu, "
+              "cpu-portable, cpu-avx2, cuda, cuda-sm80/86/89/90, vulkan, metal).")
 @click.option("--dry-run", is_flag=True, help="Print the command and its environment; build nothing.")
 @click.option("--source", default=None, help="Build from this sdist or folder (offline).")
 @click.option("--no-build-isolation", is_flag=True,

@@ -19,7 +19,7 @@ import llama_cpp.llama_cpp as lib
 from ..engine.native import ensure_backend
 
 __all__ = ["Device", "GpuInfo", "backends", "cpu_buffer_type", "cpu_features", "devices",
-           "gpu_info", "versions"]
+           "extra_buffer_types", "gpu_info", "versions"]
 
 # ggml_backend_dev_type
 _KINDS = {0: "cpu", 1: "gpu", 2: "accel", 3: "igpu"}
@@ -39,6 +39,11 @@ _SIG: dict[str, tuple[str, Any, list[Any]]] = {
                                                     ctypes.POINTER(ctypes.c_size_t),
                                                     ctypes.POINTER(ctypes.c_size_t)]),
     "ggml_backend_cpu_buffer_type": ("ggml-base", ctypes.c_void_p, []),
+    "ggml_backend_dev_by_type": ("ggml", ctypes.c_void_p, [ctypes.c_int]),
+    "ggml_backend_dev_backend_reg": ("ggml-base", ctypes.c_void_p, [ctypes.c_void_p]),
+    "ggml_backend_reg_get_proc_address": ("ggml-base", ctypes.c_void_p,
+                                          [ctypes.c_void_p, ctypes.c_char_p]),
+    "ggml_backend_buft_name": ("ggml-base", ctypes.c_char_p, [ctypes.c_void_p]),
     "ggml_version": ("ggml-base", ctypes.c_char_p, []),
     "ggml_commit": ("ggml-base", ctypes.c_char_p, []),
 }
@@ -72,6 +77,11 @@ class GpuInfo:
 
 
 def _library(stem: str) -> ctypes.CDLL:
+    # Through libllama's own handle where it resolves ggml's symbols: on Linux the wheel holds
+    # libggml.so, .so.0 and .so.0.x as three copies, and opening libggml.so by path maps a
+    # second libggml with a backend registry of its own (empty on a cpu-portable build).
+    if hasattr(lib._lib, "ggml_backend_reg_count"):
+        return ctypes.CDLL(lib._lib._name)  # the same handle, functions of our own
     lib_dir = pathlib.Path(lib.__file__).parent / "lib"
     for pattern in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll", f"lib{stem}.*"):
         for candidate in sorted(lib_dir.glob(pattern)):
@@ -131,6 +141,24 @@ def gpu_devices() -> list[Device]:
 def cpu_buffer_type() -> int:
     """The address of ggml's CPU buffer type (what ``--n-cpu-moe`` overrides point at)."""
     return int(_ggml()["ggml_backend_cpu_buffer_type"]())
+
+
+def extra_buffer_types() -> list[str]:
+    """The CPU's extra buffer types this build offers (``CPU_REPACK``, ``AMX``...), the ones
+    ``CPU_EXTRA_BUFFERS`` turns on or off."""
+    f = _ggml()
+    cpu = f["ggml_backend_dev_by_type"](0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not cpu:
+        return []
+    address = f["ggml_backend_reg_get_proc_address"](f["ggml_backend_dev_backend_reg"](cpu),
+                                                     b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return []
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+    array, names = get(cpu), []
+    while array and array[len(names)]:
+        names.append(_text(f["ggml_backend_buft_name"](array[len(names)])))
+    return names
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,7 +3,8 @@
 The failures users of llama-cpp-python hit most (its issues #1986, #2081, #1617, #1538)
 are checked before and after the build: nvcc missing from PATH (CMake then builds a
 CPU-only library without a word), a host compiler newer than nvcc supports, and a
-"successful" build that has no GPU offload in it.
+"successful" build that has no GPU offload in it. A build with dynamic backends
+(``cpu-portable``) must also leave a CPU backend that loads from ``llama_cpp/lib``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from .presets import Preset, build_command
 
-__all__ = ["BuildResult", "KNOWN_CAUSES", "diagnose", "preflight", "run_build", "supports_gpu_offload",
-           "verdict"]
+__all__ = ["BuildResult", "KNOWN_CAUSES", "diagnose", "loads_cpu_backend", "preflight", "run_build",
+           "supports_gpu_offload", "verdict"]
 
 # (pattern in the build log, what it means and what to do)
 KNOWN_CAUSES = (
@@ -95,12 +96,48 @@ def diagnose(log_text: str) -> tuple[str, ...]:
     return tuple(why for pattern, why in KNOWN_CAUSES if re.search(pattern, log_text))
 
 
+# A GGML_BACKEND_DL build registers no backend until one is loaded, and llama_backend_init
+# looks only beside the executable and in the current folder (ggml-backend-reg.cpp,
+# ggml_backend_load_best), never in llama_cpp/lib where the modules are installed. A build
+# with its backends compiled in has them registered already: then this loads nothing.
+# The calls go through libllama's handle: on Linux the wheel holds libggml.so, .so.0 and
+# .so.0.x as three copies, and opening libggml.so by path (llama_cpp._ggml) maps a second
+# libggml with a registry of its own; a symbol looked up through libllama resolves in the
+# libggml libllama uses.
+_LOAD_BACKENDS = """
+import ctypes, pathlib
+import llama_cpp.llama_cpp as l
+if hasattr(l._lib, "ggml_backend_reg_count"):
+    f = l._lib
+else:  # Windows: GetProcAddress does not look into llama.dll's dependencies
+    import llama_cpp._ggml as g
+    f = g.libggml
+f.ggml_backend_reg_count.restype = ctypes.c_size_t
+if f.ggml_backend_reg_count() == 0:
+    f.ggml_backend_load_all_from_path(str(pathlib.Path(l.__file__).parent / "lib").encode())
+"""
+
+
+def _ask(python: str, code: str) -> bool:
+    out = subprocess.run([python, "-c", _LOAD_BACKENDS + code], capture_output=True, text=True,
+                         timeout=300)
+    return out.returncode == 0 and out.stdout.strip().endswith("1")
+
+
 def supports_gpu_offload(python: str = sys.executable) -> bool:
     """Asks a fresh interpreter whether the installed llama.cpp has GPU offload compiled in."""
-    code = ("import llama_cpp.llama_cpp as l; l.llama_backend_init(); "
-            "print(int(l.llama_supports_gpu_offload()))")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
-    return out.returncode == 0 and out.stdout.strip().endswith("1")
+    return _ask(python, "l.llama_backend_init(); print(int(l.llama_supports_gpu_offload()))")
+
+
+def loads_cpu_backend(python: str = sys.executable) -> bool:
+    """Asks a fresh interpreter whether the installed llama.cpp has a CPU device.
+
+    A build with dynamic backends has one only if a ``libggml-cpu-*.so`` for this CPU
+    landed in ``llama_cpp/lib`` and loads there.
+    """
+    return _ask(python, "f.ggml_backend_dev_by_type.restype = ctypes.c_void_p; "
+                        "f.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]; "
+                        "print(int(bool(f.ggml_backend_dev_by_type(0))))")  # GGML_BACKEND_DEVICE_TYPE_CPU
 
 
 _STEP = re.compile(r"\[(\d+)/(\d+)\]")
@@ -113,7 +150,8 @@ def run_build(preset: Preset, log: Path, *, source: str | None = None,
 
     Returns:
         Whether it built, whether GPU offload is compiled in, and known causes of a failure
-        (a CPU fallback of a GPU preset counts as one).
+        (a CPU fallback of a GPU preset counts as one, and so does a dynamic-backend build
+        with no loadable CPU backend).
     """
     cmd, extra_env = build_command(preset, source, build_isolation)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -131,13 +169,23 @@ def run_build(preset: Preset, log: Path, *, source: str | None = None,
     text = log.read_text(encoding="utf-8", errors="replace")
     if rc != 0:
         return BuildResult(False, log, None, diagnose(text))
-    return verdict(preset, log, supports_gpu_offload(), text)
+    cpu = loads_cpu_backend() if preset.dynamic_backends else True
+    return verdict(preset, log, supports_gpu_offload(), text, cpu_backend=cpu)
 
 
-def verdict(preset: Preset, log: Path, offload: bool, log_text: str) -> BuildResult:
-    """A finished build's result: a GPU preset whose library has no GPU offload failed."""
+def verdict(preset: Preset, log: Path, offload: bool, log_text: str, *,
+            cpu_backend: bool = True) -> BuildResult:
+    """A finished build's result.
+
+    A GPU preset whose library has no GPU offload failed, and so did a build that left no
+    CPU backend to load (``cpu_backend``: a dynamic-backend build whose modules are not in
+    ``llama_cpp/lib``).
+    """
     causes: tuple[str, ...] = ()
     if preset.backend != "cpu" and not offload:
         causes = ("CPU fallback detected: the build finished but llama_supports_gpu_offload() is "
                   "false", *diagnose(log_text))
+    if not cpu_backend:
+        causes += ("no CPU backend: the build finished but no libggml-cpu-*.so in llama_cpp/lib "
+                   "loads on this CPU (is CMAKE_INSTALL_BINDIR=llama_cpp/lib set?)",)
     return BuildResult(not causes, log, offload, causes)

@@ -43,6 +43,15 @@ class Preset:
         return "cpu"
 
     @property
+    def dynamic_backends(self) -> bool:
+        """``GGML_BACKEND_DL``: the backends are ``libggml-*.so`` modules loaded at run time.
+
+        ``cpu-portable`` builds one CPU module per instruction-set level and the best one
+        for the running CPU is picked when the backends are loaded.
+        """
+        return self.cache_variables.get("GGML_BACKEND_DL", "OFF").upper() == "ON"
+
+    @property
     def cmake_args(self) -> str:
         """The ``CMAKE_ARGS`` value: one ``-DNAME=VALUE`` per cache variable."""
         return " ".join(shlex.quote(f"-D{k}={v}") for k, v in self.cache_variables.items())
@@ -112,7 +121,9 @@ def build_command(preset: Preset, source: str | None = None,
     """The pip command that rebuilds llama-cpp-python with ``preset``, and the variables it adds.
 
     ``--no-deps`` keeps ``--force-reinstall`` from reinstalling numpy and the other
-    dependencies: only llama-cpp-python is rebuilt.
+    dependencies: only llama-cpp-python is rebuilt. ``--no-cache-dir``: pip's wheel cache
+    is keyed by the version, not by ``CMAKE_ARGS``, and would hand back the wheel it built
+    before (a ``CMAKE_ARGS=-DGGML_NATIVE=OFF pip install`` without it reinstalls the native one).
 
     Args:
         preset: the preset to build.

@@ -18,12 +18,13 @@ __all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "DEFAUL
            "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
 
 # The system message gpt-oss was trained with (harmony specification; openai-harmony's
-# SystemContent renders the same text); only the date and the reasoning level vary.
+# SystemContent renders the same text); only the date and the reasoning level vary. As in
+# openai-harmony, the date line is there only when a date is given (CURRENT_DATE).
 KNOWLEDGE_CUTOFF = "2024-06"
 _SYSTEM = (
     "You are ChatGPT, a large language model trained by OpenAI.\n"
     "Knowledge cutoff: {cutoff}\n"
-    "Current date: {date}\n\n"
+    "{date_line}\n"
     "Reasoning: {effort}\n\n"
     "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 )
@@ -99,13 +100,15 @@ def render_conversation(
         reasoning_effort: ``low``, ``medium`` or ``high``.
         instructions: the developer instructions; None (with no system or
             developer turn) leaves the developer message out.
-        date: the current date shown to the model (today by default).
+        date: the current date shown to the model; None leaves the date line out (as
+            openai-harmony does without one), so that a cached prompt prefix stays valid
+            from one day to the next.
 
     Returns:
         The prompt segments, ending with ``<|start|>assistant``.
     """
-    day = (date or _dt.date.today()).isoformat()
-    segments = _message("system", _SYSTEM.format(cutoff=KNOWLEDGE_CUTOFF, date=day,
+    date_line = f"Current date: {date.isoformat()}\n" if date else ""
+    segments = _message("system", _SYSTEM.format(cutoff=KNOWLEDGE_CUTOFF, date_line=date_line,
                                                  effort=reasoning_effort))
     parts = [instructions] if instructions else []
     parts += [t.content for t in turns if t.role in INSTRUCTION_ROLES]

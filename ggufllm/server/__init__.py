@@ -8,7 +8,8 @@ shutdown), :mod:`.routes` and :mod:`.chat` (routes of a few lines each),
 :mod:`.generate` and :mod:`.streaming` (one generation over HTTP: first chunk
 before headers, SSE, cancel on disconnect), :mod:`.schemas` (OpenAI's request
 bodies), :mod:`.errors` (the one translation to OpenAI's error shape),
-:mod:`.middleware` (API key, body limit, status counts), :mod:`.metrics`
+:mod:`.middleware` (API key, body limit, status counts), :mod:`.crosssite` (the
+Host and Origin checks and JSON-only POSTs that keep web pages out), :mod:`.metrics`
 (Prometheus), :mod:`.bench` (the load client), :mod:`.cli` (``serve``, ``bench``).
 The server only uses the public :class:`~ggufllm.LLMService` API.
 """

@@ -24,8 +24,8 @@ def _overrides(**values: Any) -> dict[str, Any]:
               help="Address to bind (0.0.0.0 exposes the server to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="GGUFLLM_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every route but /health and the page "
-                   "(env GGUFLLM_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' on every route but /health (env "
+                   "GGUFLLM_API_KEY; set but empty is an error).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None,
               help="Requests decoded together (N_PARALLEL, default 4).")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=None,
@@ -33,11 +33,16 @@ def _overrides(**values: Any) -> dict[str, Any]:
 @click.option("--ctx", "max_length", type=int, default=None,
               help="Context window in tokens (MAX_LENGTH, default 4096).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
-              help="An origin allowed to call the API from a browser (repeatable).")
+              help="A web page's origin (https://app.example) allowed to call the API from a "
+                   "browser; others are refused (repeatable; env GGUFLLM_CORS_ORIGINS).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name accepted on a loopback address besides localhost and the "
+                   "loopback IPs, e.g. a reverse proxy's (repeatable; * = any; env "
+                   "GGUFLLM_ALLOWED_HOSTS).")
 @click.option("--alias", default=None, help="The model id clients use (default: the file name).")
 def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int | None,
           max_queue: int | None, max_length: int | None, cors_origins: tuple[str, ...],
-          alias: str | None) -> None:
+          allowed_hosts: tuple[str, ...], alias: str | None) -> None:
     """Serve the model over HTTP: OpenAI's API, /answer, /metrics and a page at /."""
     import uvicorn
 
@@ -46,7 +51,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     from .factory import create_app
 
     config = load_server_config(api_key=api_key, cors_origins=cors_origins or None,
-                                model_alias=alias)
+                                allowed_hosts=allowed_hosts or None, model_alias=alias)
     service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
                                              max_length=max_length))
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:

@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..errors import ConfigError
+from .crosssite import host_name
 
 __all__ = ["ServerConfig", "load_server_config"]
 
@@ -23,9 +24,13 @@ class ServerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GGUFLLM_", extra="ignore", case_sensitive=False)
 
     api_key: str | None = Field(None, min_length=1, description="required as a Bearer token on "
-                                "every route but /health and the page")
+                                "every route but /health (unset: no key; empty: an error)")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="origins allowed to call the API from a browser (comma-separated)")
+        (), description="origins (scheme://host[:port], or *) allowed to call the API from a "
+        "browser page (comma-separated)")
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Host names accepted besides the loopback ones when a request arrives "
+        "on a loopback address (comma-separated; * accepts any)")
     max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 30,
                                 description="larger request bodies get 413")
     keepalive_s: float = Field(1.0, gt=0.0, le=60.0, allow_inf_nan=False,
@@ -35,15 +40,41 @@ class ServerConfig(BaseSettings):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+    def _not_blank(cls, value: object) -> object:
+        # an empty variable is a mistake (a shell's `export GGUFLLM_API_KEY=$UNSET_NAME`), never
+        # a way to turn authentication off: unset it for that
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the API key is set but empty; give a key, or unset "
+                             "GGUFLLM_API_KEY to serve without one")
+        return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        origins = tuple(o.strip().lower().rstrip("/") for o in value)
+        for origin in origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"{origin!r} is not an origin: write it as a browser sends "
+                                 "it, e.g. https://app.example or http://localhost:3000")
+        return origins
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = []
+        for host in value:
+            name = host_name(host)
+            if name is None:
+                raise ValueError(f"{host!r} is not a host name (e.g. box.lan, or * for any)")
+            names.append(name)
+        return tuple(names)
 
 
 def load_server_config(**overrides: Any) -> ServerConfig:
@@ -57,4 +88,5 @@ def load_server_config(**overrides: Any) -> ServerConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = "GGUFLLM_" + str(err["loc"][0]).upper() if err["loc"] else None
-        raise ConfigError(f"invalid setting: {name}: {err['msg']}", name) from None
+        message = str(err["msg"]).removeprefix("Value error, ")  # pydantic's prefix for ours
+        raise ConfigError(f"invalid setting: {name}: {message}", name) from None

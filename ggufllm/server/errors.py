@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import (
     ConfigError,
     ContextLengthExceededError,
+    DecodeFailedError,
+    EngineFailedError,
     GgufllmError,
     InvalidParameterError,
     ModelLoadError,
@@ -70,6 +72,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ServiceClosedError):
         return APIError(503, "the server is shutting down", "unavailable_error", "shutting_down",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineFailedError):  # the model reloads: worth a retry
+        return APIError(503, str(exc), "unavailable_error", "engine_failed",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, DecodeFailedError):
+        return APIError(500, str(exc), "server_error", "decode_failed")
     if isinstance(exc, (ModelLoadError, ConfigError)):
         return APIError(500, f"the model could not be loaded: {exc}", "server_error",
                         "model_load_failed")
@@ -123,14 +130,64 @@ def reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
+def _invalid_json(reason: str) -> APIError:
+    return APIError(400, f"the request body is not valid JSON: {reason}",
+                    "invalid_request_error", "invalid_json")
+
+
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: invalid text or non-finite literals raise :class:`APIError` (400)."""
+    """Strict JSON (RFC 8259): UTF-8 text (a BOM is allowed), finite numbers, and strings that
+    are Unicode text. Every violation raises :class:`APIError` (400).
+
+    A lone surrogate (``"\\ud800"``) is a valid JSON escape but no character: no tokenizer
+    can encode it, so it is refused here, naming where it is.
+    """
     try:
-        value = json.loads(body, parse_constant=reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}",
-                       "invalid_request_error", "invalid_json") from None
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _invalid_json(f"it is not UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise _invalid_json("it is nested too deeply") from None
+    except ValueError as exc:
+        raise _invalid_json(str(exc)) from None
+    if "\\u" in text:  # a lone surrogate can only come from an escape
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise APIError(400, f"{where or 'body'}: a lone surrogate (\\ud800-\\udfff) is not "
+                           "Unicode text", "invalid_request_error", "invalid_value",
+                           where or None)
     return value
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")  # strict UTF-8 refuses exactly the surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The dotted path of the first string (or key) in ``value`` that holds a lone
+    surrogate, or None. Iterative: ``value`` may be nested as deep as ``json`` allows."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else key
+                if not _is_text(key):
+                    return where.encode("utf-8", "backslashreplace").decode()
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), child)
+                         for i, child in enumerate(item))
+    return None
 
 
 def validate(model: type[M], body: bytes) -> M:

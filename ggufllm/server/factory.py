@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ..service import LLMService
 from . import chat, routes
 from .config import ServerConfig, load_server_config
+from .crosssite import HostOriginMiddleware, JsonOnlyMiddleware
 from .errors import install_handlers
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, StatusCountMiddleware
 from .state import ServerState, lifespan
@@ -41,13 +42,18 @@ def create_app(service: LLMService | None = None, config: ServerConfig | None = 
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(chat.router)
-    # added last = outermost: count every status, then the key, then the size limit
+    # added last = outermost: count every status; refuse foreign hosts and origins; CORS
+    # (preflights pass without the key, allowed pages can read the errors below); the key;
+    # JSON only; the size limit
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(JsonOnlyMiddleware)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=config.allowed_hosts,
+                       cors_origins=config.cors_origins)
     app.add_middleware(StatusCountMiddleware, metrics=app.state.ggufllm.metrics)
     return app

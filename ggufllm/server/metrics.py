@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..chunks import Timings
@@ -51,11 +51,18 @@ class _EngineCollector(Collector):
     def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
         self._info = info
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             info = self._info()
         except Exception:  # a scrape must never fail because the model is loading or gone
             return
+        health = info.get("engine")
+        if isinstance(health, Mapping):  # the service's engine health (see engine_health.py)
+            for name, doc in (("failures", "times the engine stopped on an error"),
+                              ("reloads", "model reloads after an engine failure")):
+                value = _first_number(health, (name,))
+                if value is not None:
+                    yield CounterMetricFamily(f"ggufllm_engine_{name}", doc, value=value)
         for name, (section, doc, keys) in _ENGINE_GAUGES.items():
             part = info.get(section)
             value = _first_number(part, keys) if isinstance(part, Mapping) else None

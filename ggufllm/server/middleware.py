@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import APIError, error_body
 
-__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "StatusCountMiddleware", "PUBLIC_PATHS"]
+__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "StatusCountMiddleware", "PUBLIC_PATHS",
+           "send_error", "header"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,7 +26,7 @@ PUBLIC_PATHS = frozenset({"/health"})
 PAGE_PATH = "/"
 
 
-async def _send_error(send: Send, err: APIError) -> None:
+async def send_error(send: Send, err: APIError) -> None:
     body = json.dumps(error_body(err)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -33,7 +34,7 @@ async def _send_error(send: Send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value)
@@ -51,8 +52,8 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
 
     def _authorized(self, scope: Scope) -> bool:
-        given = _header(scope, b"x-api-key")
-        auth = _header(scope, b"authorization")
+        given = header(scope, b"x-api-key")
+        auth = header(scope, b"authorization")
         if auth is not None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
         elif auth is not None and auth[:6].lower() == b"basic ":
@@ -67,7 +68,7 @@ class ApiKeyMiddleware:
         # the page's 401 makes a browser ask for the key; API clients are told to send a bearer
         challenge = 'Basic realm="ggufllm", charset="UTF-8"' if scope["path"] == PAGE_PATH \
             else "Bearer"
-        await _send_error(send, APIError(
+        await send_error(send, APIError(
             401, "invalid or missing API key: send Authorization: Bearer KEY",
             "authentication_error", "invalid_api_key",
             headers={"WWW-Authenticate": challenge}))
@@ -98,9 +99,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, self._too_large())
+            await send_error(send, self._too_large())
             return
         # Read the body here (bounded), then replay it to the app.
         chunks: list[bytes] = []
@@ -108,22 +109,20 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([], message, receive), send)
-                return
+                return  # http.disconnect: the client left mid-upload; nobody to answer
             body = message.get("body", b"")
             size += len(body)
             if size > self.limit:
-                await _send_error(send, self._too_large())
+                await send_error(send, self._too_large())
                 return
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(chunks, None, receive), send)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 
-def _replay(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:
-    pending: list[Message] = ([{"type": "http.request", "body": b"".join(chunks),
-                                "more_body": False}] if first is None else [first])
+def _replay(body: bytes, receive: Receive) -> Receive:
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:
         if pending:
@@ -138,7 +137,8 @@ _ROUTES = frozenset({"/", "/health", "/metrics", "/answer", "/v1/models", "/v1/c
 
 
 class StatusCountMiddleware:
-    """Counts every HTTP response by route and status (auth failures and 413s included)."""
+    """Counts every HTTP response by route and status (auth failures, 413s and unexpected
+    500s included; a client that left before any answer is not counted)."""
 
     def __init__(self, app: ASGIApp, metrics: Any) -> None:
         self.app = app
@@ -150,9 +150,20 @@ class StatusCountMiddleware:
             return
         route = scope["path"] if scope["path"] in _ROUTES else "other"
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # Starlette's outermost middleware answers an unexpected error with a 500 after
+            # the exception has left this one: count that answer here
+            if not started:
+                self.metrics.requests.labels(route, "500").inc()
+            raise

@@ -29,7 +29,7 @@ async def health(request: Request) -> JSONResponse:
     if status == "ok":
         return JSONResponse({"status": "ok"})
     if status == "error":
-        return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        return JSONResponse({"status": "error", "error": state.error}, status_code=500)
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
 

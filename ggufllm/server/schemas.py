@@ -14,12 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "AnswerRequest", "Usage",
-           "StreamOptions", "ContentPart"]
+           "StreamOptions", "ContentPart", "MAX_STOPS", "MAX_STOP_CHARS"]
 
 _REQUEST = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 Role = Literal["system", "developer", "user", "assistant"]
+# OpenAI takes up to 4 stop strings; ggufllm kept the 16 it always took, and bounds their
+# length, since every one is searched for in the answer's tail at every token
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
 class ContentPart(BaseModel):
@@ -68,12 +71,19 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOPS} non-empty stop strings")
+    def _stops(cls, value: object) -> object:
+        # before the type check, so that every problem is reported on `stop` itself
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings (got {len(stops)})")
+        if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
         return value
 
     def budget(self) -> int | None:
@@ -116,10 +126,11 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: the prompt is continued as raw text."""
+    """``POST /v1/completions``: the prompt is continued as raw text. Without ``max_tokens``
+    the budget is the server's default capped to the window, as on every route (OpenAI's
+    legacy default of 16 is not kept)."""
 
     prompt: str | list[str] = Field(...)
-    max_tokens: int | None = Field(16, ge=1, le=1 << 20)  # OpenAI's default for completions
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None

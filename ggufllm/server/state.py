@@ -68,7 +68,18 @@ class ServerState:
     def status(self) -> str:
         if self.load_error is not None:
             return "error"
+        if self.service.health.state == "failed":  # the engine failed past its reload bound
+            return "error"
         return "ok" if self.service.is_loaded else "loading"
+
+    @property
+    def error(self) -> str | None:
+        """Why :attr:`status` is ``error``."""
+        if self.load_error is not None:
+            return self.load_error
+        if self.service.health.state == "failed":
+            return f"the engine failed: {self.service.health.last_failure}"
+        return None
 
     def require_ready(self) -> None:
         """Raises the 503 / 500 a generation route answers before the model is usable."""
@@ -77,6 +88,12 @@ class ServerState:
                            "shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.load_error is not None:
             raise APIError(500, self.load_error, "server_error", "model_load_failed")
+        if self.service.health.state == "failed":
+            raise APIError(500, str(self.error), "server_error", "engine_failed")
+        if not self.service.is_loaded and self.service.health.state == "reloading":
+            raise APIError(503, "the model is reloading after an engine failure",
+                           "unavailable_error", "engine_failed",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         if not self.service.is_loaded:
             raise APIError(503, "Loading model", "unavailable_error", "model_loading",
                            headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from ..chunks import Chunk, FinishReason, Timings
-from ..errors import ContextLengthExceededError
 from ..harmony import Turn
 
 __all__ = ["ChunkStream", "Fold", "open_chat", "open_answer", "PromptProgress"]
@@ -42,53 +41,26 @@ class PromptProgress:
 
 def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
               progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
-    """``service.achat_stream``; without ``max_tokens`` in ``params`` the budget is what the
-    context leaves (see :func:`_fit_budget`)."""
+    """``service.achat_stream``. Without ``max_tokens`` in ``params`` the service's default
+    budget applies, capped to what the context leaves."""
     kwargs: dict[str, Any] = {"instructions": instructions} if instructions else {}
     if progress is not None:
         kwargs["on_prompt_progress"] = progress
-    turns = list(turns)
-    return _fit_budget(lambda p: service.achat_stream(turns, **kwargs, **p), params)
+    return service.achat_stream(list(turns), **kwargs, **params)
 
 
 def open_completion(service: Any, text: str, progress: PromptProgress | None,
                     params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.acomplete_stream(text)``: a raw continuation (OpenAI's legacy completions)."""
     kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
-    return _fit_budget(lambda p: service.acomplete_stream(text, **kwargs, **p), params)
+    return service.acomplete_stream(text, **kwargs, **params)
 
 
 def open_answer(service: Any, question: str, context: str | None,
                 progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.astream(question, context)`` with prompt progress reported."""
     kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
-    return _fit_budget(lambda p: service.astream(question, context, **kwargs, **p), params)
-
-
-async def _fit_budget(open_fn: Callable[[dict[str, Any]], AsyncIterator[Chunk]],
-                      params: dict[str, Any]) -> AsyncIterator[Chunk]:
-    """OpenAI's meaning of an absent ``max_tokens``: as much as the context leaves.
-
-    The service's default budget is tried first; when prompt plus default does
-    not fit, the request is reopened with the room the error reports. A prompt
-    that leaves no room raises the original error (a 400 with the counts).
-    """
-    chunks = open_fn(params)
-    try:
-        try:
-            first = await chunks.__anext__()
-        except ContextLengthExceededError as exc:
-            room = exc.n_ctx - exc.n_prompt
-            if "max_tokens" in params or room < 1:
-                raise
-            await chunks.aclose()
-            chunks = open_fn({**params, "max_tokens": room})
-            first = await chunks.__anext__()
-        yield first
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        await chunks.aclose()
+    return service.astream(question, context, **kwargs, **params)
 
 
 class ChunkStream:
