@@ -32,7 +32,7 @@ PROBE_ENV = "GGUFLLM_PROBE"
 # Parsing the gpt-oss vocabulary (201k tokens, 446k merges) takes about a second;
 # a probe still running after this long is hung (a rope width of 0 loops forever).
 PROBE_TIMEOUT_S = 120.0
-_CHILD = Path(__file__).with_name("_probe_child.py")
+_CHILD = Path(__file__).parent / "native" / "_probe_child.py"
 
 
 def probe_enabled() -> bool:

@@ -28,7 +28,10 @@ def main(path: str) -> int:
             errors.append(text.decode("utf-8", "replace").strip())
 
     lib.llama_log_set(log, ctypes.c_void_p(0))
-    _load_backends()
+    # run as a script, this folder is on sys.path: backends.py without the ggufllm package
+    from backends import load_backends
+
+    load_backends()  # a cpu-portable build's CPU modules (a no-op otherwise)
     lib.llama_backend_init()
     params = lib.llama_model_default_params()
     params.no_alloc = True
@@ -52,19 +55,6 @@ def main(path: str) -> int:
     lib.llama_model_free(model)
     print("ok")
     return 0
-
-
-def _load_backends() -> None:
-    """ggufllm.native.backends.load_backends, loaded from its file (not the package: fast start)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent / "native/backends.py"
-    spec = importlib.util.spec_from_file_location("_ggufllm_backends", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.load_backends()
 
 
 if __name__ == "__main__":
