@@ -291,7 +291,8 @@ class LLMService:
         """Async twin of :meth:`complete_stream`."""
         if self._engine is None:
             await self.load_model()
-        engine, prompt, cfg = self._prepare_raw(text, params)
+        # tokenizing a long prompt takes seconds: never on the event loop
+        engine, prompt, cfg = await asyncio.to_thread(self._prepare_raw, text, params)
         async for chunk in self._astream_prompt(engine, prompt, cfg, on_prompt_progress):
             yield chunk
 
@@ -334,7 +335,9 @@ class LLMService:
                        rag: RagQuestion | None = None) -> AsyncIterator[Chunk]:
         if self._engine is None:
             await self.load_model()
-        engine, prompt, cfg = self._prepare(turns, params, instructions, rag)
+        # building and tokenizing a long prompt takes seconds: never on the event loop
+        engine, prompt, cfg = await asyncio.to_thread(self._prepare, turns, params,
+                                                      instructions, rag)
         async for chunk in self._astream_prompt(engine, prompt, cfg, on_prompt_progress):
             yield chunk
 

@@ -201,11 +201,18 @@ def test_overflow_at_the_window_edge(tight, delta):
                                                                                 budget)
 
 
-def test_shrink_max_tokens_lowers_the_budget(tight):
-    n_prompt = prompt_len(tight, "Tell me a long story.")
-    answer = tight.answer("Tell me a long story.", temperature=0.0, max_tokens=250,
-                          overflow="shrink_max_tokens")
-    assert answer.timings.n_generated <= 256 - n_prompt
+def test_shrink_max_tokens_lowers_the_budget(tight, caplog):
+    # the window caps any answer at 256 - n_prompt whatever the budget, so what shows the
+    # budget was lowered (and not refused, nor lowered further) is the budget itself: the
+    # warning names it and an answer long enough to use it all stops exactly there
+    question = "List the first hundred prime numbers."
+    n_prompt = prompt_len(tight, question)
+    with caplog.at_level(logging.WARNING, logger="ggufllm"):
+        answer = tight.answer(question, temperature=0.0, max_tokens=250,
+                              overflow="shrink_max_tokens")
+    assert any(f"leaves room for {256 - n_prompt} of the 250 tokens" in r.getMessage()
+               for r in caplog.records)
+    assert (answer.finish_reason, answer.timings.n_generated) == ("length", 256 - n_prompt)
 
 
 def test_truncate_context_keeps_the_question(tight, caplog):

@@ -205,8 +205,18 @@ def test_a_small_kv_pool_caps_the_window_and_queues_what_does_not_fit(default_gg
         assert (kv["n_ctx_pool"], kv["n_ctx"], kv["n_parallel"]) == (256, 256, 2)
         # each request reserves prompt + budget (~140 cells): the second waits for the first
         streams = [svc.stream(STORY, temperature=0.0, max_tokens=128) for _ in range(2)]
-        assert svc.get_model_info()["scheduler"]["running"] <= 1
-        reasons = [[c.finish_reason for c in s][-1] for s in streams]
-        assert all(r in ("stop", "length") for r in reasons)
+        # sampled while the first one decodes (it is admitted: it has handed a chunk), not
+        # before the scheduler has looked at either
+        seen = []
+        first = []
+        for chunk in streams[0]:
+            first.append(chunk)
+            if len(first) <= 8:
+                sched = svc.get_model_info()["scheduler"]
+                seen.append((sched["running"], sched["waiting"]))
+        assert seen and all(s == (1, 1) for s in seen), seen
+        second = list(streams[1])
+        assert first[-1].finish_reason in ("stop", "length")
+        assert second[-1].finish_reason in ("stop", "length")
     finally:
         svc.close()

@@ -258,11 +258,44 @@ def test_unknown_route_and_wrong_method(server: Running) -> None:
     _error(httpx.get(f"{server.url}/v1/chat/completions", timeout=10), 405)
 
 
+# bad requests of each kind a route can get: each must be a 4xx, none a 500
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ("/answer", b'{"question": "\\ud800"}'),
+    ("/v1/completions", b'{"prompt": "\\ud800"}'),
+    ("/v1/chat/completions", b"[" * 5000),
+    ("/v1/chat/completions", b'{"messages": '),
+    ("/v1/chat/completions", b'{"messages": "Hi"}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], '
+                             b'"temperature": "hot"}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], '
+                             b'"max_tokens": 100000}'),  # reaches the service's budget check
+    ("/answer", b'{"question": "Hi", "max_tokens": -1}'),
+    ("/v1/completions", b'{"prompt": ""}'),
+]
+
+
+def _status_counts(server: Running) -> dict[str, float]:
+    """``ggufllm_requests_total`` by status class ("4", "5"), /metrics itself left out."""
+    counts: dict[str, float] = {}
+    for k, v in _samples(httpx.get(f"{server.url}/metrics", timeout=10).text).items():
+        if k.startswith("ggufllm_requests_total{") and 'route="/metrics"' not in k:
+            status = k.split('status="')[1][0]
+            counts[status] = counts.get(status, 0) + v
+    return counts
+
+
 def test_errors_never_5xx(server: Running) -> None:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    fives = [k for k in _samples(text) if k.startswith("ggufllm_requests_total")
-             and 'status="5' in k and 'route="/health"' not in k]  # /health is 503 while loading
-    assert not fives
+    # what this test sends, counted as a delta: other tests' requests do not matter
+    before = _status_counts(server)
+    for path, body in BAD_REQUESTS:
+        r = httpx.post(f"{server.url}{path}", content=body, timeout=60,
+                       headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, body[:60], r.status_code, r.text[:200])
+        _error(r, r.status_code)
+    after = _status_counts(server)
+    assert after.get("5", 0) - before.get("5", 0) == 0
+    assert after.get("4", 0) - before.get("4", 0) == len(BAD_REQUESTS)  # the counter saw them
 
 
 # -- a window smaller than DEFAULT_MAX_TOKENS ----------------------------------------

@@ -104,12 +104,25 @@ def test_dropped_stream_is_cancelled(service):
     assert generated_in_cache(service, "Tell me a long story about a dragon.") < 30
 
 
-def test_closed_stream_ends_with_reason_cancelled(service):
+def test_closed_stream_ends_with_reason_cancelled(service, monkeypatch):
+    # the closed iterator yields nothing more, so the reason is read where the scheduler
+    # hands it: the last chunk it finishes the request with
+    scheduler = service._engine.scheduler
+    reasons: list[str] = []
+    finish = scheduler._finish
+
+    def recording(r, reason, *args, **kwargs):
+        reasons.append(reason)
+        return finish(r, reason, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "_finish", recording)
     stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
                             max_tokens=400)
     next(stream)
     stream.close()
     assert list(stream) == []  # closed: nothing more
+    wait_idle(service)
+    assert reasons == ["cancelled"]
 
 
 def test_concurrent_answers_leave_sequential_ones_only_at_near_ties(service, default_gguf):

@@ -115,6 +115,10 @@ class Engine:
                 kv_type=options.kv_cache_type, swa_full=options.swa_full)
             self.prompts = PromptBuilder(self._model, self.summary.architecture,
                                          options.current_date)
+            # the most bytes of text one token stands for (None: the vocabulary cannot
+            # tell); read at load, since a vocabulary-long loop of native calls beside a
+            # running scheduler was seen to pause its streams for a second (the GIL)
+            self.max_token_bytes: int | None = self._model.max_token_bytes()
         except BaseException:
             self._free_native()
             raise

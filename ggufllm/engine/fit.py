@@ -7,6 +7,12 @@
 - ``drop_oldest_turns``: drop the oldest user/assistant turns of a chat (system
   and developer turns and the last user turn stay).
 
+Before anything is tokenized, a text that cannot fit whatever the policy (the last turn,
+the RAG question, the raw prompt) is refused from its length alone: no token stands for
+more than ``Engine.max_token_bytes`` bytes, so a text of B bytes takes at least
+``ceil(B / max_token_bytes)`` tokens (:func:`refuse_what_cannot_fit`). Where the
+vocabulary cannot tell (WordPiece, Unigram), such a text is tokenized and refused after.
+
 Every policy raises :class:`ContextLengthExceededError` when it cannot make the
 prompt fit (no context to cut, a last turn alone too long...).
 
@@ -30,7 +36,7 @@ from .prompt import Prompt
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["RagQuestion", "fit_prompt", "fit_raw"]
+__all__ = ["RagQuestion", "fit_prompt", "fit_raw", "refuse_what_cannot_fit"]
 
 logger = logging.getLogger(__name__)
 _MAX_TRIES = 8
@@ -67,6 +73,7 @@ def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
     if budget_given and cfg.max_tokens > n_ctx and cfg.overflow != "shrink_max_tokens":
         raise InvalidParameterError(f"max_tokens={cfg.max_tokens} exceeds the context window "
                                     f"of {n_ctx}", "max_tokens")
+    refuse_what_cannot_fit(engine, _kept_by_every_policy(turns, rag, cfg), cfg)
     all_turns = list(turns) + ([rag.turn(rag.context)] if rag is not None else [])
     prompt = engine.build(all_turns, cfg, instructions)
     if len(prompt.tokens) + cfg.max_tokens <= n_ctx or not prompt.tokens:
@@ -83,11 +90,47 @@ def fit_raw(engine: Engine, text: str, cfg: GenerationConfig, *,
             budget_given: bool = True) -> tuple[Prompt, GenerationConfig]:
     """The raw continuation prompt of ``text``, with a default budget capped to the window
     (an asked-for one is checked by :meth:`Engine.check_budget`, as is the rest)."""
+    refuse_what_cannot_fit(engine, [text], cfg)
     prompt = engine.raw(text, cfg)
     n_prompt, n_ctx = len(prompt.tokens), engine.n_ctx
     if budget_given or not 0 < n_prompt < n_ctx or n_prompt + cfg.max_tokens <= n_ctx:
         return prompt, cfg
     return prompt, _capped(n_prompt, n_ctx, cfg)
+
+
+def refuse_what_cannot_fit(engine: Engine, texts: Sequence[str], cfg: GenerationConfig) -> None:
+    """Refuses, without tokenizing them, texts that alone would fill the window.
+
+    A text of B bytes takes at least ``ceil(B / engine.max_token_bytes)`` tokens (its
+    whitespace-stripped length, since prompt formats may strip it). A prompt of ``n_ctx``
+    tokens or more fails under every policy, so such texts are refused at once: a body of
+    megabytes costs microseconds instead of seconds of tokenization. Nothing is refused
+    where the vocabulary cannot bound a token's length (``max_token_bytes`` is None).
+
+    Raises:
+        ContextLengthExceededError: with ``n_prompt`` the lower bound on the prompt's tokens.
+    """
+    n_ctx = engine.n_ctx
+    # "replace": a lone surrogate counts one byte here; tokenizing it is refused elsewhere
+    n_bytes = sum(len(t.strip().encode("utf-8", "replace")) for t in texts)
+    if n_bytes < n_ctx:  # at least one byte a token: not even the bound can reach the window
+        return
+    longest = engine.max_token_bytes
+    if longest is None:
+        return
+    at_least = -(-n_bytes // longest)
+    if at_least >= n_ctx:
+        raise ContextLengthExceededError(at_least, n_ctx, cfg.max_tokens)
+
+
+def _kept_by_every_policy(turns: Sequence[Turn], rag: RagQuestion | None,
+                          cfg: GenerationConfig) -> list[str]:
+    """The texts no overflow policy removes: the RAG question (and its context, unless
+    ``truncate_context`` may cut it), else the last turn."""
+    if rag is not None:
+        keep_context = rag.context and cfg.overflow != "truncate_context"
+        return [rag.question] + ([rag.context] if keep_context and rag.context else [])
+    return [turns[-1].content] if turns and isinstance(turns[-1].content, str) else []
 
 
 def _capped(n_prompt: int, n_ctx: int, cfg: GenerationConfig) -> GenerationConfig:

@@ -33,6 +33,10 @@ _LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ER
 _last_level = [logging.DEBUG]
 
 
+# llama_vocab_type: SPM (SentencePiece) and BPE spell their input back byte for byte
+_SPELLING_VOCABS = (1, 2)
+
+
 @lib.llama_log_callback
 def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs a lot at load time; its info lines go to debug so that
@@ -161,6 +165,20 @@ class NativeModel:
             buf = ctypes.create_string_buffer(-n)
             n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
+
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of input text one token can stand for, or None where that is unknown.
+
+        Known for byte-level BPE and SentencePiece vocabularies, whose tokens spell their
+        input back exactly (an unknown SentencePiece character is one ``<unk>`` per
+        character, hence the floor of 4 bytes, UTF-8's longest). WordPiece and Unigram
+        vocabularies normalize their input (case, accents, runs of spaces), so a token
+        may stand for more text than its piece shows: None. Costs one ``piece`` call per
+        token of the vocabulary; :class:`~ggufllm.engine.engine.Engine` reads it once, at load.
+        """
+        if lib.llama_vocab_type(self.vocab) not in _SPELLING_VOCABS:
+            return None
+        return max(4, max(len(self.piece(t, special=True)) for t in range(self.n_vocab)))
 
     def special_token_id(self, text: str) -> int | None:
         """The id of a special token written as text, if it is one token."""
