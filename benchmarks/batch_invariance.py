@@ -29,7 +29,7 @@ import ctypes
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-from ggufllm.engine.native import default_threads, ensure_backend
+from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.native.kernels import extra_buffers_for
 from ggufllm.resolve import default_model_path
 

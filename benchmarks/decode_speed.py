@@ -18,7 +18,7 @@ import time
 import llama_cpp.llama_cpp as lib
 
 from ggufllm import LLMService, Turn
-from ggufllm.engine.native import default_threads
+from ggufllm.native.runtime import default_threads
 from ggufllm.resolve import default_model_path
 
 PROMPT = "Write a long story about a dragon who learns to fly."

@@ -20,7 +20,7 @@ import time
 
 import llama_cpp.llama_cpp as lib
 
-from ggufllm.engine.native import default_threads, ensure_backend
+from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.native.kernels import run_self_test
 from ggufllm.resolve import default_model_path

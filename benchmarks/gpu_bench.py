@@ -20,7 +20,7 @@ from typing import Any
 import llama_cpp.llama_cpp as lib
 
 from ggufllm import LLMService
-from ggufllm.engine.native import default_threads, ensure_backend
+from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.gpu.devices import gpu_devices
 from ggufllm.gpu.estimate import estimate_memory
 from ggufllm.gpu.placement import TensorOverrides, observe_load

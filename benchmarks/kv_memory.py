@@ -15,7 +15,7 @@ import re
 
 import llama_cpp.llama_cpp as lib
 
-from ggufllm.engine.kvcache import KV_TYPES, KVLayout, kv_cache_bytes
+from ggufllm.kvlayout import KV_TYPES, KVLayout, kv_cache_bytes
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.resolve import default_model_path

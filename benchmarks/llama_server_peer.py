@@ -3,13 +3,17 @@
     python benchmarks/llama_server_peer.py [--rounds 3] [--requests 16] [--max-tokens 64]
                                            [--concurrency 1,4,8] [--threads 2]
 
-llama-server is the one ``/work/shared/tools/build_llama_server.sh`` builds from the
+llama-server is the one ``bash benchmarks/build_llama_server.sh`` builds from the
 llama.cpp that llama-cpp-python 0.3.36 vendors (``$GGUFLLM_SCRATCH/llama-server-build/
-bin/llama-server``, or ``$LLAMA_SERVER``). Both servers run at once, idle in turn: each
+bin/llama-server``, ``$GGUFLLM_SCRATCH`` defaulting to ``~/.cache/ggufllm-scratch``), or
+the binary ``$LLAMA_SERVER`` names. Both servers run at once, idle in turn: each
 round measures every concurrency level against one server, then the other (the order
 alternates between rounds), with ``ggufllm bench``'s client (greedy streamed
 ``/v1/completions``, ``--requests`` requests of ``--max-tokens`` tokens). Both get
 ``--threads`` threads, ``--parallel`` = the highest level, and 1024 tokens per slot.
+llama-server runs the CPU kernels ggufllm runs: with ``--no-repack`` where ggufllm's CPU
+kernel self-test keeps llama.cpp's extra buffer types off (``CPU_EXTRA_BUFFERS``; on a
+virtualized AMX Xeon llama-server crashes at its first decode without it).
 
 Per level it prints each server's median aggregate tok/s over the rounds, the median of
 the per-round ratios (ggufllm / llama-server; on a shared machine single rounds drift),
@@ -24,8 +28,11 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from ggufllm.config import load_settings
+from ggufllm.native.kernels import extra_buffers_for
 from ggufllm.resolve import default_model_path
 from ggufllm.server.bench import (
     BenchOptions,
@@ -38,9 +45,31 @@ from ggufllm.server.bench import (
 )
 
 
+BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")
+STARTUP_S = 300.0
+
+
 def _peer_binary() -> Path:
+    """Where ``build_llama_server.sh`` puts llama-server, unless ``$LLAMA_SERVER`` names one."""
+    if "LLAMA_SERVER" in os.environ:
+        return Path(os.environ["LLAMA_SERVER"])
     scratch = Path(os.environ.get("GGUFLLM_SCRATCH", Path.home() / ".cache/ggufllm-scratch"))
-    return Path(os.environ.get("LLAMA_SERVER", scratch / "llama-server-build/bin/llama-server"))
+    return scratch / "llama-server-build/bin/llama-server"
+
+
+def _wait_up(name: str, url: str, proc: subprocess.Popen[bytes]) -> None:
+    """Waits until ``url`` answers ``/health``; exits with a message if the server died."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"{name} exited with status {proc.returncode} before it was ready (its "
+                     "output is discarded here: run it by hand to see why)")
+        try:
+            wait_ready(url, timeout_s=1.0)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                sys.exit(f"{name} was not ready within {STARTUP_S:.0f} s")
 
 
 def main() -> None:
@@ -57,15 +86,19 @@ def main() -> None:
     options = BenchOptions(levels=levels, n_requests=args.requests, max_tokens=args.max_tokens)
     peer = _peer_binary()
     if not peer.is_file():
-        sys.exit(f"llama-server not found at {peer}: bash /work/shared/tools/build_llama_server.sh "
-                 "builds it (about 15 minutes), or set LLAMA_SERVER")
+        sys.exit(f"llama-server not found at {peer}: `bash {BUILD_SCRIPT}` builds it under "
+                 "$GGUFLLM_SCRATCH (about 15 minutes on 2 cores), or set LLAMA_SERVER to a "
+                 "llama-server binary")
+    # the kernels ggufllm serve will run (its self-test verdict is cached per build and CPU)
+    extra = extra_buffers_for(model, load_settings().cpu_extra_buffers, args.threads)
     servers: dict[str, str] = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         port = free_port()
         procs.append(subprocess.Popen(
             [str(peer), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t",
-             str(args.threads), "-np", str(slots), "-c", str(1024 * slots), "--log-disable"],
+             str(args.threads), "-np", str(slots), "-c", str(1024 * slots), "--log-disable",
+             *(() if extra else ("--no-repack",))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         servers["llama-server"] = f"http://127.0.0.1:{port}"
         port = free_port()
@@ -74,11 +107,12 @@ def main() -> None:
             [sys.executable, "-m", "ggufllm.cli", "serve", "--model", model, "--port", str(port),
              "--parallel", str(slots)], env=env, stderr=subprocess.DEVNULL))
         servers["ggufllm"] = f"http://127.0.0.1:{port}"
-        for url in servers.values():
-            wait_ready(url)
+        for (name, url), proc in zip(servers.items(), procs, strict=True):
+            _wait_up(name, url, proc)
             run_level(url, 1, BenchOptions(n_requests=1, max_tokens=8), None)  # warm-up
         print(f"model {model}, {args.threads} threads, {slots} slots, {args.requests} requests x "
-              f"{args.max_tokens} tokens, {args.rounds} rounds")
+              f"{args.max_tokens} tokens, {args.rounds} rounds, llama.cpp's extra buffer types "
+              f"{'on' if extra else 'off'} for both")
         runs: dict[tuple[str, int], list[LevelResult]] = {}
         names = list(servers)
         for k in range(args.rounds):

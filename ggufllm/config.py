@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, InvalidParameterError
+from .structured import ResponseFormat
 
 __all__ = ["Settings", "GenerationConfig", "ReasoningEffort", "load_settings"]
 
@@ -24,6 +25,9 @@ OverflowPolicy = Literal["error", "truncate_context", "shrink_max_tokens", "drop
 KVCacheType = Literal["f16", "q8_0", "q4_0"]
 # llama.cpp's extra CPU buffer types (repacked layouts, AMX): see ggufllm.native.kernels
 ExtraBuffersMode = Literal["auto", "on", "off", "force"]
+# how cached KV cells are reused: fast = any prefix whose tokens match (as llama-server);
+# exact = only what gives bit-identical logits to a cold run (see engine/kvcache.py)
+KVReuse = Literal["fast", "exact"]
 DEFAULT_MODEL_DIR = "models/llm"
 
 # llama.cpp reads the seed 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed":
@@ -60,6 +64,12 @@ class GenerationConfig(BaseModel):
     overflow: OverflowPolicy = Field("error", description="a prompt that does not fit: raise "
                                      "(error), trim the RAG context, lower max_tokens, or drop "
                                      "the oldest chat turns")
+    response_format: ResponseFormat | None = Field(
+        None, description="a structured answer: JSON that matches a schema (see "
+        "ggufllm.structured.ResponseFormat.of); None: free text")
+    reasoning_budget: int | None = Field(
+        None, ge=0, le=1 << 20, description="gpt-oss with a response_format: the most analysis "
+        "tokens before the answer is forced (None: as many as max_tokens leaves room for)")
 
     def updated(self, **changes: Any) -> GenerationConfig:
         """Returns a copy with ``changes`` applied and validated.
@@ -124,6 +134,9 @@ class Settings(BaseSettings):
     kv_cache_ram_mb: int = Field(1024, ge=0, le=1 << 22,
                                  description="host RAM for evicted prefixes (0 disables)")
     swa_full: bool = Field(True, description="full-size sliding-window cache (prefixes reusable)")
+    kv_reuse: KVReuse = Field("fast", description="fast: reuse and restore any cached prefix "
+                              "whose tokens match (an answer may leave the cold one at a near "
+                              "tie); exact: only prefixes that give a cold run's very logits")
     # GPU placement of MoE experts
     cpu_moe: bool = Field(False, description="keep every MoE expert tensor in CPU memory")
     n_cpu_moe: int = Field(0, ge=0, le=512,

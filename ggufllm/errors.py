@@ -7,11 +7,13 @@ HTTP server translate :class:`GgufllmError` in one place each.
     ├── ConfigError                  a setting or environment variable is invalid
     │   └── KernelSelfTestError      CPU_EXTRA_BUFFERS=on, but those kernels failed their self-test
     ├── InvalidParameterError        a call argument is invalid (also a ValueError)
+    │   └── UnsupportedSchemaError   a JSON Schema keyword the answer grammar cannot express
     ├── ModelNotFoundError           no GGUF file at the path (also FileNotFoundError)
     ├── ModelLoadError               the file is not a usable GGUF, or llama.cpp refused it
     │   └── LoadCancelledError       the load was cancelled by the caller
     ├── ContextLengthExceededError   prompt (+ budget) does not fit the context window
     ├── ServerBusyError              every slot is busy and the wait queue is full
+    ├── IncompleteAnswerError        a structured answer was cut by max_tokens (not valid JSON)
     ├── KVCacheError                 a saved KV-cache file is unreadable (truncated, garbage)
     │   ├── KVCacheMismatchError     the file is from another model, build, setting or format
     │   └── KVCacheUntrustedError    the file was not signed with this user's key (trusted=True)
@@ -32,11 +34,13 @@ __all__ = [
     "ConfigError",
     "KernelSelfTestError",
     "InvalidParameterError",
+    "UnsupportedSchemaError",
     "ModelNotFoundError",
     "ModelLoadError",
     "LoadCancelledError",
     "ContextLengthExceededError",
     "ServerBusyError",
+    "IncompleteAnswerError",
     "KVCacheError",
     "KVCacheMismatchError",
     "KVCacheUntrustedError",
@@ -101,6 +105,24 @@ class InvalidParameterError(GgufllmError, ValueError):
         self.name = name
 
 
+class UnsupportedSchemaError(InvalidParameterError):
+    """A JSON Schema for a structured answer uses what its grammar cannot express; it is
+    refused rather than ignored, so that an answer never passes for valid when it is not.
+
+    Attributes:
+        keyword: the JSON Schema keyword (``minimum``, ``format``, ``oneOf``...).
+        path: where it is in the schema, as a JSON pointer (``/properties/age``).
+    """
+
+    def __init__(self, keyword: str, path: str, reason: str = "") -> None:
+        where = path or "/"
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"response_format: the JSON Schema keyword {keyword!r} at {where} is "
+                         f"not supported{detail}", "response_format")
+        self.keyword = keyword
+        self.path = path
+
+
 class ModelNotFoundError(GgufllmError, FileNotFoundError):
     """No GGUF model at the given path."""
 
@@ -162,6 +184,22 @@ class ServerBusyError(GgufllmError):
         super().__init__(f"busy: all slots are in use and the wait queue ({queue_size}) is full; "
                          "retry later")
         self.queue_size = queue_size
+
+
+class IncompleteAnswerError(GgufllmError):
+    """A structured answer ended before its JSON was complete (``max_tokens`` ran out), so it
+    cannot be parsed; raise ``max_tokens`` (or lower ``reasoning_budget``).
+
+    Attributes:
+        text: what was written of the answer.
+        finish_reason: how generation ended (``length``, ``cancelled``...).
+    """
+
+    def __init__(self, text: str, finish_reason: str | None) -> None:
+        super().__init__(f"the structured answer is incomplete (finish_reason={finish_reason!r}, "
+                         f"{len(text)} characters written): raise max_tokens")
+        self.text = text
+        self.finish_reason = finish_reason
 
 
 class KVCacheError(GgufllmError):

@@ -78,22 +78,20 @@ def probe_model_file(path: str | os.PathLike[str], *, timeout: float = PROBE_TIM
         ModelLoadError: llama.cpp aborted, hung or refused the file in the child.
     """
     p = Path(path)
-    if getattr(sys, "frozen", False):  # sys.executable is the app itself, not Python
-        logger.debug("probe load skipped in a frozen application")
-        return
     key = _identity(p)
     if (_cache_dir() / key).exists():
         return
     try:
         # GGML_NO_BACKTRACE: an abort would otherwise attach gdb for a backtrace (seconds)
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+        # a PyInstaller bundle is its own sys.executable and runs _CHILD (packaging/entry.py)
         done = subprocess.run([sys.executable, str(_CHILD), str(p)], capture_output=True,
                               text=True, errors="replace", timeout=timeout, env=env,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(str(p), [f"llama.cpp did not finish reading the file's metadata "
                                       f"in {timeout:.0f} s (probe load)"]) from None
-    except OSError as exc:  # no interpreter to start (a frozen app): static checks only
+    except OSError as exc:  # no interpreter to start: static checks only
         logger.warning("probe load unavailable (%s); relying on the static checks", exc)
         return
     last = (done.stdout.strip().splitlines() or [""])[-1]

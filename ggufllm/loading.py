@@ -62,4 +62,4 @@ def engine_options(s: Settings, placement: Any) -> EngineOptions:
         kv_cache_tokens=s.kv_cache_tokens, swa_full=s.swa_full,
         kv_cache_ram_mb=s.kv_cache_ram_mb, cpu_moe=placement.cpu_moe,
         n_cpu_moe=placement.n_cpu_moe, cpu_extra_buffers=s.cpu_extra_buffers,
-        current_date=s.current_date)
+        current_date=s.current_date, kv_reuse=s.kv_reuse)

@@ -20,21 +20,31 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from .chunks import Answer, Chunk
 from .config import GenerationConfig, Settings, load_settings
 from .engine import Engine
 from .engine.fit import RagQuestion, fit_prompt, fit_raw
 from .engine.native import ProgressFn
-from .engine.prompt import Prompt
+from .engine.prompt import Prompt, PromptKind
 from .engine.scheduler import ProgressCallback
 from .engine.streams import async_chunks, async_sink
 from .engine_health import EngineHealth
-from .errors import ConfigError, EngineFailedError, InvalidParameterError, ServiceClosedError
+from .errors import (
+    ConfigError,
+    EngineFailedError,
+    IncompleteAnswerError,
+    InvalidParameterError,
+    ServiceClosedError,
+)
 from .gpu.placement import LoadReport
-from .harmony import Turn
+from .harmony import DEFAULT_INSTRUCTIONS, Turn
+from .harmony.constrain import response_format_section
 from .loading import open_engine
 from .model_info import model_info
 from .resolve import ResolvedModel
+from .structured import ResponseFormat
 
 __all__ = ["LLMService"]
 
@@ -187,7 +197,7 @@ class LLMService:
         Raises:
             InvalidParameterError: an unknown key or an invalid value.
         """
-        self._generation = self._generation.updated(**params)
+        self._generation = self._generation.updated(**_with_format(params))
         return self._generation
 
     @property
@@ -216,10 +226,13 @@ class LLMService:
 
     def _prepare(self, turns: Sequence[Turn], params: dict[str, Any], instructions: str | None,
                  rag: RagQuestion | None = None) -> tuple[Engine, Prompt, GenerationConfig]:
+        params = _with_format(params)
         cfg = self._generation.updated(**params)
         if instructions is not None and not isinstance(instructions, str):
             raise InvalidParameterError("instructions must be a string or None", "instructions")
         engine = self._ensure_engine()
+        if cfg.response_format is not None:
+            turns, instructions = _show_format(engine, cfg.response_format, turns, instructions)
         # no max_tokens: the default budget, capped to what the window leaves (engine/fit.py)
         prompt, cfg = fit_prompt(engine, turns, cfg, instructions, rag,
                                  budget_given=params.get("max_tokens") is not None)
@@ -299,6 +312,9 @@ class LLMService:
     def _prepare_raw(self, text: str, params: dict[str, Any]) -> tuple[Engine, Prompt, GenerationConfig]:
         if not isinstance(text, str) or not text:
             raise InvalidParameterError("the prompt must be a non-empty string", "prompt")
+        if params.get("response_format") is not None:
+            raise InvalidParameterError("response_format needs a question or a conversation; a "
+                                        "raw continuation cannot take one", "response_format")
         cfg = self._generation.updated(**params)
         engine = self._ensure_engine()
         prompt, cfg = fit_raw(engine, text, cfg, budget_given=params.get("max_tokens") is not None)
@@ -312,10 +328,26 @@ class LLMService:
 
     def generate_answer(self, question: str, context: str | None = None,
                         max_tokens: int | None = None, temperature: float | None = None,
-                        **params: Any) -> str:
-        """The answer text (the ``final`` channel only). See :meth:`stream`."""
-        return self.answer(question, context, max_tokens=max_tokens, temperature=temperature,
-                           **params).text
+                        *, response_format: Any = None, **params: Any) -> Any:
+        """The answer text (the ``final`` channel only). See :meth:`stream`.
+
+        Args:
+            response_format: a structured answer: a JSON Schema dict (the answer is JSON text
+                that matches it) or a pydantic model class (the answer is an instance of it,
+                validated); OpenAI's ``{"type": "json_object"}`` / ``{"type": "json_schema",
+                "json_schema": {...}}`` are taken too. gpt-oss reasons first, within
+                ``max_tokens`` (``reasoning_budget`` bounds it further).
+
+        Returns:
+            The text, or an instance of the ``response_format`` model class.
+
+        Raises:
+            UnsupportedSchemaError: the schema uses what the answer's grammar cannot express.
+            IncompleteAnswerError: a structured answer was cut by ``max_tokens``.
+        """
+        answer = self.answer(question, context, max_tokens=max_tokens, temperature=temperature,
+                             response_format=response_format, **params)
+        return _parsed(answer, response_format)
 
     # -- generation: async ---------------------------------------------------
 
@@ -509,3 +541,34 @@ class LLMService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.cleanup()
+
+
+def _with_format(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``response_format`` in its one form (checked: a schema the grammar
+    cannot express raises :class:`~ggufllm.errors.UnsupportedSchemaError` here)."""
+    if params.get("response_format") is None:
+        return params
+    return {**params, "response_format": ResponseFormat.of(params["response_format"])}
+
+
+def _show_format(engine: Engine, fmt: ResponseFormat, turns: Sequence[Turn],
+                 instructions: str | None) -> tuple[list[Turn], str | None]:
+    """Shows the model the schema its answer follows: gpt-oss in its developer message's
+    ``# Response Formats`` section, as harmony lays it out; other models in their
+    instructions. An instruction turn, first, so that it joins the instructions."""
+    if engine.prompt_kind is PromptKind.HARMONY:
+        text = response_format_section(fmt.name, fmt.schema_text(), fmt.description)
+        if instructions is None and not any(t.role in ("system", "developer") for t in turns):
+            instructions = DEFAULT_INSTRUCTIONS
+    else:
+        text = f"Answer with JSON only, matching this JSON Schema: {fmt.schema_text()}"
+    return [Turn("developer", text), *turns], instructions
+
+
+def _parsed(answer: Answer, response_format: Any) -> Any:
+    """The answer's text, or for a pydantic model class an instance of it."""
+    if not (isinstance(response_format, type) and issubclass(response_format, BaseModel)):
+        return answer.text
+    if answer.finish_reason != "stop":
+        raise IncompleteAnswerError(answer.text, answer.finish_reason)
+    return response_format.model_validate_json(answer.text)

@@ -8,7 +8,7 @@ import re
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-from ggufllm.engine.kvcache import KV_TYPES
+from ggufllm.kvlayout import KV_TYPES
 from ggufllm.engine.native import NativeModel
 
 # Fixed thread counts: the flash-attention kernel splits a one-token decode by thread, so

@@ -4,7 +4,7 @@ near tie, with a tolerance derived on the CPU that runs the check.
 "Another way": beside other requests (their rows share its batches), or through cached cells
 that lie elsewhere in the pool than a cold run puts them. The answer then reads the same
 tokens at the same positions through the same weights; only the order in which llama.cpp's
-kernels add up their sums differs (README, "Exactness"; ``benchmarks/batch_invariance.py``),
+kernels add up their sums differs (docs/python.md, "Exactness"; ``benchmarks/batch_invariance.py``),
 and its logits differ from the lone ones by rounding alone.
 
 The tolerance follows from that. Let ℓ be the logits bare llama.cpp computes cold for the
@@ -44,6 +44,10 @@ PAGE = 64  # the engine's prompt page (ggufllm.engine.slots.PAGE)
 # width, of a matmul kernel's row group, of an attention tile (64 rows or cells) or of
 # llama.cpp's 256-cell padding, so every one of those groupings sees the tokens elsewhere
 SHIFT = 37
+# appended to an answer's tokens when it ended with an end-of-generation token (finish reason
+# "stop"), so that an answer that stopped where the other went on is checked like any other
+# difference: the gap is then between the other's token and the likeliest end token
+END = -1
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -117,15 +121,23 @@ def tie_gap(bare: Bare, prompt: Sequence[int], alone: Sequence[int],
             together: Sequence[int]) -> tuple[float, float]:
     """(gap, tolerance) at the first difference of ``alone`` and ``together``: the cold logit
     of ``alone``'s token minus ``together``'s, and 2 x :func:`rounding_noise` there (see the
-    module docstring); (0.0, 0.0) when they are equal or one merely stopped earlier (a stop
-    or end token there is checked the same way)."""
+    module docstring); (0.0, 0.0) when they are equal or one was cut earlier (by its token
+    budget). An answer that ended by an end token carries :data:`END`, checked like a token."""
     i = first_difference(alone, together)
     if i is None or i >= len(alone) or i >= len(together):
         return 0.0, 0.0
     tokens = list(prompt) + list(alone[:i])
     logits = cold_logits(bare, tokens)
-    gap = float(logits[alone[i]] - logits[together[i]])
+    gap = float(_logit(bare, logits, alone[i]) - _logit(bare, logits, together[i]))
     return gap, 2 * rounding_noise(bare, tokens, logits)
+
+
+def _logit(bare: Bare, logits: np.ndarray, token: int) -> float:
+    """A token's logit; for :data:`END`, the likeliest end-of-generation token's."""
+    if token != END:
+        return float(logits[token])
+    eog = [t for t in range(bare.n_vocab) if lib.llama_vocab_is_eog(bare.vocab, t)]
+    return float(logits[eog].max())
 
 
 def assert_equal_or_near_ties(model: str | Path,

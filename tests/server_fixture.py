@@ -49,8 +49,10 @@ def wait_health(url: str, want: int = 200, timeout_s: float = 120.0,
 
 @contextlib.contextmanager
 def running_server(service: LLMService | None = None, *, wait: bool = True,
-                   config: ServerConfig | None = None, **settings: Any) -> Iterator[Running]:
-    """Serves ``service`` (default: the embedded model, ``settings`` as overrides)."""
+                   config: ServerConfig | None = None, sndbuf: int | None = None,
+                   **settings: Any) -> Iterator[Running]:
+    """Serves ``service`` (default: the embedded model, ``settings`` as overrides);
+    ``sndbuf`` sets the kernel send buffer of its connections (a slow network's)."""
     if service is None:
         settings.setdefault("max_length", 1024)
         service = LLMService(default_model_path(), **settings)
@@ -59,6 +61,8 @@ def running_server(service: LLMService | None = None, *, wait: bool = True,
     # connections of such a socket, and without it every response waits ~40 ms (Nagle's
     # algorithm meets the client's delayed ACK between the header and the body writes)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    if sndbuf is not None:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",

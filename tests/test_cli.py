@@ -85,6 +85,14 @@ def test_a_ctx_below_the_default_budget_still_answers(default_gguf: Path, env: d
     assert "Paris" in r.stdout
 
 
+def test_an_answer_the_window_cut_says_so_not_the_budget(default_gguf: Path):
+    # a base model counting on: the capped default budget ends where the window ends
+    r = ggufllm("ask", "Count from one to a thousand: one, two, three,", "--ctx", "128",
+                "--temperature", "0", "--model", str(default_gguf))
+    assert r.returncode == 0, r.stderr
+    assert "context window" in r.stderr and "--max-tokens 1000" not in r.stderr, r.stderr
+
+
 def test_corrupt_model_is_one_line(tmp_path: Path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(corpus()["truncated_in_data"])

@@ -15,7 +15,7 @@ from ggufllm import LLMService, Turn
 from ggufllm.engine.prompt import _COMPLETION_STOPS
 
 # (question, accepted words, the model's rate of right answers over seeds 1-20 at the
-# defaults; README, "First answers")
+# defaults; docs/cli.md, "First answers")
 QUESTIONS = [
     ("What is the capital of France?", ("Paris",), 19 / 20),
     ("What is the capital of Japan?", ("Tokyo",), 19 / 20),

@@ -102,7 +102,7 @@ def test_tokenization_matches_the_reference(tiny_gguf, harmony_tokenizer):
 @pytest.mark.parametrize("text", ["नमस्ते दुनिया", "สวัสดีชาวโลก"])
 def test_known_gpt4o_pretokenizer_difference(tiny_gguf, text):
     """llama.cpp's gpt-4o regex leaves combining marks out of its letter classes, so
-    Devanagari and Thai split differently from the reference (README: Known limits)."""
+    Devanagari and Thai split differently from the reference (docs/limits.md)."""
     import bpe_openai
 
     ref = bpe_openai.get_encoding("o200k_base").encode_ordinary(text)

@@ -1,4 +1,5 @@
-"""The KV cache: a cached answer equals the cold one, overflow policies, cache types, sampling.
+"""The KV cache with KV_REUSE=exact: a cached answer equals the cold one, overflow policies,
+cache types, sampling.
 
 Where an answer through the cache is said to equal the cold one token for token, the engine
 feeds every token in the cold run's batch and cell (one document in the pool, a full-size
@@ -18,12 +19,22 @@ import pytest
 
 from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
 from ggufllm.engine.fit import RagQuestion
-from ggufllm.engine.kvcache import KVLayout, kv_cache_bytes
+from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 
 from .near_tie import assert_equal_or_near_ties as near_ties
 from .test_service import wait_idle
 
 GREEDY = dict(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exact_reuse() -> Iterator[None]:
+    """This module holds KV_REUSE=exact's promises (tests/test_kv_reuse.py holds the default,
+    fast); autouse, so it is set before the module's service loads."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KV_REUSE", "exact")
+        yield
+
 DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
          "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
          "cartwheel. Today visitors race wooden boats, eat plum cake and crown a Bread Queen, "
@@ -55,7 +66,7 @@ def test_cache_hit_after_a_slot_switch(default_gguf):
     """Two documents in two slots of one pool. Token equality with the cold answer is not
     promised here: ggml-cpu's attention kernels split their work by cell index (tiles for
     prompt rows, thread chunks for one-row decodes past 512 cells), so an answer depends on
-    where its cells lie in the shared pool, which another cached document changes (README,
+    where its cells lie in the shared pool, which another cached document changes (docs/python.md,
     "Exactness"; measured here: A's answer equal, B's first token not). What holds: each
     answer equals the cold one or leaves it at a near tie (tests/near_tie.py)."""
     svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
@@ -142,7 +153,7 @@ def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf
     The window cells form a ring whose next free cell depends on what it held before: the
     reused prefix's last page lands at other cells than in the cold run (here from cell 0,
     where the cold run put it from cell 192), and the attention adds the same window in
-    another order. So that answer equals the cold one or leaves it at a near tie (README,
+    another order. So that answer equals the cold one or leaves it at a near tie (docs/python.md,
     "Exactness"; ``benchmarks/kv_layout.py``). The prompt evaluated again starts from an
     empty ring, in the cold run's batches and cells: that answer equals the cold one token
     for token."""
@@ -309,7 +320,7 @@ def test_seed_reproduces_a_sampled_answer(service):
 
 
 def test_top_k_one_equals_greedy(service):
-    # both cold from an empty pool: what other slots hold moves logits (README, "Exactness")
+    # both cold from an empty pool: what other slots hold moves logits (docs/python.md, "Exactness")
     q = "Why is the sky blue?"
     greedy = cold(service, q, None)
     service.clear_kv_cache()

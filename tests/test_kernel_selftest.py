@@ -124,7 +124,7 @@ def test_ask_answers_with_one_notice_when_the_kernels_crash(tmp_path: Path):
     assert "Paris" in r.stdout
     notices = [line for line in r.stderr.splitlines() if "self-test" in line]
     assert len(notices) == 1 and "SIGSEGV" in notices[0] and "CPU_EXTRA_BUFFERS" in notices[0]
-    assert notices[0] in (ROOT / "README.md").read_text("utf-8")  # the README quotes it as is
+    assert notices[0] in (ROOT / "docs" / "cpus.md").read_text("utf-8")  # docs/cpus.md quotes it as is
     # the same machine, CPU_EXTRA_BUFFERS=on: one error line, a clean exit, no crash
     on = subprocess.run([sys.executable, "-m", "ggufllm.cli", "ask", QUESTION],
                         capture_output=True, text=True, cwd=tmp_path, timeout=300,

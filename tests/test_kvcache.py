@@ -24,14 +24,8 @@ import numpy as np
 import pytest
 
 from ggufllm import KVCacheError, KVCacheMismatchError
-from ggufllm.engine.kvcache import (
-    KVLayout,
-    PrefixCache,
-    kv_cache_bytes,
-    restore_is_exact,
-    seq_state_get,
-    seq_state_set,
-)
+from ggufllm.engine.kvcache import PrefixCache, restore_is_exact, seq_state_get, seq_state_set
+from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 from ggufllm.engine.kvfile import KVCacheIdentity, load_prefixes, save_prefixes
 from ggufllm.engine.kvstore import KVStore
 from ggufllm.engine.native import NativeModel

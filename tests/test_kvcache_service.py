@@ -1,6 +1,7 @@
-"""The KV cache through LLMService: RAM-cache restores, warm(), saved files in a new
-process, and files that must be refused. Greedy answers through the cache must equal
-the cold answers token for token."""
+"""The KV cache through LLMService with KV_REUSE=exact: RAM-cache restores, warm(), saved
+files in a new process, and files that must be refused. Greedy answers through the cache
+must equal the cold answers token for token (tests/test_kv_reuse.py holds the default,
+fast)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def cold(svc: LLMService, question: str, context: str) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def one_slot(default_gguf):
     """One slot, so that a second document pushes the first one out to RAM."""
-    with LLMService(default_gguf, max_length=1024, n_parallel=1) as svc:
+    with LLMService(default_gguf, max_length=1024, n_parallel=1, kv_reuse="exact") as svc:
         yield svc
 
 
@@ -73,7 +74,7 @@ def test_an_answer_of_one_token_leaves_the_engine_working(one_slot):
 def test_tiny_gpt_oss_ram_restore_past_its_window_without_flash_attention(tiny_gguf):
     """The sliding-window model: prefixes longer than the window are kept when flash
     attention is off (the measured exact case), and the restored answer is the cold one."""
-    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1,
+    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1, kv_reuse="exact",
                     flash_attn=False) as svc:
         tokens(svc, "Where is the Zorblat festival held?", DOC_A)
         tokens(svc, "How tall is Mount Ferrow?", DOC_B)
@@ -87,7 +88,7 @@ _CHILD = """
 import json, sys
 from ggufllm import LLMService
 path, model, question, context = sys.argv[1:5]
-with LLMService(model, max_length=1024, n_parallel=1) as svc:
+with LLMService(model, max_length=1024, n_parallel=1, kv_reuse="exact") as svc:
     kept = svc.load_kv_cache(path)
     answer = svc.answer(question, context, temperature=0.0, max_tokens=12)
     print(json.dumps({"kept": kept, "ids": list(answer.token_ids),
@@ -120,7 +121,8 @@ def test_a_saved_cache_gives_the_cold_answer_in_a_new_process(one_slot, saved, d
     (dict(n_parallel=2), "n_seq"),
 ])
 def test_a_cache_saved_under_other_settings_is_refused(saved, default_gguf, settings, field):
-    with LLMService(default_gguf, **{"max_length": 1024, "n_parallel": 1, **settings}) as svc:
+    with LLMService(default_gguf, **{"max_length": 1024, "n_parallel": 1, "kv_reuse": "exact",
+                                     **settings}) as svc:
         with pytest.raises(KVCacheMismatchError, match=field):
             svc.load_kv_cache(saved)
         assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0
@@ -128,7 +130,7 @@ def test_a_cache_saved_under_other_settings_is_refused(saved, default_gguf, sett
 
 
 def test_a_cache_of_another_model_is_refused(saved, tiny_gguf):
-    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1) as svc:
+    with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1, kv_reuse="exact") as svc:
         with pytest.raises(KVCacheMismatchError, match="model"):
             svc.load_kv_cache(saved)
         assert svc.answer("Where is Quenby?", DOC_A, **GREEDY).timings.n_generated > 0

@@ -74,7 +74,8 @@ class Parsed:
         version, n_header = HEAD.unpack_from(data, len(kvfile.MAGIC))
         header = json.loads(data[FIXED:FIXED + n_header])
         pos, entries = FIXED + n_header, []
-        for n_tokens, n_state in header["entries"]:
+        for n_tokens, n_state, checkpoints in header["entries"]:
+            assert checkpoints == []  # these documents fit the window: no checkpoints
             end = pos + 4 * n_tokens
             entries.append((data[pos:end], data[end:end + n_state]))
             pos = end + n_state
@@ -84,7 +85,7 @@ class Parsed:
         """The file with other entries and a recomputed sha256; the rest of the trailer
         (what a forger cannot recompute) is left as it was."""
         header = json.dumps({"identity": self.header["identity"],
-                             "entries": [[len(t) // 4, len(s)] for t, s in entries]}).encode()
+                             "entries": [[len(t) // 4, len(s), []] for t, s in entries]}).encode()
         body = (kvfile.MAGIC + HEAD.pack(self.version, len(header)) + header
                 + b"".join(t + s for t, s in entries))
         return body + hashlib.sha256(body).digest() + self.trailer[32:]
@@ -353,13 +354,13 @@ def test_a_hostile_header_is_a_kv_cache_error(service, tmp_path, key_home, heade
 
 def test_an_eviction_too_big_for_the_ram_budget_takes_no_snapshot(default_gguf, monkeypatch):
     snapshots = []
-    real = lib.llama_state_seq_get_data
+    real = lib.llama_state_seq_get_data_ext
 
     def counted(*args):
-        snapshots.append(args[-1])
+        snapshots.append(args[-2])
         return real(*args)
 
-    monkeypatch.setattr(lib, "llama_state_seq_get_data", counted)
+    monkeypatch.setattr(lib, "llama_state_seq_get_data_ext", counted)
     with LLMService(default_gguf, max_length=1024, n_parallel=1, kv_cache_ram_mb=1) as svc:
         svc.answer(Q_A, DOC_A, **GREEDY)
         svc.answer(Q_B, DOC_B, **GREEDY)  # evicts A's ~3.5 MB prefix: it cannot fit 1 MB

@@ -1,7 +1,7 @@
 """The page at ``/`` in a real headless browser: Debian's chromium driven by selenium.
 
 ``.ci/run`` installs ``chromium`` and ``chromium-driver``; nothing is downloaded at test time
-(selenium is given both paths, so its driver manager never runs). The screenshot the README
+(selenium is given both paths, so its driver manager never runs). The screenshot docs/server.md
 shows is made here: ``docs/page.png``.
 """
 
@@ -122,3 +122,77 @@ def test_the_page_works_behind_the_api_key(browser: object) -> None:
         wait.until(lambda d: d.find_elements(By.ID, "finish"))
         assert d.find_element(By.ID, "answer").text.strip()  # type: ignore[attr-defined]
         assert d.find_element(By.ID, "error").text == ""  # type: ignore[attr-defined]
+
+
+# Keeps the raw SSE body of every /answer call the page makes (a clone of the response, read
+# beside the page's own reader), so the test sees exactly what the server sent the page.
+_RECORD_ANSWERS = """
+window.__answers = [];
+const pageFetch = window.fetch;
+window.fetch = async (...args) => {
+  const r = await pageFetch(...args);
+  if (String(args[0]).endsWith("/answer")) r.clone().text().then((t) => window.__answers.push(t));
+  return r;
+};
+"""
+
+
+def _ask_on_page(d: object, question: str, max_tokens: int, n_before: int) -> tuple[dict, float]:
+    """Types the question, clicks Ask, waits for the end; returns the server's last event and
+    the seconds from the click to the page showing the end."""
+    import json
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = d.find_element(By.ID, "question")  # type: ignore[attr-defined]
+    box.clear()
+    box.send_keys(question)
+    for field, value in (("max_tokens", str(max_tokens)), ("temperature", "0")):
+        box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
+        box.clear()
+        box.send_keys(value)
+    start = time.monotonic()
+    d.find_element(By.ID, "ask").click()  # type: ignore[attr-defined]
+    WebDriverWait(d, 180, poll_frequency=0.05).until(
+        lambda d: d.find_elements(By.ID, "finish")
+        and d.execute_script("return window.__answers.length") > n_before)
+    wall_s = time.monotonic() - start
+    assert d.find_element(By.ID, "error").text == ""  # type: ignore[attr-defined]
+    body = d.execute_script("return window.__answers[window.__answers.length - 1]")  # type: ignore[attr-defined]
+    events = [e.removeprefix("data: ") for e in body.split("\n\n") if e.startswith("data: ")]
+    last = json.loads([e for e in events if e != "[DONE]"][-1])
+    assert "finish_reason" in last, last
+    return last, wall_s
+
+
+def test_tokens_per_second_is_the_decode_rate_and_absent_for_a_few_tokens(
+        browser: object, server: Running) -> None:
+    """The tok/s figure is generated tokens over decode time, as the server measured it
+    (its last event's ``timings``), not over the moments a few events took to arrive: three
+    tokens in one network read used to read "2000.0 tok/s". Below eight tokens the page
+    shows no rate at all."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    WebDriverWait(d, 180).until(lambda d: "gemma" in d.find_element(By.ID, "model").text)
+    d.execute_script(_RECORD_ANSWERS)  # type: ignore[attr-defined]
+
+    short, _ = _ask_on_page(d, "Name a river.", 3, 0)
+    assert short["usage"]["completion_tokens"] <= 3
+    assert not d.find_elements(By.ID, "tps"), d.find_element(By.ID, "stats").text  # type: ignore[attr-defined]
+
+    long, wall_s = _ask_on_page(
+        d, "Explain how a bicycle works, step by step, in several paragraphs.", 64, 1)
+    n, timings = long["usage"]["completion_tokens"], long["timings"]
+    assert n >= 16, f"the model stopped after {n} tokens: the test needs a longer answer"
+    shown = float(d.find_element(By.ID, "tps").text.removesuffix(" tok/s"))  # type: ignore[attr-defined]
+    stats = d.find_element(By.ID, "stats").text  # type: ignore[attr-defined]
+    # the server's own figure, and the same from its counts (both rounded in the event)
+    assert 0.8 <= shown / timings["decode_tokens_per_s"] <= 1.25, (stats, timings)
+    assert 0.8 <= shown / (n / timings["decode_s"]) <= 1.25, (stats, n, timings)
+    # decoding is part of the wait the test saw: the rate cannot be below tokens over it
+    assert shown >= 0.8 * n / wall_s, (stats, n, wall_s)

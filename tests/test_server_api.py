@@ -339,7 +339,7 @@ def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
 
 # -- every bad input is a 4xx ------------------------------------------------------
 
-# the documented limits on stop strings (README): at most 16, of at most 256 characters each
+# the documented limits on stop strings (docs/server.md): at most 16, of at most 256 characters each
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 SURROGATE = "\ud800"  # a lone surrogate: valid JSON (as an escape), not valid Unicode text
 SURROGATE_BODIES = [

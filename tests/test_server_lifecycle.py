@@ -148,8 +148,9 @@ def _sigterm_during_a_stream(proc: subprocess.Popen[bytes], url: str, port: int)
 
 def test_serve_ends_streams_frees_and_releases_the_port_on_sigterm() -> None:
     port = free_port()
+    # no drain: the stream ends at once (tests/test_server_drain.py holds the drain)
     proc = subprocess.Popen([sys.executable, "-m", "ggufllm.cli", "serve", "--port", str(port),
-                             "--ctx", "1024"], env=_env(), cwd=ROOT)
+                             "--ctx", "1024", "--drain-timeout", "0"], env=_env(), cwd=ROOT)
     try:
         _sigterm_during_a_stream(proc, f"http://127.0.0.1:{port}", port)
     finally:
@@ -160,7 +161,8 @@ def test_serve_ends_streams_frees_and_releases_the_port_on_sigterm() -> None:
 
 def test_uvicorn_app_reads_the_model_from_the_environment(default_gguf: Path) -> None:
     port = free_port()
-    env = {**_env(), "LLM_MODEL_PATH": str(default_gguf), "MAX_LENGTH": "1024"}
+    env = {**_env(), "LLM_MODEL_PATH": str(default_gguf), "MAX_LENGTH": "1024",
+           "GGUFLLM_DRAIN_TIMEOUT_S": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "ggufllm.server:app", "--port",
                              str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     try:

@@ -126,7 +126,7 @@ def test_closed_stream_ends_with_reason_cancelled(service, monkeypatch):
 
 
 def test_concurrent_answers_leave_sequential_ones_only_at_near_ties(service, default_gguf):
-    """What holds on this CPU build (README, "Exactness"): requests running together share
+    """What holds on this CPU build (docs/python.md, "Exactness"): requests running together share
     batches (their prompt pages and decode steps go to llama.cpp in one call, as in
     llama-server), whose shapes move logits a little; so a greedy answer computed beside
     others equals the sequential one, or leaves it where the sequential path had a near
@@ -304,8 +304,9 @@ def test_second_call_reuses_the_cached_prefix(service):
     first = service.answer("Where is the festival held?", DOCUMENT, **GREEDY)
     second = service.answer("Who baked the first loaf?", DOCUMENT, **GREEDY)
     assert first.timings.n_cached == 0
-    # whole 64-token pages of the shared document are reused
-    assert second.timings.n_cached >= 64 and second.timings.n_cached % 64 == 0
+    # the shared document is reused (KV_REUSE=fast, the default: every matching token;
+    # tests/test_engine_cache.py holds exact's whole pages)
+    assert second.timings.n_cached >= 64
     assert second.timings.n_cached < second.timings.n_prompt
     kv = service.get_model_info()["kv_cache"]
     assert kv["hits"] >= 1 and kv["tokens_reused"] >= second.timings.n_cached
@@ -410,7 +411,7 @@ def test_optimize_for_gpu_picks_the_file_of_the_folder(tmp_path: Path, default_g
 
 def test_stop_strings_cut_the_answer(service):
     # both runs start from an empty pool: a greedy answer may change with where its cells sit
-    # in the shared KV pool (see README, Concurrency and the KV cache)
+    # in the shared KV pool (see docs/python.md, Concurrency and the KV cache)
     service.clear_kv_cache()
     full = service.generate_answer("Why is the sky blue?", **GREEDY)
     service.clear_kv_cache()

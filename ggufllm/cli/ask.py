@@ -77,9 +77,13 @@ def _inputs(question: str | None, context: str | None, context_file: str | None)
 @click.option("--kv-cache", "kv_cache", type=click.Path(dir_okay=False, path_type=Path),
               default=None, metavar="FILE",
               help="A KV-cache file: loaded when it exists, saved after the answer.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Answer with JSON that matches the JSON Schema in FILE (gpt-oss reasons "
+                   "first; the reasoning never enters the answer).")
 def ask(question: str | None, context: str | None, context_file: str | None, model: str | None,
         system: str | None, show_reasoning: bool, stats: bool, no_stream: bool, as_json: bool,
-        kv_cache: Path | None, **kw: Any) -> None:
+        kv_cache: Path | None, json_schema: Path | None, **kw: Any) -> None:
     """Answer QUESTION, optionally from retrieved context.
 
     QUESTION '-' (or none, with a pipe) reads the question from stdin.
@@ -90,11 +94,14 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
       ggufllm ask "Where is the festival held?" --context-file notes.txt
       cat notes.txt | ggufllm ask "Summarize this." --context-file -
       echo "Who wrote Hamlet?" | ggufllm ask -
+      ggufllm ask "Extract the city and year." --context-file notes.txt --json-schema city.json
     """
     if kw.get("overflow"):
         kw["overflow"] = kw["overflow"].replace("-", "_")
     question, context = _inputs(question, context, context_file)
     flags = flags_from(kw)
+    if json_schema is not None:
+        flags.params["response_format"] = _read_schema(json_schema)
     service, cfg = open_service(model, flags)
     with service:
         save_to = _load_kv_cache(service, kv_cache) if kv_cache is not None else None
@@ -102,6 +109,28 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
                 stats=stats, no_stream=no_stream, as_json=as_json)
         if save_to is not None:
             service.save_kv_cache(save_to)
+
+
+def _read_schema(path: Path) -> Any:
+    """The JSON Schema of ``--json-schema FILE`` (checked: an unsupported keyword is refused).
+
+    Raises:
+        CliError: the file cannot be read or is not a JSON object.
+    """
+    from ..structured import ResponseFormat
+
+    try:
+        with open(path, "rb") as f:
+            schema = json.loads(read_text(f, f"--json-schema {path}"))
+    except OSError as exc:
+        raise CliError(f"--json-schema {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"--json-schema {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise CliError(f"--json-schema {path} must hold a JSON object (a JSON Schema)")
+    # checked here: an unsupported keyword fails before the model loads
+    return ResponseFormat.of({"type": "json_schema", "json_schema": {
+        "name": path.stem or "response", "schema": schema}})
 
 
 def _load_kv_cache(service: Any, path: Path) -> Path | None:

@@ -93,7 +93,12 @@ def stats_line(streamed: Streamed) -> str:
 def after_answer(streamed: Streamed, *, max_tokens: int, stats: bool, quiet: bool) -> None:
     """The notes that follow an answer on stderr: cut by the budget, and the stats."""
     if streamed.answer.finish_reason == "length" and not quiet:
-        click.secho(f"note: the answer was cut at --max-tokens {max_tokens}; raise it for more",
-                    err=True, fg="yellow")
+        t = streamed.answer.timings
+        if t is not None and t.n_generated < max_tokens:  # the window ended it, not the budget
+            note = (f"the answer was cut where the context window ends ({t.n_prompt} prompt + "
+                    f"{t.n_generated} answer tokens); raise --ctx for more")
+        else:
+            note = f"the answer was cut at --max-tokens {max_tokens}; raise it for more"
+        click.secho(f"note: {note}", err=True, fg="yellow")
     if stats:
         click.secho(stats_line(streamed), err=True, dim=True)

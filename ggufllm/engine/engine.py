@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ExtraBuffersMode, GenerationConfig, KVCacheType
+from ..config import ExtraBuffersMode, GenerationConfig, KVCacheType, KVReuse
 from ..errors import (
     ConfigError,
     ContextLengthExceededError,
@@ -32,7 +32,8 @@ from ..errors import (
 )
 from ..gguf_file import GGUFSummary, read_gguf_header
 from ..harmony import Turn
-from .kvcache import KVLayout, PrefixCache, kv_cache_bytes
+from ..kvlayout import KVLayout, kv_cache_bytes
+from .kvcache import PrefixCache
 from .kvfile import KVCacheIdentity
 from .kvstore import KVStore
 from .native import NativeContext, NativeModel, ProgressFn
@@ -70,6 +71,7 @@ class EngineOptions:
     kv_cache_ram_mb: int = 1024
     cpu_extra_buffers: ExtraBuffersMode = "auto"
     current_date: str = "none"  # CURRENT_DATE: none | today | YYYY-MM-DD
+    kv_reuse: KVReuse = "fast"  # KV_REUSE: fast | exact
 
     @property
     def pool_tokens(self) -> int:
@@ -123,7 +125,8 @@ class Engine:
             self._free_native()
             raise
         self.n_ctx = min(options.n_ctx, self._ctx.n_ctx)  # one request's window
-        self.slots = SlotTable(self._ctx, options.n_parallel, self._model.n_swa)
+        self.slots = SlotTable(self._ctx, options.n_parallel, self._model.n_swa,
+                               exact=options.kv_reuse == "exact")
         self.kv_store = self._kv_store()
         self.slots.on_evict, self.slots.on_place = self.kv_store.on_evict, self.kv_store.on_place
         self._close_lock = threading.Lock()
@@ -137,11 +140,13 @@ class Engine:
         o = self.options
         # a quantized cache turns flash attention on (native._flash_attn_type)
         flash_attn = True if o.kv_cache_type != "f16" else o.flash_attn
+        exact = o.kv_reuse == "exact"
         cache = PrefixCache(o.kv_cache_ram_mb << 20, n_swa=self._model.n_swa,
-                            flash_attn=flash_attn, page=PAGE)
+                            flash_attn=flash_attn, page=PAGE if exact else 1, exact=exact)
         return KVStore(self._ctx.ptr, cache, lambda: KVCacheIdentity.of(
             self.summary, n_ctx=self._ctx.n_ctx, n_seq=o.n_parallel, kv_unified=True,
-            kv_type=o.kv_cache_type, swa_full=o.swa_full, flash_attn=flash_attn))
+            kv_type=o.kv_cache_type, swa_full=o.swa_full, flash_attn=flash_attn,
+            kv_reuse=o.kv_reuse))
 
     # -- facts ---------------------------------------------------------------
 
@@ -214,6 +219,7 @@ class Engine:
         info: dict[str, Any] = {
             "n_ctx": self.n_ctx, "n_ctx_pool": ctx.n_ctx, "n_parallel": o.n_parallel,
             "type": o.kv_cache_type, "swa_full": o.swa_full, "n_swa": n_swa,
+            "reuse": o.kv_reuse,
             "bytes": size, "tokens_evaluated": self.scheduler.tokens_evaluated,
         }
         info.update(self.slots.stats())

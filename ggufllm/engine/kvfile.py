@@ -4,9 +4,11 @@ stamped with what the state is valid for and signed by the user whose ggufllm wr
 Layout (little-endian)::
 
     b"GGUFLLM-KVCACHE\\n"                 16 bytes
-    u32 format version (2), u64 header length
-    header: JSON {"identity": {...}, "entries": [[n_tokens, n_state_bytes], ...]}
-    per entry: n_tokens int32 tokens, then n_state_bytes of llama_state_seq_get_data
+    u32 format version (3), u64 header length
+    header: JSON {"identity": {...},
+                  "entries": [[n_tokens, n_state_bytes, [[position, n_bytes], ...]], ...]}
+    per entry: n_tokens int32 tokens, n_state_bytes of llama_state_seq_get_data, then
+               each window checkpoint's bytes (see kvcache.CachedPrefix)
     sha256 of everything above           32 bytes
     HMAC-SHA256 of the same bytes        32 bytes, under this user's key (:mod:`.kvkey`)
 
@@ -53,7 +55,7 @@ __all__ = ["KVCacheIdentity", "KVFileContents", "model_fingerprint", "llama_buil
            "save_prefixes", "read_prefixes", "load_prefixes"]
 
 MAGIC = b"GGUFLLM-KVCACHE\n"
-VERSION = 2  # 1: no HMAC (ggufllm before issue 15)
+VERSION = 3  # 1: no HMAC (ggufllm before issue 15); 2: no window checkpoints
 _HEAD = struct.Struct("<IQ")
 _FIXED = len(MAGIC) + _HEAD.size
 _DIGEST = 32
@@ -108,6 +110,8 @@ class KVCacheIdentity:
         kv_type: type of K and V (``KV_CACHE_TYPE``).
         swa_full: full-size sliding-window cache.
         flash_attn: the flash-attention setting (it decides the V layout; None: auto).
+        kv_reuse: ``KV_REUSE`` (a ``fast`` file holds prefixes an ``exact`` engine must
+            not restore: generated tokens, cuts at any token).
     """
 
     model_size: int
@@ -119,6 +123,7 @@ class KVCacheIdentity:
     kv_type: str
     swa_full: bool
     flash_attn: bool | None
+    kv_reuse: str = "fast"
 
     @classmethod
     def of(cls, summary: GGUFSummary, **context: Any) -> KVCacheIdentity:
@@ -153,8 +158,9 @@ def save_prefixes(path: str | os.PathLike[str], entries: Iterable[CachedPrefix],
     """
     entries = list(entries)
     key = user_key()
-    header = json.dumps({"identity": dataclasses.asdict(identity),
-                         "entries": [[len(e.tokens), len(e.state)] for e in entries]}).encode()
+    header = json.dumps({"identity": dataclasses.asdict(identity), "entries": [
+        [len(e.tokens), len(e.state), [[p, len(c)] for p, c in e.checkpoints]]
+        for e in entries]}).encode()
     target = Path(path)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(name)
@@ -172,6 +178,8 @@ def save_prefixes(path: str | os.PathLike[str], entries: Iterable[CachedPrefix],
             for e in entries:
                 put(e.tokens.astype("<i4", copy=False).tobytes())
                 put(e.state)
+                for _, window in e.checkpoints:
+                    put(window)
             f.write(digest.digest())
             f.write(mac.digest())
             f.flush()
@@ -200,8 +208,11 @@ def _fsync_dir(folder: Path) -> None:
 
 # -- reading -------------------------------------------------------------------------
 
-# given every entry's (n_tokens, n_state_bytes), oldest first: the indexes to keep
+# given every entry's (n_tokens, n_state_bytes including its checkpoints), oldest first:
+# the indexes to keep
 Chooser = Callable[[Sequence[tuple[int, int]]], Collection[int]]
+# an entry's layout in a file: n_tokens, n_state_bytes, [(checkpoint position, n_bytes)]
+_Layout = tuple[int, int, list[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
@@ -304,7 +315,8 @@ def _read(p: str, f: IO[bytes], identity: KVCacheIdentity, trusted: bool,
         raise KVCacheError(p, f"its header is not valid ({n_header} bytes, more than "
                               f"ggufllm writes)")
     raw = f.read(n_header)
-    theirs, sizes = _parse_header(p, raw)
+    theirs, layouts = _parse_header(p, raw)
+    sizes = [(n, s + sum(c for _, c in cps)) for n, s, cps in layouts]
     expected = _FIXED + n_header + sum(4 * n + s for n, s in sizes) + _TRAILER
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
@@ -317,11 +329,12 @@ def _read(p: str, f: IO[bytes], identity: KVCacheIdentity, trusted: bool,
     stream.feed(raw)
     chosen = set(range(len(sizes)) if choose is None else choose(sizes))
     kept = []
-    for i, (n_tokens, n_state) in enumerate(sizes):
+    for i, (n_tokens, n_state, cps) in enumerate(layouts):
         if i in chosen:
-            kept.append((stream.take(4 * n_tokens), stream.take(n_state)))
+            kept.append((stream.take(4 * n_tokens), stream.take(n_state),
+                         tuple((pos, stream.take(n)) for pos, n in cps)))
         else:
-            stream.skip(4 * n_tokens + n_state)
+            stream.skip(sizes[i][1] + 4 * n_tokens)
     trailer = f.read(_TRAILER + 1)
     if len(trailer) != _TRAILER:
         raise KVCacheError(p, "its length changed while it was read")
@@ -329,7 +342,7 @@ def _read(p: str, f: IO[bytes], identity: KVCacheIdentity, trusted: bool,
         raise KVCacheError(p, "checksum mismatch (the file is corrupt)")
     if stream.mac is not None and not hmac.compare_digest(stream.mac.digest(), trailer[_DIGEST:]):
         raise KVCacheUntrustedError(p, str(key_path()))
-    return KVFileContents([_entry(p, t, s) for t, s in kept], len(sizes))
+    return KVFileContents([_entry(p, t, s, c) for t, s, c in kept], len(sizes))
 
 
 def _key(path: str) -> bytes:
@@ -349,7 +362,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _parse_header(path: str, raw: bytes) -> tuple[KVCacheIdentity, list[tuple[int, int]]]:
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _parse_header(path: str, raw: bytes) -> tuple[KVCacheIdentity, list[_Layout]]:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
                             object_pairs_hook=_unique_keys)
@@ -357,22 +374,31 @@ def _parse_header(path: str, raw: bytes) -> tuple[KVCacheIdentity, list[tuple[in
             raise ValueError("not an object of identity and entries")
         entries, ident = header["entries"], header["identity"]
         if not isinstance(entries, list) or not all(
-                isinstance(e, list) and len(e) == 2 and all(type(v) is int for v in e)
+                isinstance(e, list) and len(e) == 3 and _is_int(e[0]) and _is_int(e[1])
+                and isinstance(e[2], list) and all(
+                    isinstance(c, list) and len(c) == 2 and all(map(_is_int, c)) for c in e[2])
                 for e in entries):
-            raise ValueError("entries are not pairs of integers")
+            raise ValueError("entries are not [n_tokens, n_state, checkpoints]")
         if not isinstance(ident, dict):
             raise ValueError("the identity is not an object")
         identity = KVCacheIdentity(**ident)
     except (ValueError, TypeError, RecursionError) as exc:
         raise KVCacheError(path, f"its header is not valid ({_short(str(exc))})") from None
-    sizes = [(n, s) for n, s in entries]
-    if any(n <= 0 or s <= len(_STATE_MAGIC) for n, s in sizes):
-        raise KVCacheError(path, "its header lists an empty entry")
-    return identity, sizes
+    layouts = [(n, s, [(pos, c) for pos, c in cps]) for n, s, cps in entries]
+    for n, s, cps in layouts:
+        if n <= 0 or s <= len(_STATE_MAGIC):
+            raise KVCacheError(path, "its header lists an empty entry")
+        positions = [pos for pos, _ in cps]
+        if (any(not 0 < pos < n or c <= len(_STATE_MAGIC) for pos, c in cps)
+                or positions != sorted(set(positions))):
+            raise KVCacheError(path, "its header lists a checkpoint outside its entry")
+    return identity, layouts
 
 
-def _entry(path: str, tokens: bytes, state: bytes) -> CachedPrefix:
+def _entry(path: str, tokens: bytes, state: bytes,
+           checkpoints: tuple[tuple[int, bytes], ...]) -> CachedPrefix:
     ids = np.frombuffer(tokens, dtype="<i4").astype(np.int32)
-    if not state.startswith(_STATE_MAGIC) or ids.min() < 0:
+    if (not state.startswith(_STATE_MAGIC) or ids.min() < 0
+            or not all(c.startswith(_STATE_MAGIC) for _, c in checkpoints)):
         raise KVCacheError(path, "an entry is not llama.cpp sequence state")
-    return CachedPrefix(ids, state)
+    return CachedPrefix(ids, state, checkpoints)

@@ -3,10 +3,18 @@
 :class:`KVStore` plugs into the slot table (``on_evict`` / ``on_place``):
 
 - a slot about to be cut back or reused saves its sequence state to the RAM cache
-  (when restoring it later would be exact for this model, see
-  :func:`~ggufllm.engine.kvcache.restore_is_exact`);
+  (with ``KV_REUSE=exact``, only when restoring it later would be exact for this
+  model, see :func:`~ggufllm.engine.kvcache.restore_is_exact`);
 - a slot chosen for a prompt gets a RAM entry restored when that entry shares a longer
   prefix with the prompt than the slot holds.
+
+With ``KV_REUSE=fast`` a saved sequence of a sliding-window model also carries window
+checkpoints (:class:`~ggufllm.engine.kvcache.CachedPrefix`) at the page boundaries of
+its prompt's last :data:`CHECKPOINT_TAIL` tokens: a restored sequence holds only its last
+window of cells, so without them it could only be reused whole, while a follow-up
+question over the same document shares the prompt only up to where its question
+begins. They are taken when the state is saved, by cutting the sequence back one
+checkpoint at a time (the cells past it are being dropped anyway).
 
 Every method that touches the context runs on the thread that owns it (the scheduler);
 there a slot's state is measured before it is copied, and copied once. Loading a file
@@ -27,10 +35,32 @@ import llama_cpp.llama_cpp as lib
 
 from .kvcache import CachedPrefix, PrefixCache, as_tokens, seq_state_get, seq_state_set, seq_state_size
 from .kvfile import KVCacheIdentity, read_prefixes, save_prefixes
+from .slots import PAGE
 
-__all__ = ["KVStore", "SlotLike"]
+__all__ = ["KVStore", "SlotLike", "CHECKPOINT_TAIL", "checkpoint_positions"]
 
 logger = logging.getLogger(__name__)
+
+# window checkpoints cover a prompt's last this many tokens (a question and its template)
+CHECKPOINT_TAIL = 4 * PAGE
+
+
+def _kept_for_follow_ups(n_prompt: int) -> int:
+    """A cut that keeps at least this much of a prompt of ``n_prompt`` tokens is taken for
+    another question over the same document: the prompt's first half and all of it but
+    its last :data:`CHECKPOINT_TAIL` tokens."""
+    return max(n_prompt // 2, n_prompt - CHECKPOINT_TAIL)
+
+
+def checkpoint_positions(n_prompt: int, n_tokens: int) -> list[int]:
+    """Where a saved sequence of ``n_tokens`` whose prompt ended at ``n_prompt`` gets
+    window checkpoints: the page boundaries of the prompt's last :data:`CHECKPOINT_TAIL`
+    tokens, and the prompt's end (descending, all below ``n_tokens``)."""
+    end = min(n_prompt or n_tokens, n_tokens)
+    first = max(PAGE, end - CHECKPOINT_TAIL)
+    positions = set(range(first + (-first) % PAGE, end + 1, PAGE))
+    positions.add(end)
+    return sorted((p for p in positions if 0 < p < n_tokens), reverse=True)
 
 
 class SlotLike(Protocol):
@@ -40,6 +70,7 @@ class SlotLike(Protocol):
     seq: int
     tokens: list[int]
     n_exact: int
+    n_prompt: int
 
     def cut(self, keep: int) -> None: ...
 
@@ -74,15 +105,21 @@ class KVStore:
     # -- the two hooks ---------------------------------------------------------
 
     def on_evict(self, slot: SlotLike, keep: int) -> None:
-        """Saves the exact prefix of ``slot`` before the scheduler cuts it back to ``keep``.
+        """Saves what ``slot`` holds before the scheduler cuts it back to ``keep``.
 
-        Nothing is saved when the cut keeps the whole exact prefix. The scheduler cuts a
-        slot back to at most its exact prefix (``n_exact``), so the tokens past it (a
-        last partial page, generated tokens) are dropped here first: only what a cold
-        evaluation would compute goes to the RAM cache.
+        Exact: nothing is saved when the cut keeps the whole exact prefix; the tokens past
+        it (a last partial page, generated tokens) are dropped here first, so only what a
+        cold evaluation would compute goes to the RAM cache. Fast: the whole sequence is
+        saved, unless the cut keeps most of its prompt (another question over the same
+        document: the slot itself still holds what a later prompt could reuse).
         """
-        if keep < slot.n_exact and self.cache.budget and self.cache.accepts(slot.n_exact):
-            self.keep(slot)
+        if not self.cache.budget:
+            return
+        if self.cache.exact:
+            if keep < slot.n_exact and self.cache.accepts(slot.n_exact):
+                self.keep(slot)
+        elif keep < _kept_for_follow_ups(slot.n_prompt or len(slot.tokens)):
+            self.keep(slot, floor=keep)
 
     def on_place(self, slot: SlotLike, prompt: Sequence[int], n_reuse: int) -> int:
         """Restores a RAM entry into ``slot`` when it shares more of ``prompt``.
@@ -94,73 +131,131 @@ class KVStore:
         if hit is None:
             return n_reuse
         entry, n_keep = hit
-        if not seq_state_set(self._ctx, slot.seq, entry.state, len(entry.tokens)):
+        if not self.restore(slot, entry, n_keep):
             self.restore_failures += 1
             logger.warning("could not restore a cached prefix of %d tokens into slot %d; "
                            "evaluating the prompt", len(entry.tokens), slot.seq)
-            slot.replace([], 0)
             return 0
-        if n_keep < len(entry.tokens):
-            lib.llama_memory_seq_rm(self._mem, slot.seq, n_keep, -1)
-        slot.replace(entry.tokens[:n_keep].tolist(), n_keep)
         self.tokens_restored += n_keep
         return n_keep
 
-    def keep(self, slot: SlotLike) -> bool:
-        """Cuts ``slot`` back to its exact prefix and copies that into the RAM cache.
+    def restore(self, slot: SlotLike, entry: CachedPrefix, n_keep: int) -> bool:
+        """Puts ``entry`` into ``slot`` cut back to ``n_keep`` tokens (its whole length, or
+        what :func:`~.kvcache.usable_prefix` allows: past the window, a checkpoint's
+        position, whose window cells replace the restored ones). False (the slot left
+        empty) when llama.cpp refused the state."""
+        n_entry = len(entry.tokens)
+        ok = seq_state_set(self._ctx, slot.seq, entry.state, n_entry)
+        if ok and n_keep < n_entry:
+            lib.llama_memory_seq_rm(self._mem, slot.seq, n_keep, -1)
+            if self._n_swa and n_entry > self._n_swa:
+                window = dict(entry.checkpoints).get(n_keep)
+                ok = window is not None and seq_state_set(self._ctx, slot.seq, window, n_keep,
+                                                          window=True)
+        if not ok:
+            lib.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+            slot.replace([], 0)
+            return False
+        slot.replace(entry.tokens[:n_keep].tolist(), n_keep)
+        return True
+
+    def keep(self, slot: SlotLike, floor: int = 0) -> bool:
+        """Copies what ``slot`` holds into the RAM cache (see :meth:`snapshot`).
 
         Returns:
             False if nothing was kept (nothing exact, a window that no longer holds
             what the prefix's next token reads, or more than the cache's budget: then
             nothing is copied).
         """
-        entry = self.snapshot(slot, max_bytes=self.cache.budget)
-        return entry is not None and self.cache.put(entry.tokens, entry.state)
+        entry = self.snapshot(slot, max_bytes=self.cache.budget, floor=floor)
+        return entry is not None and self.cache.put(entry.tokens, entry.state,
+                                                     entry.checkpoints)
 
-    def snapshot(self, slot: SlotLike, max_bytes: int | None = None) -> CachedPrefix | None:
-        """Cuts ``slot`` back to its exact prefix and copies that out of the context.
+    def snapshot(self, slot: SlotLike, max_bytes: int | None = None,
+                 floor: int = 0) -> CachedPrefix | None:
+        """Copies what ``slot`` holds out of the context: with ``KV_REUSE=exact`` its exact
+        prefix (the slot is cut back to it first), else all of it and its window
+        checkpoints above ``floor`` (taking them cuts the slot back to the lowest).
 
         Args:
             max_bytes: copy nothing when the prefix (state and tokens) would take more;
                 its size is asked of llama.cpp first, so a prefix too big costs no copy.
+            floor: no checkpoints at or below this position (the caller keeps those
+                tokens in the slot).
 
         Returns:
             The prefix, or None: nothing exact, a restore that would not be exact, a
             window that no longer holds what the prefix's next token reads, or too big.
         """
-        n = slot.n_exact
+        n = slot.n_exact if self.cache.exact else len(slot.tokens)
         if not self.cache.accepts(n):
             return None
         if len(slot.tokens) > n:
             lib.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
             slot.cut(n)
-        pos_min = lib.llama_memory_seq_pos_min(self._mem, slot.seq)
-        pos_max = lib.llama_memory_seq_pos_max(self._mem, slot.seq)
-        # the window check the scheduler makes before reusing a prefix (llama-server's)
-        needed_from = max(0, n - self._n_swa) if self._n_swa else 0
-        if pos_max != n - 1 or not 0 <= pos_min <= needed_from:
+        if not self._holds(slot.seq, n):
             return None  # a sliding window already dropped cells this prefix needs
         size = seq_state_size(self._ctx, slot.seq)
         if max_bytes is not None and 4 * n + size > max_bytes:
             return None
+        tokens = as_tokens(slot.tokens)  # a copy: taking checkpoints cuts the slot
         try:
             state = seq_state_get(self._ctx, slot.seq, size)
+            checkpoints = () if self.cache.exact else self._checkpoints(slot, floor)
         except RuntimeError:
             logger.warning("could not save the state of slot %d", slot.seq, exc_info=True)
             return None
-        return CachedPrefix(as_tokens(slot.tokens), state)
+        return CachedPrefix(tokens, state, checkpoints)
+
+    def _holds(self, seq: int, n: int) -> bool:
+        """Whether sequence ``seq`` holds positions ``0..n-1`` as far as its next token
+        reads them (the window check the scheduler makes before reuse, llama-server's)."""
+        pos_min = lib.llama_memory_seq_pos_min(self._mem, seq)
+        pos_max = lib.llama_memory_seq_pos_max(self._mem, seq)
+        needed_from = max(0, n - self._n_swa) if self._n_swa else 0
+        return pos_max == n - 1 and 0 <= pos_min <= needed_from
+
+    def _checkpoints(self, slot: SlotLike, floor: int) -> tuple[tuple[int, bytearray], ...]:
+        """The window cells of ``slot`` cut back to each of :func:`checkpoint_positions`
+        above ``floor``, lowest first (the slot ends cut back to the lowest taken)."""
+        n = len(slot.tokens)
+        if not self._n_swa or n <= self._n_swa:
+            return ()
+        taken = []
+        for p in checkpoint_positions(slot.n_prompt, n):
+            if p <= floor:
+                break
+            lib.llama_memory_seq_rm(self._mem, slot.seq, p, -1)
+            slot.cut(p)
+            if not self._holds(slot.seq, p):
+                break
+            taken.append((p, seq_state_get(self._ctx, slot.seq, window=True)))
+        return tuple(reversed(taken))
 
     # -- files -------------------------------------------------------------------
 
     def keep_slots(self, slots: Iterable[SlotLike]) -> int:
-        """Copies the exact prefix of each of ``slots`` (idle ones: each is cut back to
-        it) into the RAM cache; on the context's thread. Returns how many were kept."""
-        return sum(self.keep(slot) for slot in slots if self.cache.accepts(slot.n_exact))
+        """Copies what each of ``slots`` (idle ones) holds into the RAM cache (see
+        :meth:`keep`); on the context's thread. Returns how many were kept."""
+        return sum(self.keep(slot) for slot in slots)
 
     def snapshot_slots(self, slots: Iterable[SlotLike]) -> list[CachedPrefix]:
-        """The exact prefix of each of ``slots`` (idle ones: each is cut back to it), for
-        :meth:`save`, whatever the RAM budget; on the context's thread."""
-        return [e for e in map(self.snapshot, slots) if e is not None]
+        """What each of ``slots`` holds (idle ones), for :meth:`save`, whatever the RAM
+        budget; on the context's thread. Exact: each is cut back to its exact prefix. Fast:
+        each is put back whole after its checkpoints were taken, as if restored, and the
+        entry goes to the RAM cache too (a restored sequence cut back needs them)."""
+        entries = []
+        for slot in slots:
+            entry = self.snapshot(slot)
+            if entry is None:
+                continue
+            entries.append(entry)
+            if len(slot.tokens) < len(entry.tokens):
+                # whole again; cut back later, it needs its checkpoints: the RAM cache has them
+                self.restore(slot, entry, len(entry.tokens))
+                if self.cache.budget and entry.n_bytes <= self.cache.budget:
+                    self.cache.put(entry.tokens, entry.state, entry.checkpoints)
+        return entries
 
     def save(self, path: str | os.PathLike[str], slots: Sequence[CachedPrefix] = ()) -> int:
         """Writes the RAM cache and ``slots`` (from :meth:`snapshot_slots`) to ``path``
@@ -199,7 +294,7 @@ class KVStore:
         """
         contents = read_prefixes(path, self.identity, trusted=trusted, choose=self._fitting)
         for e in contents.entries:
-            self.cache.put(e.tokens, e.state)
+            self.cache.put(e.tokens, e.state, e.checkpoints)
         kept = len({e.tokens.tobytes() for e in contents.entries if self.cache.holds(e.tokens)})
         skipped = contents.n_entries - kept
         if skipped:

@@ -9,64 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp.llama_cpp as lib
 
-from ..config import ExtraBuffersMode, GenerationConfig
+from ..config import ExtraBuffersMode
 from ..errors import ConfigError, LoadCancelledError, ModelLoadError
-from ..native.backends import load_backends
 from ..native.kernels import KernelVerdict, decide_extra_buffers
+from ..kvlayout import KV_TYPES
+from ..native.runtime import default_threads, ensure_backend
 
-__all__ = ["NativeModel", "NativeContext", "Batch", "Sampler", "ensure_backend", "KV_TYPES"]
+__all__ = ["NativeModel", "NativeContext", "Batch", "Sampler"]
 
 logger = logging.getLogger(__name__)
-_native_logger = logging.getLogger("ggufllm.llama_cpp")
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
-_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_last_level = [logging.DEBUG]
-
-
 # llama_vocab_type: SPM (SentencePiece) and BPE spell their input back byte for byte
 _SPELLING_VOCABS = (1, 2)
 
 
-@lib.llama_log_callback
-def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    # llama.cpp logs a lot at load time; its info lines go to debug so that
-    # they never spray over the user's stderr.
-    lvl = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
-    _last_level[0] = lvl
-    if _native_logger.isEnabledFor(lvl):
-        _native_logger.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
-
-
-def ensure_backend() -> None:
-    """Initializes llama.cpp once per process and routes its log to ``logging``."""
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            load_backends()  # a cpu-portable build's CPU modules (a no-op otherwise)
-            lib.llama_backend_init()
-            _backend_ready = True
-
-
 ProgressFn = Callable[[float], bool]
-
-
-def default_threads() -> int:
-    """The cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class NativeModel:
@@ -242,7 +203,6 @@ def _kernel_verdict(path: str, vocab_only: bool, mode: ExtraBuffersMode, summary
 
 
 # KV cache element types (ggml_type) by the names KV_CACHE_TYPE accepts
-KV_TYPES = {"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0, "q4_0": lib.GGML_TYPE_Q4_0}
 
 
 class NativeContext:
@@ -277,7 +237,7 @@ class NativeContext:
         params.n_seq_max = n_seq_max
         params.kv_unified = True
         params.swa_full = swa_full
-        params.type_k = params.type_v = KV_TYPES[kv_type]
+        params.type_k = params.type_v = int(KV_TYPES[kv_type])  # ggml type ids
         # llama.cpp's default is 4 threads whatever the machine; more threads than
         # cores makes decoding several times slower.
         threads = n_threads or default_threads()
@@ -383,44 +343,5 @@ class Batch:
             self._live = False
 
 
-# tokens of history the repetition penalty looks at (llama.cpp's default)
-_PENALTY_LAST_N = 64
-
-
-class Sampler:
-    """Owns a llama.cpp sampler chain built from a :class:`GenerationConfig`."""
-
-    def __init__(self, cfg: GenerationConfig, n_vocab: int) -> None:
-        self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lambda s: lib.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
-        self._penalized = cfg.repeat_penalty != 1.0
-        if self._penalized:
-            add(lib.llama_sampler_init_penalties(n_vocab, _PENALTY_LAST_N, cfg.repeat_penalty,
-                                                 0.0, 0.0))
-        if cfg.temperature == 0:
-            add(lib.llama_sampler_init_greedy())
-            return
-        if cfg.top_k > 0:
-            add(lib.llama_sampler_init_top_k(cfg.top_k))
-        if cfg.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(cfg.top_p, 1))
-        if cfg.min_p > 0:
-            add(lib.llama_sampler_init_min_p(cfg.min_p, 1))
-        add(lib.llama_sampler_init_temp(cfg.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if cfg.seed is None else cfg.seed
-        add(lib.llama_sampler_init_dist(seed))
-
-    def accept(self, tokens: Sequence[int]) -> None:
-        """Feeds tokens to the chain's history (the repetition penalty sees the prompt)."""
-        if self._penalized:
-            for t in tokens[-_PENALTY_LAST_N:]:
-                lib.llama_sampler_accept(self._ptr, t)
-
-    def sample(self, ctx: NativeContext, index: int = -1) -> int:
-        """Samples from the logits of batch row ``index`` and accepts the token."""
-        return int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
-
-    def close(self) -> None:
-        if self._ptr:
-            lib.llama_sampler_free(self._ptr)
-            self._ptr = None
+# the sampler lives in .sampling; imported here for the modules that take it from here
+from .sampling import Sampler  # noqa: E402

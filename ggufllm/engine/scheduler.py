@@ -37,8 +37,9 @@ from typing import Any
 
 from ..chunks import Chunk, FinishReason, Timings
 from ..errors import DecodeFailedError, EngineFailedError, ServerBusyError, ServiceClosedError
-from .native import Batch, NativeContext, Sampler
+from .native import Batch, NativeContext
 from .request import ProgressCallback, Request, Sink
+from .sampling import build_sampler
 from .slots import PAGE, Slot, SlotTable
 
 __all__ = ["Request", "Scheduler", "Sink", "ProgressCallback"]
@@ -260,7 +261,7 @@ class Scheduler:
         r.slot = slot
         r.n_done = r.n_cached = n_reuse
         r.t_start = time.perf_counter()
-        r.sampler = Sampler(r.cfg, self._n_vocab)
+        r.sampler = build_sampler(r.cfg, self._ctx, self._n_vocab)  # with r's grammar, if any
         r.sampler.accept(r.prompt)
         self._active.append(r)
 
@@ -305,6 +306,7 @@ class Scheduler:
         r.n_done = end
         self._report_progress(r)
         if end == len(r.prompt):
+            slot.n_prompt = end  # its answer follows (the KV store checkpoints before it)
             r.t_first = time.perf_counter()
             self._sample(r, row)
 

@@ -8,8 +8,9 @@ Placing a prompt follows llama-server: the free slot whose cached tokens share
 the longest prefix with the prompt (when that prefix is at least a tenth of the
 prompt), else the least recently used free slot. A longer prefix held by a busy
 slot is shared with ``llama_memory_seq_cp`` (metadata only in a unified cache).
-Only whole prompt pages evaluated on an exact prefix are reused
-(``Slot.n_exact``). On this CPU build a token's K/V and logits depend on the
+With ``KV_REUSE=exact``, only whole prompt pages evaluated on an exact prefix are
+reused (``Slot.n_exact``); with ``fast`` (the default) any prefix whose tokens
+match is, generated tokens included, as llama-server reuses them. On this CPU build a token's K/V and logits depend on the
 shape of the batch it was evaluated in (the matmul kernels round differently for
 different row counts; measured in ``benchmarks/batch_invariance.py``; the same
 batches give the same logits: ``tests/test_engine_invariance.py``), so prompts
@@ -32,9 +33,10 @@ Two hooks let a host-memory cache of prefixes plug in:
 - ``on_evict(slot, keep)`` runs just before a slot's cached tokens are cut back to
   ``keep`` (at most ``slot.n_exact``) or dropped (its state can be saved with ``llama_state_seq_get_data``);
 - ``on_place(slot, prompt, n_reuse) -> n_reuse`` runs once a free slot was chosen
-  for ``prompt`` with ``n_reuse`` tokens already in it; it may restore a longer
-  prefix into ``slot.seq`` (``llama_state_seq_set_data``), set ``slot.tokens`` to
-  what it restored and return the new count. The window check runs after it.
+  for ``prompt`` with ``n_reuse`` tokens already in it (that passed the window
+  check); it may restore a longer prefix into ``slot.seq``
+  (``llama_state_seq_set_data``), set ``slot.tokens`` to what it restored and return
+  the new count, which is checked again.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Slot:
     n_exact: int = 0
     busy: bool = False
     last_used: int = 0
+    n_prompt: int = 0  # where the last prompt evaluated in it ended (its answer follows)
     # leading cells this slot shares with others (llama_memory_seq_cp): slot -> how many
     shares: dict[Slot, int] = field(default_factory=dict, repr=False)
 
@@ -83,6 +86,7 @@ class Slot:
         """Forgets the tokens past ``keep`` (the caller removed their cells)."""
         del self.tokens[keep:]
         self.n_exact = min(self.n_exact, keep)
+        self.n_prompt = min(self.n_prompt, keep)
         for other, n in list(self.shares.items()):
             if n > keep:
                 self.share(other, keep)
@@ -93,6 +97,7 @@ class Slot:
             self.share(other, 0)
         self.tokens = tokens
         self.n_exact = n_exact
+        self.n_prompt = len(tokens)
 
     def share(self, other: Slot, n: int) -> None:
         """Records that this slot and ``other`` hold the same first ``n`` cells."""
@@ -116,8 +121,11 @@ EvictHook = Callable[[Slot, int], None]
 PlaceHook = Callable[[Slot, Sequence[int], int], int]
 
 
-def reusable(slot: Slot, prompt: Sequence[int], limit: int) -> int:
-    """How many leading tokens of ``prompt`` ``slot`` holds exactly (a multiple of ``PAGE``)."""
+def reusable(slot: Slot, prompt: Sequence[int], limit: int, exact: bool = True) -> int:
+    """How many leading tokens of ``prompt`` ``slot`` holds: with ``exact``, exactly (a
+    multiple of ``PAGE``, within ``slot.n_exact``), else any matching prefix."""
+    if not exact:
+        return common_prefix(slot.tokens, prompt, limit)
     n = common_prefix(slot.tokens, prompt, min(limit, slot.n_exact))
     return n - n % PAGE
 
@@ -140,12 +148,14 @@ class SlotTable:
         ctx: the context whose KV cache the slots index.
         n_slots: number of slots (the context's ``n_seq_max``).
         n_swa: the model's sliding-window size (0: no windowed layers).
+        exact: reuse only exact prefixes (``KV_REUSE=exact``).
     """
 
-    def __init__(self, ctx: NativeContext, n_slots: int, n_swa: int) -> None:
+    def __init__(self, ctx: NativeContext, n_slots: int, n_swa: int, exact: bool = True) -> None:
         self._ctx = ctx
         self.slots = [Slot(seq) for seq in range(n_slots)]
         self._n_swa = n_swa
+        self.exact = exact
         self._clock = 0
         self.on_evict: EvictHook | None = None
         self.on_place: PlaceHook | None = None
@@ -166,9 +176,9 @@ class SlotTable:
         slot, n = self._choose(free, prompt, limit)
         shared_from = None
         donor = max((s for s in self.slots if s.busy), default=None,
-                    key=lambda s: reusable(s, prompt, limit))
+                    key=lambda s: reusable(s, prompt, limit, self.exact))
         if donor is not None:
-            n_donor = reusable(donor, prompt, limit)
+            n_donor = reusable(donor, prompt, limit, self.exact)
             if n_donor > n:  # a running request holds a longer prefix: share its cells
                 self._drop(slot, 0)
                 self._ctx.seq_cp(donor.seq, slot.seq, 0, n_donor)
@@ -180,9 +190,14 @@ class SlotTable:
                 n, shared_from = n_donor, donor.seq
         if n < len(slot.tokens):
             self._drop(slot, n)
-        if self.on_place is not None:
-            n = self.on_place(slot, prompt, n)
+        # the cells in the slot first (a restored sequence holds only its last window of
+        # cells: cut back, it may not hold what the next token reads), then the RAM cache
         n = self._check_window(slot, n)
+        if self.on_place is not None:
+            held = n
+            n = self.on_place(slot, prompt, n)
+            if n != held:
+                n = self._check_window(slot, n)
         slot.busy = True
         self._touch(slot)
         if n > 0:
@@ -193,12 +208,12 @@ class SlotTable:
         return Placement(slot, n, shared_from)
 
     def _choose(self, free: list[Slot], prompt: Sequence[int], limit: int) -> tuple[Slot, int]:
-        best = max(free, key=lambda s: (reusable(s, prompt, limit), s.last_used))
-        n = reusable(best, prompt, limit)
+        best = max(free, key=lambda s: (reusable(s, prompt, limit, self.exact), s.last_used))
+        n = reusable(best, prompt, limit, self.exact)
         if n > 0 and n >= _MIN_SIMILARITY * len(prompt):
             return best, n
         lru = min(free, key=lambda s: (bool(s.tokens), s.last_used))  # empty slots first
-        return lru, reusable(lru, prompt, limit)
+        return lru, reusable(lru, prompt, limit, self.exact)
 
     def _check_window(self, slot: Slot, n: int) -> int:
         """Keeps ``n`` cached tokens only if the cache still holds what the next token reads."""

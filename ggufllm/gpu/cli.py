@@ -25,7 +25,7 @@ def doctor_report(model: str | None = None, max_length: int | None = None) -> di
     import llama_cpp.llama_cpp as lib
 
     from ..config import load_settings
-    from ..engine.native import default_threads
+    from ..native.runtime import default_threads
     from ..errors import GgufllmError, KernelSelfTestError
     from ..gguf_file import read_gguf_header
     from ..native.kernels import decide_extra_buffers

@@ -16,7 +16,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as lib
 
-from ..engine.native import ensure_backend
+from ..native.runtime import ensure_backend
 
 __all__ = ["Device", "GpuInfo", "backends", "cpu_buffer_type", "cpu_features", "devices",
            "extra_buffer_types", "gpu_info", "versions"]

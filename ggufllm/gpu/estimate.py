@@ -36,8 +36,9 @@ from typing import Any
 from gguf import GGMLQuantizationType as Q
 
 from ..gguf_file import GGUFSummary, TensorInfo, read_gguf_header
+from ..kvlayout import KV_TYPES, KVLayout, kv_cells
 
-__all__ = ["COMPUTE_PER_TOKEN_EMBD", "EXPERT_PATTERN", "KV_TYPE_SIZES", "LayerMemory",
+__all__ = ["COMPUTE_PER_TOKEN_EMBD", "EXPERT_PATTERN", "LayerMemory",
            "MemoryEstimate", "estimate_memory", "is_expert"]
 
 MiB = 1024 * 1024
@@ -45,12 +46,6 @@ MiB = 1024 * 1024
 EXPERT_PATTERN = r"ffn_(up|down|gate|gate_up)_(ch|)exps"
 _EXPERT_RE = re.compile(EXPERT_PATTERN)
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
-# (block size, bytes per block) of the KV cache types
-KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34),
-                 "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24)}
-# Sliding-window layout: layer il uses the window when il % n < n - 1 (llama.cpp's
-# set_swa_pattern per architecture). Others with a window: every layer (conservative: none).
-_SWA_PATTERN = {"gpt-oss": 2, "gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4}
 # Compute-buffer bytes per token of the micro-batch beyond the logits, as a multiple of
 # n_embd. Measured on the CPU backend (llama.cpp's "compute buffer size" log line):
 # gemma3 270M: 514.50 MiB at n_ubatch 512 = 512 MiB of logits + 8.0 x 640 x 512;
@@ -59,10 +54,6 @@ COMPUTE_PER_TOKEN_EMBD = {"gemma3": 8, "gpt-oss": 12}
 _DEFAULT_PER_TOKEN_EMBD = 16
 # CPU repacking (ggml-cpu/repack.cpp, x86): type -> CPU feature it needs
 _REPACKED = {Q.Q4_0: "AVX2", Q.Q4_K: "AVX2", Q.IQ4_NL: "AVX2", Q.MXFP4: "AVX2", Q.Q2_K: "AVX512"}
-
-
-def _pad(n: int, to: int = 256) -> int:
-    return -(-n // to) * to
 
 
 def is_expert(name: str) -> bool:
@@ -161,15 +152,7 @@ class _Hparams:
     n_embd: int
     n_vocab: int
     n_head: int
-    kv_rows: tuple[tuple[int, int], ...]  # per layer (K, V) row widths
-    n_swa: int
-    swa_layers: frozenset[int]
-
-
-def _per_layer(value: Any, n_layer: int) -> list[int]:
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value or 0)] * n_layer
+    kv: KVLayout  # the KV cache's per-layer widths and window layers
 
 
 def _hparams(summary: GGUFSummary) -> _Hparams:
@@ -178,15 +161,8 @@ def _hparams(summary: GGUFSummary) -> _Hparams:
     n_layer = int(key("block_count", 0))
     n_embd = int(key("embedding_length", 0))
     n_head = int(key("attention.head_count", 1) or 1)
-    head_kv = _per_layer(key("attention.head_count_kv", n_head), n_layer)
-    k_len = int(key("attention.key_length", n_embd // max(n_head, 1)))
-    v_len = int(key("attention.value_length", k_len))
     n_vocab = summary.array_lengths.get("tokenizer.ggml.tokens") or int(key("vocab_size", 0))
-    n_swa = int(key("attention.sliding_window", 0) or 0)
-    pattern = _SWA_PATTERN.get(arch)
-    swa = frozenset(i for i in range(n_layer) if n_swa and pattern and i % pattern < pattern - 1)
-    return _Hparams(arch, n_layer, n_embd, int(n_vocab), n_head,
-                    tuple((h * k_len, h * v_len) for h in head_kv), n_swa, swa)
+    return _Hparams(arch, n_layer, n_embd, int(n_vocab), n_head, KVLayout.from_gguf(summary))
 
 
 def _tensor_layer(t: TensorInfo, n_layer: int) -> int | None:
@@ -209,27 +185,10 @@ def _repack_extra(t: TensorInfo, features: frozenset[str]) -> int:
     return t.n_bytes
 
 
-def _kv_bytes(rows: tuple[int, int], cells: int, kv_type: str) -> int:
-    block, size = KV_TYPE_SIZES[kv_type]
-    return sum(r * cells // block * size for r in rows)
-
-
 def _cpu_features() -> frozenset[str]:
     from .devices import cpu_features
 
     return cpu_features()
-
-
-def _kv_cells(pool: int, n_seq: int, n_swa: int, n_ubatch: int, swa_full: bool,
-              unified: bool) -> tuple[int, int]:
-    """Cells of the full-attention and sliding-window caches (llama-context.cpp,
-    llama-kv-cache-iswa.cpp): padded to 256, per stream when not unified."""
-    if unified:
-        cells = _pad(pool)
-        return cells, cells if swa_full else _pad(min(cells, n_swa * n_seq + n_ubatch))
-    per_seq = _pad(_pad(pool) // n_seq)
-    swa = per_seq if swa_full else _pad(min(per_seq, n_swa + n_ubatch))
-    return per_seq * n_seq, swa * n_seq
 
 
 def _compute_bytes(hp: _Hparams, n_ubatch: int, cells: int, flash_attn: bool) -> int:
@@ -271,15 +230,16 @@ def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: 
         ValueError: an unknown ``kv_cache_type``.
     """
     summary = model_path if isinstance(model_path, GGUFSummary) else read_gguf_header(model_path, probe=False)
-    if kv_cache_type not in KV_TYPE_SIZES:
-        raise ValueError(f"unknown KV cache type {kv_cache_type!r}; known: {sorted(KV_TYPE_SIZES)}")
+    if kv_cache_type not in KV_TYPES:
+        raise ValueError(f"unknown KV cache type {kv_cache_type!r}; known: {sorted(KV_TYPES)}")
     hp = _hparams(summary)
     features = _cpu_features() if cpu_features is None else cpu_features
     n_gpu = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
     gpu_start = hp.n_layer + 1 - n_gpu  # layers from here on (and the output) go to the GPU
     n_cpu_moe = hp.n_layer if cpu_moe else min(n_cpu_moe, hp.n_layer)
-    cells, cells_swa = _kv_cells(kv_tokens or n_ctx * n_parallel, max(1, n_parallel), hp.n_swa,
-                                 n_ubatch, swa_full, kv_unified)
+    cells, cells_swa = kv_cells(kv_tokens or n_ctx * n_parallel, n_seq=max(1, n_parallel),
+                                n_swa=hp.kv.n_swa, swa_full=swa_full, unified=kv_unified,
+                                n_ubatch=n_ubatch)
 
     dense = [0] * (hp.n_layer + 1)
     experts = [0] * (hp.n_layer + 1)
@@ -304,8 +264,8 @@ def estimate_memory(model_path: str | os.PathLike[str] | GGUFSummary, *, n_ctx: 
 
     layers, host_kv, device_kv = [], 0, 0
     for i in range(hp.n_layer):
-        swa = i in hp.swa_layers
-        kv = _kv_bytes(hp.kv_rows[i], cells_swa if swa else cells, kv_cache_type)
+        swa = hp.kv.swa[i]
+        kv = hp.kv.layer_bytes(i, cells_swa if swa else cells, kv_cache_type)
         on_gpu = i >= gpu_start
         host_kv, device_kv = host_kv + (0 if on_gpu else kv), device_kv + (kv if on_gpu else 0)
         layers.append(LayerMemory(i, dense[i], experts[i], kv, swa, on_gpu,

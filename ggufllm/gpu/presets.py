@@ -130,7 +130,14 @@ def build_command(preset: Preset, source: str | None = None,
         source: an sdist or source folder to build from (offline); None = the registry.
         build_isolation: False builds with this environment's scikit-build-core
             (needed offline).
+
+    Raises:
+        ConfigError: this is a PyInstaller bundle (no pip; its libraries are part of it).
     """
+    if getattr(sys, "frozen", False):  # sys.executable is the bundle, not a Python with pip
+        raise ConfigError("a bundled ggufllm cannot rebuild its llama.cpp: run `ggufllm backend "
+                          "install` in a pip install of ggufllm, then build the bundle again",
+                          "preset")
     cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-cache-dir", "--force-reinstall",
            "--no-deps"]
     if not build_isolation:

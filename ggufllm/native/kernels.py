@@ -160,7 +160,7 @@ def run_self_test(summary: GGUFSummary, n_threads: int) -> dict[str, object]:
         model = write_kernel_model(summary, Path(tmp) / "kernels.gguf", poison=fault == "nan")
         # GGML_NO_BACKTRACE: an abort would otherwise attach gdb for a backtrace (seconds)
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-        try:
+        try:  # a PyInstaller bundle is its own sys.executable and runs _CHILD (packaging/entry.py)
             done = subprocess.run([sys.executable, str(_CHILD), str(model), str(n_threads)],
                                   capture_output=True, text=True, errors="replace", env=env,
                                   timeout=_timeout(), stdin=subprocess.DEVNULL)
@@ -204,9 +204,6 @@ def decide_extra_buffers(mode: ExtraBuffersMode, summary: GGUFSummary,
     types = weight_types(summary)
     if not types:  # F32 weights only: no extra buffer type applies
         return KernelVerdict(mode, True, "not tested", "no quantized weights")
-    if getattr(sys, "frozen", False):  # sys.executable is the app itself, not Python
-        return KernelVerdict(mode, mode == "on", "not tested",
-                             "no Python to run the test in (frozen application)", types)
     fault = os.environ.get(FAULT_ENV, "")
     key = _key(types, is_moe(summary), fault)
     record, cached = _recall(key), True

@@ -13,10 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from ..chunks import Chunk
 from ..harmony import Turn
 from .errors import validate
-from .generate import Generation
+from .generate import start_generation
 from .schemas import ChatRequest, CompletionRequest
-from .state import ServerState
-from .streaming import Fold, PromptProgress, open_chat, open_completion, openai_finish
+from .state import state_of
+from .streaming import Fold, open_chat, open_completion, openai_finish
 
 __all__ = ["router"]
 
@@ -30,10 +30,6 @@ def _split(req: ChatRequest) -> tuple[list[Turn], str | None]:
     return turns, "\n\n".join(i for i in instructions if i) or None
 
 
-def _state(request: Request) -> ServerState:
-    return request.app.state.ggufllm  # type: ignore[no-any-return]
-
-
 class _Envelope:
     """The id, timestamp and model every payload of one response repeats."""
 
@@ -45,22 +41,13 @@ class _Envelope:
         return {**self.base, **fields}
 
 
-async def _start(request: Request, model: str | None, open_fn: Any) -> Generation:
-    state = _state(request)
-    state.require_ready()
-    state.check_model(model)
-    progress = PromptProgress()
-    gen = Generation(state, open_fn(progress), progress)
-    return gen
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions; gpt-oss reasoning goes to ``reasoning_content``."""
     req = validate(ChatRequest, await request.body())
     turns, instructions = _split(req)
-    state = _state(request)
-    gen = await _start(request, req.model, lambda p: open_chat(
+    state = state_of(request)
+    gen = await start_generation(request, req.model, lambda p: open_chat(
         state.service, turns, instructions, p, req.generation_params()))
     env = _Envelope("chatcmpl", "chat.completion.chunk", state.model_id)
     if req.stream:
@@ -99,8 +86,8 @@ async def completions(request: Request) -> Response:
     """OpenAI (legacy) completions: the prompt is continued as raw text (no prompt format,
     only the request's stop strings), as OpenAI and llama-server do."""
     req = validate(CompletionRequest, await request.body())
-    state = _state(request)
-    gen = await _start(request, req.model, lambda p: open_completion(
+    state = state_of(request)
+    gen = await start_generation(request, req.model, lambda p: open_completion(
         state.service, req.text(), p, req.generation_params()))
     env = _Envelope("cmpl", "text_completion", state.model_id)
     if req.stream:

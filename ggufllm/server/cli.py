@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -14,6 +15,16 @@ logger = logging.getLogger(__name__)
 
 def _overrides(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1): only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to anything
+        return False
 
 
 @click.command()
@@ -40,9 +51,24 @@ def _overrides(**values: Any) -> dict[str, Any]:
                    "loopback IPs, e.g. a reverse proxy's (repeatable; * = any; env "
                    "GGUFLLM_ALLOWED_HOSTS).")
 @click.option("--alias", default=None, help="The model id clients use (default: the file name).")
+@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=None,
+              help="On SIGTERM/Ctrl-C, seconds running requests may finish while new ones get "
+                   "503 (env GGUFLLM_DRAIN_TIMEOUT_S, default 30; a second signal stops now).")
+@click.option("--write-timeout", type=click.FloatRange(0.001, 3600), default=None,
+              help="Drop a streaming client that takes no data for this many seconds and "
+                   "cancel its generation (env GGUFLLM_WRITE_TIMEOUT_S, default 30).")
+@click.option("--hide-cached-tokens", is_flag=True, default=None,
+              help="Report usage.prompt_tokens_details.cached_tokens as 0, for a key shared by "
+                   "users who must not learn whether others sent the same document (env "
+                   "GGUFLLM_REPORT_CACHED_TOKENS=false).")
+@click.option("--insecure-no-key", is_flag=True, default=False,
+              help="Serve a non-loopback --host without an API key (anyone who can reach the "
+                   "port can use the model); without it, serve refuses to start.")
 def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int | None,
           max_queue: int | None, max_length: int | None, cors_origins: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], alias: str | None) -> None:
+          allowed_hosts: tuple[str, ...], alias: str | None, drain_timeout: float | None,
+          write_timeout: float | None, hide_cached_tokens: bool | None,
+          insecure_no_key: bool) -> None:
     """Serve the model over HTTP: OpenAI's API, /answer, /metrics and a page at /."""
     import uvicorn
 
@@ -51,12 +77,20 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     from .factory import create_app
 
     config = load_server_config(api_key=api_key, cors_origins=cors_origins or None,
-                                allowed_hosts=allowed_hosts or None, model_alias=alias)
-    service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
-                                             max_length=max_length))
-    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+                                allowed_hosts=allowed_hosts or None, model_alias=alias,
+                                drain_timeout_s=drain_timeout, write_timeout_s=write_timeout,
+                                report_cached_tokens=False if hide_cached_tokens else None)
+    if not config.api_key and not _is_loopback(host):
+        # checked before the model loads: a misconfigured container fails at once, not
+        # after minutes of loading, and never serves an open endpoint meanwhile
+        if not insecure_no_key:
+            raise click.UsageError(
+                f"--host {host} is reachable from the network and no API key is set: set "
+                "GGUFLLM_API_KEY (or --api-key), or pass --insecure-no-key to serve without one")
         logger.warning("listening on %s without an API key: anyone who can reach it can use it",
                        host)
+    service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
+                                             max_length=max_length))
     app = create_app(service, config)
     click.echo(f"ggufllm: serving on http://{host}:{port} (the model loads in the background; "
                "GET /health says when it is ready)", err=True)

@@ -37,6 +37,16 @@ class ServerConfig(BaseSettings):
                                description="SSE comment interval while nothing else is sent")
     model_alias: str | None = Field(None, min_length=1, max_length=256,
                                     description="the model id clients use (default: file stem)")
+    drain_timeout_s: float = Field(30.0, ge=0.0, le=3600.0, allow_inf_nan=False,
+                                   description="on SIGTERM, how long running requests may finish "
+                                   "before they end with a shutting_down error")
+    write_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, allow_inf_nan=False,
+                                   description="a streaming client that takes no data for this "
+                                   "long is dropped and its generation cancelled")
+    report_cached_tokens: bool = Field(True, description="report usage.prompt_tokens_details."
+                                       "cached_tokens (off: always 0, when one key serves "
+                                       "several users who must not learn of each other's "
+                                       "prompts)")
 
     @field_validator("api_key", mode="before")
     @classmethod

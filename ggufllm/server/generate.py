@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -21,13 +22,14 @@ from fastapi.responses import StreamingResponse
 
 from ..chunks import Chunk
 from .errors import APIError, error_body, to_api_error
-from .state import ServerState
-from .streaming import ChunkStream, Fold, PromptProgress
+from .state import ServerState, state_of
+from .streaming import ChunkPuller, Fold, PromptProgress
 
-__all__ = ["Generation", "sse"]
+__all__ = ["Generation", "sse", "start_generation"]
 
 Render = Callable[[Chunk, Fold], Iterable[dict[str, Any]]]
 DONE = b"data: [DONE]\n\n"
+logger = logging.getLogger(__name__)
 
 
 def _shutting_down() -> APIError:
@@ -50,9 +52,9 @@ class Generation:
     def __init__(self, state: ServerState, chunks: AsyncIterator[Chunk],
                  progress: PromptProgress | None = None) -> None:
         self.state = state
-        self.stream = ChunkStream(chunks)
+        self.stream = ChunkPuller(chunks)
         self.progress = progress
-        self.fold = Fold()
+        self.fold = Fold(report_cached=state.config.report_cached_tokens)
         self.t0 = time.perf_counter()
         self.ttft_s: float | None = None
         self._closed = False
@@ -60,6 +62,7 @@ class Generation:
         self._shutdown: asyncio.Future[Any] = asyncio.ensure_future(state.shutdown.wait())
         state.metrics.in_flight.inc()
         state.metrics.waiting.inc()
+        state.enter()
 
     # -- pulling -------------------------------------------------------------
 
@@ -92,10 +95,13 @@ class Generation:
             return
         self._closed = True
         self._shutdown.cancel()
-        await self.stream.aclose()
-        self.state.metrics.in_flight.dec()
-        if self.ttft_s is None:
-            self.state.metrics.waiting.dec()
+        try:
+            await self.stream.aclose()
+        finally:
+            self.state.metrics.in_flight.dec()
+            if self.ttft_s is None:
+                self.state.metrics.waiting.dec()
+            self.state.leave()
 
     # -- non-streamed --------------------------------------------------------
 
@@ -136,7 +142,8 @@ class Generation:
                  epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> StreamingResponse:
         """An SSE response: ``render`` turns each chunk into payloads, ``epilogue`` adds the
         closing ones; ``data: [DONE]`` ends it."""
-        return _EventStream(self._events(first, render, epilogue), self.close)
+        return _EventStream(self._events(first, render, epilogue), self.close,
+                            self.state.config.write_timeout_s)
 
     async def _events(self, first: Chunk | None, render: Render,
                       epilogue: Callable[[Fold], Iterable[dict[str, Any]]]) -> AsyncIterator[bytes]:
@@ -181,16 +188,30 @@ class Generation:
 
 class _EventStream(StreamingResponse):
     """An SSE response that closes its generation however the response ends (even when the
-    client left before the body started, so the generator's own ``finally`` never ran)."""
+    client left before the body started, so the generator's own ``finally`` never ran).
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+    A client that stops reading would block the write once the socket's buffers are
+    full and hold its generation (and its queued chunks) forever: a write that waits
+    longer than ``write_timeout_s`` drops the response and cancels the generation.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 write_timeout_s: float) -> None:
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_or_give_up(message: Any) -> None:
+            with anyio.fail_after(self._write_timeout_s):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_give_up)
+        except TimeoutError:
+            logger.warning("a streaming client took no data for %g s: dropped, its generation "
+                           "cancelled", self._write_timeout_s)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._on_close()
@@ -202,3 +223,14 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def start_generation(request: Request, model: str | None,
+                           open_fn: Callable[[PromptProgress], AsyncIterator[Chunk]]) -> Generation:
+    """Checks the server can take the request (503 while loading or draining, 404 for another
+    model), then opens its generation with a prompt-progress receiver."""
+    state = state_of(request)
+    state.require_ready()
+    state.check_model(model)
+    progress = PromptProgress()
+    return Generation(state, open_fn(progress), progress)

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..chunks import Chunk
-from .chat import _start, _state
-from .errors import validate
+from .errors import RETRY_AFTER_S, validate
+from .generate import start_generation
 from .metrics import CONTENT_TYPE
 from .schemas import AnswerRequest
+from .state import state_of
 from .streaming import Fold, open_answer
 
 __all__ = ["router"]
@@ -23,20 +24,24 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """503 while the model loads, 200 once it is ready, 500 with the reason if loading failed."""
-    state = _state(request)
+    """503 while the model loads, 200 once it is ready, 500 with the reason if loading failed
+    or the engine failed, 503 ``draining`` after SIGTERM."""
+    state = state_of(request)
     status = state.status
-    if status == "ok":
-        return JSONResponse({"status": "ok"})
     if status == "error":
         return JSONResponse({"status": "error", "error": state.error}, status_code=500)
+    if state.draining or state.shutdown.is_set():
+        return JSONResponse({"status": "draining"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+    if status == "ok":
+        return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     """The one model this server serves (an empty list until it is loaded)."""
-    state = _state(request)
+    state = state_of(request)
     data = []
     if state.status == "ok":
         info = state.service.get_model_info()
@@ -50,7 +55,7 @@ async def models(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/")
@@ -66,8 +71,8 @@ async def answer(request: Request) -> Response:
     finish_reason, usage}``; with ``stream`` an SSE of ``{"answer": text}`` /
     ``{"reasoning": text}`` events, then ``{"finish_reason", "usage", "timings"}``."""
     req = validate(AnswerRequest, await request.body())
-    state = _state(request)
-    gen = await _start(request, None, lambda p: open_answer(
+    state = state_of(request)
+    gen = await start_generation(request, None, lambda p: open_answer(
         state.service, req.question, req.context, p, req.generation_params()))
     if req.stream:
         def render(chunk: Chunk, fold: Fold) -> Iterable[dict[str, Any]]:

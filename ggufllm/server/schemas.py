@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "AnswerRequest", "Usage",
-           "StreamOptions", "ContentPart", "MAX_STOPS", "MAX_STOP_CHARS"]
+           "StreamOptions", "ContentPart", "ResponseFormatSpec", "JSONSchemaFormat", "MAX_STOPS",
+           "MAX_STOP_CHARS"]
 
 _REQUEST = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -47,6 +48,44 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema an answer must match."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore",
+                              populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatSpec(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema`` (the answer
+    is constrained by a grammar; a schema it cannot express is a 400 naming the keyword)."""
+
+    model_config = _REQUEST
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _has_schema(self) -> ResponseFormatSpec:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required with type json_schema")
+        return self
+
+    def for_service(self) -> dict[str, Any] | None:
+        """The ``response_format`` argument of the service's calls (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        spec = self.json_schema
+        assert spec is not None
+        return {"type": "json_schema", "json_schema": {
+            "name": spec.name, "description": spec.description, "schema": spec.schema_ or {},
+            "strict": spec.strict is not False}}
 
 
 class StreamOptions(BaseModel):
@@ -107,6 +146,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     logprobs: Literal[False] | None = None
+    response_format: ResponseFormatSpec | None = None
 
     @field_validator("messages")
     @classmethod
@@ -122,7 +162,7 @@ class ChatRequest(_Sampling):
         params = super().generation_params()
         if self.reasoning_effort is not None:
             params["reasoning_effort"] = self.reasoning_effort
-        return params
+        return params | _format_param(self.response_format)
 
 
 class CompletionRequest(_Sampling):
@@ -159,11 +199,19 @@ class AnswerRequest(BaseModel):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     seed: int | None = Field(None, ge=0, lt=1 << 32)
     stream: bool = False
+    response_format: ResponseFormatSpec | None = None
 
     def generation_params(self) -> dict[str, Any]:
         params: dict[str, Any] = dict(max_tokens=self.max_tokens, temperature=self.temperature,
                                       reasoning_effort=self.reasoning_effort, seed=self.seed)
-        return {k: v for k, v in params.items() if v is not None}
+        return {k: v for k, v in params.items() if v is not None} | _format_param(
+            self.response_format)
+
+
+def _format_param(spec: ResponseFormatSpec | None) -> dict[str, Any]:
+    """``response_format`` as the service takes it, when the request asks for one."""
+    value = spec.for_service() if spec is not None else None
+    return {"response_format": value} if value is not None else {}
 
 
 class Usage(BaseModel):

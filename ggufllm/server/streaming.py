@@ -20,7 +20,7 @@ import anyio
 from ..chunks import Chunk, FinishReason, Timings
 from ..harmony import Turn
 
-__all__ = ["ChunkStream", "Fold", "open_chat", "open_answer", "PromptProgress"]
+__all__ = ["ChunkPuller", "Fold", "open_chat", "open_answer", "PromptProgress"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def open_answer(service: Any, question: str, context: str | None,
     return service.astream(question, context, **kwargs, **params)
 
 
-class ChunkStream:
+class ChunkPuller:
     """Pulls chunks from a service generator with timeouts, and closes it on any exit.
 
     A pull that times out leaves the pending ``__anext__`` running, so a
@@ -138,6 +138,7 @@ class Fold:
     n_reasoning_tokens: int = 0
     finish_reason: FinishReason | None = None
     timings: Timings | None = None
+    report_cached: bool = True  # off: cached_tokens is always 0 (see ServerConfig)
 
     def add(self, chunk: Chunk) -> None:
         if chunk.channel == "final":
@@ -151,6 +152,8 @@ class Fold:
     def usage(self) -> dict[str, Any]:
         t = self.timings
         n_prompt, n_cached, n_gen = (t.n_prompt, t.n_cached, t.n_generated) if t else (0, 0, 0)
+        if not self.report_cached:
+            n_cached = 0
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
                 "total_tokens": n_prompt + n_gen,
                 "prompt_tokens_details": {"cached_tokens": n_cached},

@@ -1,0 +1,1 @@
+"""An example desktop app over ggufllm's public API (see ../README.md)."""

@@ -1,0 +1,327 @@
+"""The sampler of one request, built from parts by :func:`build_sampler`, the one place that
+decides them from the request's settings.
+
+The chain, in llama.cpp's order: penalties, then greedy (temperature 0) or top-k, top-p,
+min-p, temperature and a seeded draw. A grammar (eager, or lazy with trigger patterns or
+tokens) is llama.cpp's own grammar sampler and comes before the whole chain. It is applied
+as llama.cpp's ``common_sampler`` applies it: the chain samples first and the grammar checks
+that one token; only a refused token makes the grammar mask the whole vocabulary and the
+chain sample again. That is the masked distribution exactly (a refused draw is redrawn from
+the allowed tokens in proportion), at the cost of a full mask only when needed: llama.cpp
+decodes every token's text to mask 262k candidates, several milliseconds a token.
+
+Only sampled tokens reach the grammar (``accept``), never the prompt; the penalties see the
+prompt's last tokens too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp.llama_cpp as lib
+import numpy as np
+
+from ..config import GenerationConfig
+from ..errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from ..harmony import HarmonyTokens
+    from ..harmony.constrain import AnswerGuide
+    from ..structured.plan import GrammarSpec
+    from .native import NativeContext
+
+__all__ = ["Sampler", "build_sampler", "VocabView"]
+
+logger = logging.getLogger(__name__)
+
+# tokens of history the repetition penalty looks at (llama.cpp's default)
+_PENALTY_LAST_N = 64
+# candidates masked at a time when a draw was refused (then the whole vocabulary)
+_CHUNKS = (256, 4096)
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+class VocabView:
+    """What a grammar needs of a model's vocabulary, read through its ``llama_vocab`` pointer."""
+
+    def __init__(self, vocab: Any, model: Any = None) -> None:
+        self.ptr = vocab
+        self._model = model
+        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+
+    @classmethod
+    def of_context(cls, ctx: NativeContext) -> VocabView:
+        model = lib.llama_get_model(ctx.ptr)
+        return cls(lib.llama_model_get_vocab(model), model)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        buf = (lib.llama_token * (len(data) + 8))()
+        n = lib.llama_tokenize(self.ptr, data, len(data), buf, len(buf), False, True)
+        return list(buf[:max(n, 0)])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = lib.llama_token_to_piece(self.ptr, token, buf, 256, 0, True)
+        return buf.raw[:max(n, 0)]
+
+    def architecture(self) -> str | None:
+        if self._model is None:
+            return None
+        buf = ctypes.create_string_buffer(64)
+        n = lib.llama_model_meta_val_str(self._model, b"general.architecture", buf, 64)
+        return buf.value.decode() if n >= 0 else None
+
+    def harmony(self) -> HarmonyTokens | None:
+        """gpt-oss's control tokens, when this is a gpt-oss vocabulary."""
+        from ..harmony import HarmonyTokens
+
+        if self.architecture() != "gpt-oss":
+            return None
+
+        def one(text: str) -> int | None:
+            ids = self.tokenize(text)
+            return ids[0] if len(ids) == 1 else None
+
+        return HarmonyTokens.from_lookup(one)
+
+    def controls(self) -> tuple[int, ...]:
+        """Control (and unknown) tokens that do not end generation: their text, which the
+        grammar matches, is not what the answer shows. Read once per vocabulary."""
+        key = (ctypes.cast(self.ptr, ctypes.c_void_p).value, self.n_vocab)
+        with _controls_lock:
+            found = _controls.get(key)
+            if found is None:
+                mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+                found = tuple(t for t in range(self.n_vocab)
+                              if lib.llama_vocab_get_attr(self.ptr, t) & mask
+                              and not lib.llama_vocab_is_eog(self.ptr, t))
+                _controls[key] = found
+        return found
+
+
+# per vocabulary (address, size); a reloaded model at the same address has the same vocabulary
+_controls: dict[tuple[Any, int], tuple[int, ...]] = {}
+_controls_lock = threading.Lock()
+
+
+class Sampler:
+    """Owns one request's llama.cpp samplers: the chain, and a grammar and a token ban
+    when its answer is constrained (all freed by :meth:`close`).
+
+    Args:
+        cfg: the request's sampling settings.
+        n_vocab: the vocabulary size.
+        vocab: the vocabulary (needed with a grammar).
+        grammar: the grammar the reply must follow, or None.
+        guide: forces tokens of a harmony reply (its final channel's header), or None.
+        banned_in_answer: tokens never written inside the answer (outside it, for a harmony
+            reply; everywhere otherwise).
+
+    Raises:
+        InvalidParameterError: llama.cpp could not parse the grammar.
+    """
+
+    def __init__(self, cfg: GenerationConfig, n_vocab: int, *, vocab: VocabView | None = None,
+                 grammar: GrammarSpec | None = None, guide: AnswerGuide | None = None,
+                 banned_in_answer: Sequence[int] = ()) -> None:
+        self._grammar = self._ban = None
+        self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._penalized = cfg.repeat_penalty != 1.0
+        for part in _chain_parts(cfg, n_vocab):
+            lib.llama_sampler_chain_add(self._ptr, part)
+        self._guide = guide
+        if grammar is None:
+            return
+        assert vocab is not None
+        try:
+            self._grammar = _grammar_sampler(vocab, grammar)
+            if banned_in_answer:
+                self._ban = _ban_sampler(n_vocab, banned_in_answer)
+        except BaseException:
+            self.close()
+            raise
+        self._banned = frozenset(banned_in_answer)
+        self._banned_mask = np.zeros(n_vocab, dtype=bool)
+        self._banned_mask[list(self._banned)] = True
+        # allowed candidates a masked draw needs: top-k's k, one for greedy, else all
+        exact_topk = cfg.top_k > 0 and not self._penalized
+        self._need = 1 if cfg.temperature == 0 and not self._penalized else (
+            cfg.top_k if exact_topk else n_vocab)
+        self._n_vocab = n_vocab
+        self._data = (lib.llama_token_data * n_vocab)()
+        self._view = np.frombuffer(self._data, dtype=_TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._cur = lib.llama_token_data_array(self._data, n_vocab, -1, False)
+        self._one = (lib.llama_token_data * 1)()
+        self._one_cur = lib.llama_token_data_array(self._one, 1, -1, False)
+
+    @property
+    def constrained(self) -> bool:
+        return self._grammar is not None
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Feeds the prompt's last tokens to the repetition penalty (never to the grammar)."""
+        if self._penalized:
+            for t in tokens[-_PENALTY_LAST_N:]:
+                lib.llama_sampler_accept(self._ptr, t)
+
+    def sample(self, ctx: NativeContext, index: int = -1) -> int:
+        """Samples from the logits of batch row ``index`` and accepts the token."""
+        if self._grammar is None:
+            return int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
+        token = self._forced()
+        if token is None:
+            token = self._constrained(ctx, index)
+        lib.llama_sampler_accept(self._grammar, token)
+        if self._penalized:  # otherwise the chain keeps no history: nothing to tell it
+            lib.llama_sampler_accept(self._ptr, token)
+        if self._guide is not None:
+            self._guide.observe(token)
+        return token
+
+    def _forced(self) -> int | None:
+        guide = self._guide
+        token = guide.forced() if guide is not None else None
+        if token is not None and not self._allowed(token):
+            logger.debug("the grammar refused forced token %d; sampling instead", token)
+            guide.drop_forcing()  # type: ignore[union-attr]
+            return None
+        return token
+
+    def _banning(self) -> bool:
+        return self._ban is not None and (self._guide is None or self._guide.in_answer)
+
+    def _constrained(self, ctx: NativeContext, index: int) -> int:
+        if self._penalized:  # the penalties' history must see the chosen token only
+            logits = self._logits(ctx, index)
+            self._fill(self._ids, logits)
+            lib.llama_sampler_apply(self._ptr, ctypes.byref(self._cur))
+            token = int(self._data[self._cur.selected].id)
+        else:  # the chain's accept is a no-op without penalties: llama.cpp's own loop
+            token = int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
+        if not (self._banning() and token in self._banned) and self._allowed(token):
+            return token
+        return self._masked(self._logits(ctx, index))
+
+    def _logits(self, ctx: NativeContext, index: int) -> np.ndarray:
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ptr, index),
+                                     shape=(self._n_vocab,))
+
+    def _masked(self, logits: np.ndarray) -> int:
+        """A refused draw: the grammar masks, then the chain draws again from what is allowed.
+
+        With top-k (or greedy) and no penalties, only the best candidates are masked, in
+        growing chunks until ``top_k`` allowed ones are among them: those are the top-k of the
+        allowed tokens, so the draw is the one a mask of the whole vocabulary would give.
+        """
+        n = self._n_vocab
+        order: np.ndarray | None = None
+        for size in (*(c for c in _CHUNKS if c < n and self._need < c), n):
+            if size >= n:
+                ids = self._ids
+            else:
+                if order is None or len(order) < size:
+                    part = np.argpartition(logits, n - size)[n - size:]
+                    order = part[np.argsort(-logits[part], kind="stable")]
+                ids = order[:size]
+            if self._banning():
+                ids = ids[~self._banned_mask[ids]]
+            self._fill(ids, logits[ids])
+            lib.llama_sampler_apply(self._grammar, ctypes.byref(self._cur))
+            if size >= n or np.count_nonzero(np.isfinite(self._view["logit"][:len(ids)])) >= self._need:
+                break
+        lib.llama_sampler_apply(self._ptr, ctypes.byref(self._cur))
+        return int(self._data[self._cur.selected].id)
+
+    def _fill(self, ids: np.ndarray, logits: np.ndarray) -> None:
+        k = len(ids)
+        view = self._view
+        view["id"][:k] = ids
+        view["logit"][:k] = logits
+        view["p"][:k] = 0.0
+        cur = self._cur
+        cur.size, cur.selected, cur.sorted = k, -1, False
+
+    def _allowed(self, token: int) -> bool:
+        one = self._one[0]
+        one.id, one.logit, one.p = token, 0.0, 0.0
+        self._one_cur.size, self._one_cur.selected, self._one_cur.sorted = 1, -1, False
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(self._one_cur))
+        return not math.isinf(self._one[0].logit)
+
+    def close(self) -> None:
+        for name in ("_ban", "_grammar", "_ptr"):
+            ptr = getattr(self, name)
+            if ptr:
+                lib.llama_sampler_free(ptr)
+                setattr(self, name, None)
+
+
+def _chain_parts(cfg: GenerationConfig, n_vocab: int) -> list[Any]:
+    """The chain's samplers for ``cfg``, in order."""
+    parts = []
+    if cfg.repeat_penalty != 1.0:
+        parts.append(lib.llama_sampler_init_penalties(n_vocab, _PENALTY_LAST_N,
+                                                      cfg.repeat_penalty, 0.0, 0.0))
+    if cfg.temperature == 0:
+        return parts + [lib.llama_sampler_init_greedy()]
+    if cfg.top_k > 0:
+        parts.append(lib.llama_sampler_init_top_k(cfg.top_k))
+    if cfg.top_p < 1.0:
+        parts.append(lib.llama_sampler_init_top_p(cfg.top_p, 1))
+    if cfg.min_p > 0:
+        parts.append(lib.llama_sampler_init_min_p(cfg.min_p, 1))
+    parts.append(lib.llama_sampler_init_temp(cfg.temperature))
+    seed = lib.LLAMA_DEFAULT_SEED if cfg.seed is None else cfg.seed
+    parts.append(lib.llama_sampler_init_dist(seed))
+    return parts
+
+
+def _grammar_sampler(vocab: VocabView, spec: GrammarSpec) -> Any:
+    gbnf, root = spec.gbnf.encode(), spec.root.encode()
+    if spec.lazy:
+        patterns = [p.encode() for p in spec.trigger_patterns]
+        c_patterns = (ctypes.c_char_p * max(1, len(patterns)))(*patterns)
+        c_tokens = (lib.llama_token * max(1, len(spec.trigger_tokens)))(*spec.trigger_tokens)
+        ptr = lib.llama_sampler_init_grammar_lazy_patterns(
+            vocab.ptr, gbnf, root, c_patterns, len(patterns), c_tokens,
+            len(spec.trigger_tokens))
+    else:
+        ptr = lib.llama_sampler_init_grammar(vocab.ptr, gbnf, root)
+    if not ptr:
+        raise InvalidParameterError("llama.cpp could not parse the answer's grammar (see the "
+                                    "debug log)", "response_format")
+    return ptr
+
+
+def _ban_sampler(n_vocab: int, banned: Sequence[int]) -> Any:
+    biases = (lib.llama_logit_bias * len(banned))()
+    for entry, token in zip(biases, banned, strict=True):
+        entry.token, entry.bias = token, -math.inf
+    return lib.llama_sampler_init_logit_bias(n_vocab, len(banned), biases)
+
+
+def build_sampler(cfg: GenerationConfig, ctx: NativeContext, n_vocab: int) -> Sampler:
+    """The sampler of one request: the chain ``cfg`` describes, and the grammar (and, for
+    gpt-oss, the guide) of its ``response_format``.
+
+    Raises:
+        InvalidParameterError, UnsupportedSchemaError: the grammar cannot be built.
+    """
+    fmt = cfg.response_format
+    if fmt is None:
+        return Sampler(cfg, n_vocab)
+    from ..structured.plan import plan_answer
+
+    vocab = VocabView.of_context(ctx)
+    plan = plan_answer(fmt, max_tokens=cfg.max_tokens, reasoning_budget=cfg.reasoning_budget,
+                       harmony=vocab.harmony(), tokenize=vocab.tokenize, piece=vocab.piece,
+                       controls=vocab.controls)
+    return Sampler(cfg, n_vocab, vocab=vocab, grammar=plan.grammar, guide=plan.guide,
+                   banned_in_answer=plan.banned_in_answer)

@@ -1,0 +1,75 @@
+"""What the sampler needs for one structured answer: its grammar, and for gpt-oss its guide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..harmony import HarmonyTokens
+from ..harmony.constrain import AnswerGuide, answer_grammar
+from . import ResponseFormat
+from .schema import max_answer_tokens, schema_to_gbnf
+
+__all__ = ["GrammarSpec", "AnswerPlan", "plan_answer"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A GBNF grammar for llama.cpp's grammar sampler.
+
+    Attributes:
+        gbnf: the grammar text.
+        root: its start symbol.
+        trigger_patterns: a lazy grammar waits until one of these regular expressions matches
+            the text written so far (it is fed from the pattern's first group on).
+        trigger_tokens: ... or until one of these tokens is written (fed from that token on).
+    """
+
+    gbnf: str
+    root: str = "root"
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.trigger_patterns or self.trigger_tokens)
+
+
+@dataclass
+class AnswerPlan:
+    """The grammar of a reply, the guide that bounds gpt-oss's reasoning (None for other
+    models: their grammar applies from the first token), and the tokens banned inside the
+    answer (control tokens, whose text the grammar would take for answer text)."""
+
+    grammar: GrammarSpec
+    guide: AnswerGuide | None
+    banned_in_answer: tuple[int, ...]
+
+
+def plan_answer(fmt: ResponseFormat, *, max_tokens: int, reasoning_budget: int | None,
+                harmony: HarmonyTokens | None, tokenize: Callable[[str], list[int]],
+                piece: Callable[[int], bytes], controls: Callable[[], tuple[int, ...]]
+                ) -> AnswerPlan:
+    """Builds the plan of one request.
+
+    Args:
+        fmt: the format asked for.
+        max_tokens: the request's budget.
+        reasoning_budget: the most analysis tokens (gpt-oss only).
+        harmony: the control tokens of a gpt-oss vocabulary, None for other models.
+        tokenize: text -> token ids, special tokens parsed.
+        piece: token id -> its text.
+        controls: the vocabulary's control tokens that do not end generation.
+    """
+    json_gbnf = schema_to_gbnf(fmt.json_schema)
+    banned = controls()
+    if harmony is None:
+        return AnswerPlan(GrammarSpec(json_gbnf), None, banned)
+    gbnf, root = answer_grammar(json_gbnf, harmony)
+    guide = AnswerGuide(harmony, tokenize, piece, max_tokens=max_tokens,
+                        answer_tokens=max_answer_tokens(fmt.json_schema),
+                        reasoning_budget=reasoning_budget)
+    t = harmony
+    # <|call|> ends generation too: inside an answer it would end it as a tool call
+    harmony_ids = (t.start, t.end, t.message, t.channel, t.constrain, t.call)
+    return AnswerPlan(GrammarSpec(gbnf, root), guide, tuple(sorted(set(banned + harmony_ids))))

@@ -1,0 +1,116 @@
+"""KV_REUSE=fast, the default: documents asked in turn reuse their cached prefix past the
+sliding window (from a slot, from the RAM cache through window checkpoints, from a file
+saved by another service), and a greedy answer through the cache equals the cold one or
+leaves it only at a near tie (``tests/near_tie.py``). KV_REUSE=exact keeps its promise:
+only what restores exactly is reused (``tests/test_kvcache_service.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ggufllm import KVCacheMismatchError, LLMService
+
+from .near_tie import END
+from .near_tie import assert_equal_or_near_ties as near_ties
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+FACTS = [
+    "The Zorblat festival is held every spring in the town of Quenby, on the river Wendle.",
+    "Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres above the sea.",
+    "The Velloran Library keeps nine thousand maps of coasts that no longer exist today.",
+]
+QUESTIONS = [("Where is it?", "Who goes there?"), ("How tall is it?", "Who climbed it?"),
+             ("What does it keep?", "Who founded it?")]
+
+
+def document(i: int, n_repeats: int) -> str:
+    return " ".join([FACTS[i]] * n_repeats)
+
+
+def ask(svc: LLMService, question: str, context: str) -> tuple[list[int], list[int], int]:
+    """(prompt tokens, answer tokens with END when it stopped, cached prompt tokens)."""
+    _, prompt, _ = svc._prepare([], dict(GREEDY), None, svc._rag(question, context))
+    answer = svc.answer(question, context, **GREEDY)
+    ids = list(answer.token_ids) + ([END] if answer.finish_reason == "stop" else [])
+    return list(prompt.tokens), ids, answer.timings.n_cached
+
+
+def three_documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int) -> list[tuple]:
+    """A B C, then A B C with other questions; returns (question, doc, prompt, ids, cached)
+    of the follow-ups, each of which must have reused its document past the window."""
+    docs = [document(i, n_repeats) for i in range(3)]
+    for i, doc in enumerate(docs):
+        prompt, _, _ = ask(svc, QUESTIONS[i][0], doc)
+        assert len(prompt) > n_swa + 128  # past the window: checkpoints or nothing
+    follow_ups = []
+    for i, doc in enumerate(docs):
+        question = QUESTIONS[i][1]
+        prompt, ids, cached = ask(svc, question, doc)
+        # the whole document and what precedes it, short of the question's tail
+        assert cached >= len(prompt) - 4 * 64 and cached > n_swa, (i, cached, len(prompt))
+        follow_ups.append((question, doc, prompt, ids, cached))
+    return follow_ups
+
+
+def check_near_cold(svc: LLMService, model: Path, follow_ups: list[tuple]) -> None:
+    cases = []
+    for question, doc, prompt, ids, _ in follow_ups:
+        svc.clear_kv_cache()
+        cold_prompt, cold_ids, cached = ask(svc, question, doc)
+        assert cached == 0 and cold_prompt == prompt
+        cases.append((prompt, cold_ids, ids))
+    near_ties(model, cases, "answers through the cache")
+
+
+def test_gemma_documents_in_turn_reuse_past_the_window(default_gguf: Path) -> None:
+    # one slot: each new document pushes the last one out to the RAM cache
+    with LLMService(default_gguf, max_length=2048, n_parallel=1) as svc:
+        info = svc.get_model_info()["kv_cache"]
+        assert info["reuse"] == "fast" and info["n_swa"] == 512
+        follow_ups = three_documents_in_turn(svc, 40, 512)  # 700-1000-token documents
+        assert svc.get_model_info()["kv_cache"]["ram_tokens_restored"] > 3 * 512
+        check_near_cold(svc, default_gguf, follow_ups)
+
+
+@pytest.mark.slow
+def test_tiny_gpt_oss_documents_in_turn_reuse_past_the_window(tiny_gguf) -> None:
+    model = tiny_gguf("q8_0")
+    with LLMService(model, max_length=2048, n_parallel=1) as svc:  # flash attention: auto
+        assert svc.get_model_info()["kv_cache"]["n_swa"] == 8
+        follow_ups = three_documents_in_turn(svc, 12, 8)
+        check_near_cold(svc, model, follow_ups)
+
+
+def test_a_saved_cache_serves_another_service_past_the_window(default_gguf: Path,
+                                                              tmp_path: Path) -> None:
+    doc = document(0, 40)
+    path = tmp_path / "doc.kvcache"
+    with LLMService(default_gguf, max_length=2048, n_parallel=1) as svc:
+        ask(svc, QUESTIONS[0][0], doc)
+        assert svc.save_kv_cache(path) == 1
+        # saving left the slot whole: the next question still reuses it
+        prompt, _, cached = ask(svc, QUESTIONS[0][1], doc)
+        assert cached >= len(prompt) - 4 * 64
+    with LLMService(default_gguf, max_length=2048, n_parallel=1) as other:
+        assert other.load_kv_cache(path) == 1
+        prompt, ids, cached = ask(other, QUESTIONS[0][1], doc)
+        assert cached >= len(prompt) - 4 * 64 and cached > 512
+        check_near_cold(other, default_gguf, [(QUESTIONS[0][1], doc, prompt, ids, cached)])
+    # a fast file is not for an exact engine (it holds cuts an exact one never makes)
+    with LLMService(default_gguf, max_length=2048, n_parallel=1, kv_reuse="exact") as exact:
+        with pytest.raises(KVCacheMismatchError, match="kv_reuse"):
+            exact.load_kv_cache(path)
+
+
+def test_exact_reuses_only_whole_pages_within_the_window(default_gguf: Path) -> None:
+    doc = document(1, 40)
+    with LLMService(default_gguf, max_length=2048, n_parallel=1, kv_reuse="exact") as svc:
+        ask(svc, QUESTIONS[1][0], doc)
+        ask(svc, QUESTIONS[0][0], document(0, 40))  # the first document goes to RAM ...
+        _, ids, cached = ask(svc, QUESTIONS[1][1], doc)
+        # ... but past the window with flash attention its restore is not exact: not kept
+        # (at most a page of the prompt's preamble, which both documents share, is reused)
+        assert cached <= 64
+        assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0
