@@ -29,7 +29,9 @@ def test_ask_answers_with_the_default_model(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     # one notice line, on stderr, saying what was loaded and how to convert gpt-oss
-    notices = [line for line in r.stderr.splitlines() if line.strip()]
+    # (a CPU whose repacked kernels fail the self-test adds that notice: docs/cpus.md)
+    notices = [line for line in r.stderr.splitlines()
+               if line.strip() and "failed a self-test" not in line]
     assert len(notices) == 1 and "default model" in notices[0] and "convert" in notices[0]
 
 
