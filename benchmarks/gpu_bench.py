@@ -20,6 +20,7 @@ from typing import Any
 import llama_cpp.llama_cpp as lib
 
 from ggufllm import LLMService
+from ggufllm.native.kernels import extra_buffers_for
 from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.gpu.devices import gpu_devices
 from ggufllm.gpu.estimate import estimate_memory
@@ -52,6 +53,8 @@ def bare(model_path: str, n_gpu_layers: int, cpu_moe: bool, n_decode: int) -> di
     free_before = _gpu_free()
     params = lib.llama_model_default_params()
     params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+    # the kernels the engine runs: extra buffers only where ggufllm's self-test passed
+    params.use_extra_bufts = extra_buffers_for(model_path)
     overrides = TensorOverrides.for_experts(cpu_moe, 0)
     if overrides is not None:
         params.tensor_buft_overrides = overrides.address

@@ -82,10 +82,12 @@ class KVLayout:
     def from_gguf(cls, summary: GGUFSummary) -> KVLayout:
         """Reads the layout from a checked GGUF header (the keys llama.cpp reads)."""
         meta, arch = summary.metadata, summary.architecture
-        n_layer = int(meta[f"{arch}.block_count"])
-        n_head = int(meta[f"{arch}.attention.head_count"] or 1)
+        # missing keys read as llama.cpp's defaults would: a header llama.cpp then refuses
+        # still gets an estimate (the memory estimate runs before the load)
+        n_layer = int(meta.get(f"{arch}.block_count", 0) or 0)
+        n_head = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
         head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", n_head), n_layer)
-        head_dim = int(meta[f"{arch}.embedding_length"]) // n_head
+        head_dim = int(meta.get(f"{arch}.embedding_length", 0) or 0) // n_head
         key_len = int(meta.get(f"{arch}.attention.key_length", head_dim))
         value_len = int(meta.get(f"{arch}.attention.value_length", key_len))
         n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)

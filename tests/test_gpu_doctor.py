@@ -28,7 +28,7 @@ def test_doctor_json_reports_devices_backends_and_the_plan(default_gguf):
     result = CliRunner().invoke(cli, ["doctor", "--json", "-m", str(default_gguf),
                                       "--max-length", "2048"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # stderr may carry the kernel self-test notice
     assert report["gpu"] is False and report["gpu_offload_compiled_in"] is False
     assert report["backends"] == backends() and "CPU" in report["backends"]
     cpu = [d for d in report["devices"] if d["kind"] == "cpu"]
@@ -44,5 +44,5 @@ def test_doctor_without_a_model_still_exits_0(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_MODEL_PATH", str(tmp_path / "nothing-here"))
     result = CliRunner().invoke(cli, ["doctor", "--json", "-m", str(tmp_path / "missing.gguf")])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # stderr may carry the kernel self-test notice
     assert report["model"] is None and report["model_error"]
