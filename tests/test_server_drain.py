@@ -122,14 +122,20 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones() -> None:
         _stop(proc)
 
 
+def _long_stream(url: str) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    """A 1900-token stream, once its first token arrived: (its thread, its events)."""
+    events: list[dict[str, Any]] = []
+    started = threading.Event()
+    stream = threading.Thread(target=_stream_events, args=(url, 1900, started, events))
+    stream.start()
+    assert started.wait(120)
+    return stream, events
+
+
 def test_what_outlives_the_drain_ends_with_shutting_down() -> None:
     proc, url = _serve("--drain-timeout", "1")
     try:
-        events: list[dict[str, Any]] = []
-        started = threading.Event()
-        stream = threading.Thread(target=_stream_events, args=(url, 1900, started, events))
-        stream.start()
-        assert started.wait(120)
+        stream, events = _long_stream(url)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         stream.join(60)
@@ -146,11 +152,7 @@ def test_what_outlives_the_drain_ends_with_shutting_down() -> None:
 def test_a_second_signal_stops_without_waiting_for_the_drain() -> None:
     proc, url = _serve("--drain-timeout", "300")
     try:
-        events: list[dict[str, Any]] = []
-        started = threading.Event()
-        stream = threading.Thread(target=_stream_events, args=(url, 1900, started, events))
-        stream.start()
-        assert started.wait(120)
+        stream, events = _long_stream(url)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         t0 = time.monotonic()
