@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ggufllm import DecodeFailedError, EngineFailedError, LLMService
-from ggufllm.engine.scheduler import Scheduler
+from ggufllm.engine.stepper import Stepper
 
 QUESTION = "What is the capital of France?"
 
@@ -40,7 +40,7 @@ def _boom(*_args, **_kwargs):
     raise MemoryError("injected")
 
 
-def _admit_boom(self: Scheduler) -> None:
+def _admit_boom(self: Stepper) -> None:
     if self._waiting:  # a request is waiting: its admission fails
         raise MemoryError("injected")
 
@@ -66,7 +66,7 @@ def test_a_scheduler_error_ends_running_requests_with_an_error_and_the_model_rel
 
 
 def test_reloads_are_bounded_then_calls_fail_until_load(svc, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(Scheduler, "_admit", _admit_boom)  # every engine fails at its first request
+    monkeypatch.setattr(Stepper, "_admit", _admit_boom)  # every engine fails at its first request
     for i in range(4):  # three reloads are allowed in the window, the fourth failure stays
         with pytest.raises(EngineFailedError):
             svc.generate_answer(QUESTION, max_tokens=4)

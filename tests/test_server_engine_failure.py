@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from ggufllm.engine.scheduler import Scheduler
+from ggufllm.engine.stepper import Stepper
 
 from .server_fixture import running_server, wait_health
 
@@ -21,7 +21,7 @@ def _boom(*_args, **_kwargs):
     raise MemoryError("injected")
 
 
-def _admit_boom(self: Scheduler) -> None:
+def _admit_boom(self: Stepper) -> None:
     if self._waiting:
         raise MemoryError("injected")
 
@@ -72,7 +72,7 @@ def test_a_stream_ends_with_an_error_event_and_a_request_gets_503_then_health_re
 def test_health_is_500_with_the_reason_once_reloads_gave_up(monkeypatch: pytest.MonkeyPatch):
     with running_server(max_length=512) as server:
         url, svc = server.url, server.service
-        monkeypatch.setattr(Scheduler, "_admit", _admit_boom)
+        monkeypatch.setattr(Stepper, "_admit", _admit_boom)
         for i in range(4):
             r = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 4},
                            timeout=60)

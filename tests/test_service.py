@@ -107,15 +107,15 @@ def test_dropped_stream_is_cancelled(service):
 def test_closed_stream_ends_with_reason_cancelled(service, monkeypatch):
     # the closed iterator yields nothing more, so the reason is read where the scheduler
     # hands it: the last chunk it finishes the request with
-    scheduler = service._engine.scheduler
+    stepper = service._engine.scheduler.stepper
     reasons: list[str] = []
-    finish = scheduler._finish
+    finish = stepper._finish
 
     def recording(r, reason, *args, **kwargs):
         reasons.append(reason)
         return finish(r, reason, *args, **kwargs)
 
-    monkeypatch.setattr(scheduler, "_finish", recording)
+    monkeypatch.setattr(stepper, "_finish", recording)
     stream = service.stream("Tell me a long story about a dragon.", temperature=0.0,
                             max_tokens=400)
     next(stream)

@@ -12,8 +12,10 @@ from typing import IO, Any
 import click
 
 from ..chunks import Answer
+from ..config import GenerationConfig
 from ..errors import InvalidParameterError, KVCacheError
-from .common import CliError, flags_from, generation_options, quiet, state, verbose
+from ..service import LLMService
+from .common import CliError, Flags, flags_from, generation_options, quiet, state, verbose
 from .load import call_options, open_service
 from .output import Streamed, after_answer, stream_to_terminal
 from .progress import PromptSpinner, is_terminal
@@ -59,7 +61,7 @@ def _inputs(question: str | None, context: str | None, context_file: str | None)
     if question is None or not question.strip():
         raise InvalidParameterError("the question is empty: give it as an argument, or `-` to "
                                     "read it from stdin", "question")
-    state()["has_context"] = bool(context)
+    state().has_context = bool(context)
     return question.strip(), context
 
 
@@ -133,7 +135,7 @@ def _read_schema(path: Path) -> Any:
         "name": path.stem or "response", "schema": schema}})
 
 
-def _load_kv_cache(service: Any, path: Path) -> Path | None:
+def _load_kv_cache(service: LLMService, path: Path) -> Path | None:
     """Loads ``--kv-cache FILE`` when it exists. Returns where to save the cache after the
     answer: the file, unless saving would lose what it holds (a load that failed, or one
     that left prefixes out: they are kept on disk, and the notice says so)."""
@@ -156,8 +158,8 @@ def _load_kv_cache(service: Any, path: Path) -> Path | None:
     return path
 
 
-def _answer(service: Any, question: str, context: str | None, system: str | None, flags: Any,
-            cfg: Any, *, show_reasoning: bool, stats: bool, no_stream: bool,
+def _answer(service: LLMService, question: str, context: str | None, system: str | None,
+            flags: Flags, cfg: GenerationConfig, *, show_reasoning: bool, stats: bool, no_stream: bool,
             as_json: bool) -> None:
     if as_json or no_stream:
         extra = call_options(system, None)
@@ -181,7 +183,7 @@ def _answer(service: Any, question: str, context: str | None, system: str | None
                  quiet=quiet())
 
 
-def _print_whole(answer: Answer, service: Any, as_json: bool, show_reasoning: bool) -> None:
+def _print_whole(answer: Answer, service: LLMService, as_json: bool, show_reasoning: bool) -> None:
     if as_json:
         info = service.get_model_info()
         click.echo(json.dumps({

@@ -25,7 +25,7 @@ import click
 
 from ..chunks import Chunk
 from ..config import GenerationConfig
-from ..errors import ContextLengthExceededError, GgufllmError, InvalidParameterError
+from ..errors import GgufllmError, InvalidParameterError
 from ..harmony import Turn
 from ..service import LLMService
 from .common import explain, flags_from, generation_options, quiet, state, verbose
@@ -103,33 +103,15 @@ class ChatSession:
     def _turns(self) -> list[Turn]:
         return [Turn(m.role, m.content) for m in self.messages]
 
-    def _drop_oldest(self) -> bool:
-        """Drops the oldest exchange (never the message being answered)."""
-        if len(self.messages) <= 1:
-            return False
-        n = 2 if len(self.messages) > 2 and self.messages[1].role == "assistant" else 1
-        del self.messages[:n]
-        return True
-
     def _open(self, spinner: PromptSpinner) -> Iterator[Chunk]:
-        """Starts the answer, dropping the oldest turns while the prompt does not fit."""
-        dropped = 0
-        kept = list(self.messages)
-        while True:
-            extra = call_options(self.system, spinner)
-            try:
-                chunks = iter(self.service.chat_stream(self._turns(), **self.params, **extra))
-                first = next(chunks, None)
-                break
-            except ContextLengthExceededError:
-                if not self._drop_oldest():
-                    self.messages[:] = kept  # the message alone does not fit: lose nothing
-                    raise
-                dropped += 1
-        if dropped and not quiet():
-            click.secho(f"(the conversation outgrew the {self.service.get_model_info()['n_ctx']}"
-                        f"-token window: dropped the {dropped} oldest turn(s))", err=True,
-                        fg="yellow")
+        """Starts the answer; a conversation that outgrew the window loses its oldest turns
+        (the service's ``drop_oldest_turns`` policy, which logs the notice), and so does the
+        history kept here. A message too long alone loses nothing and raises."""
+        extra = call_options(self.system, spinner)
+        params = {**self.params, "overflow": "drop_oldest_turns", **extra}
+        chunks = self.service.chat_stream(self._turns(), **params)
+        first = next(chunks, None)
+        del self.messages[:chunks.dropped_turns]
         return _prepend(first, chunks)
 
     def send(self, text: str) -> Streamed | None:
@@ -266,7 +248,7 @@ def chat(model: str | None, system: str | None, show_reasoning: bool, stats: boo
       ggufllm chat --system "Answer in one sentence." --temperature 0.2
     """
     flags = flags_from(kw)
-    state()["in_chat"] = True
+    state().in_chat = True
     service, _ = open_service(model, flags)
     with service:
         session = ChatSession(service, dict(flags.params), system, show_reasoning, stats)

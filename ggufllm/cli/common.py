@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -48,10 +49,33 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-def state() -> dict[str, Any]:
-    """Per-invocation facts shared by the group and the command (verbosity, flags typed)."""
+@dataclass
+class Invocation:
+    """What one command line said and found, shared by the group and its command.
+
+    Attributes:
+        verbose: how many ``-v``.
+        quiet: ``-q``.
+        flags: setting or parameter name -> the flag that set it (``max_tokens`` -> ``--max-tokens``).
+        trained_ctx: the context the model was trained on (once its header was read).
+        has_context: the question came with a RAG context (``ask --context``).
+        in_chat: the command is the chat REPL.
+    """
+
+    verbose: int = 0
+    quiet: bool = False
+    flags: dict[str, str] = field(default_factory=dict)
+    trained_ctx: int | None = None
+    has_context: bool = False
+    in_chat: bool = False
+
+
+def state() -> Invocation:
+    """This invocation's facts (a fresh, unshared one outside a click command)."""
     ctx = click.get_current_context(silent=True)
-    return ctx.find_root().meta if ctx is not None else {}
+    if ctx is None:
+        return Invocation()
+    return ctx.find_root().meta.setdefault("ggufllm", Invocation())
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -70,12 +94,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-    meta = ctx.find_root().meta
+    facts = ctx.find_root().meta.setdefault("ggufllm", Invocation())
     if param.name == "verbose":
-        meta["verbose"] = meta.get("verbose", 0) + (value or 0)
+        facts.verbose += value or 0
     elif value:
-        meta["quiet"] = True
-    setup_logging(meta.get("verbose", 0), meta.get("quiet", False))
+        facts.quiet = True
+    setup_logging(facts.verbose, facts.quiet)
 
 
 def verbosity_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,16 +112,16 @@ def verbosity_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def quiet() -> bool:
-    return bool(state().get("quiet"))
+    return state().quiet
 
 
 def verbose() -> int:
-    return int(state().get("verbose", 0))
+    return state().verbose
 
 
 def explain(exc: GgufllmError) -> str:
     """The one-line message for a known failure, in the words of the flags typed."""
-    typed = state().get("flags", {})
+    typed = state().flags
     if isinstance(exc, InvalidParameterError) and exc.name in typed:
         flag = typed[exc.name]
         return f"{flag}: {str(exc).split(': ', 1)[-1]}"
@@ -112,22 +136,22 @@ def explain(exc: GgufllmError) -> str:
 
 def context_remedies(exc: ContextLengthExceededError) -> str:
     """Names the numbers and the ways out of a prompt that does not fit."""
-    meta = state()
-    ctx_flag = "--ctx" if "--ctx" in meta.get("flags", {}).values() else "--ctx (MAX_LENGTH)"
+    facts = state()
+    ctx_flag = "--ctx" if "--ctx" in facts.flags.values() else "--ctx (MAX_LENGTH)"
     n, n_ctx, budget = exc.n_prompt, exc.n_ctx, exc.max_tokens
     fixes = []
     if n < n_ctx:
         fixes.append(f"--max-tokens {n_ctx - n} or less")
-    trained = meta.get("trained_ctx")
+    trained = facts.trained_ctx
     need = n + budget
     if trained is None or need <= trained:
         fixes.append(f"--ctx {need} or more" + (f" (the model was trained on {trained})"
                                                  if trained else ""))
-    if meta.get("has_context"):
-        typed_overflow = "overflow" in meta.get("flags", {})
+    if facts.has_context:
+        typed_overflow = "overflow" in facts.flags
         fixes.append("a shorter context" + ("" if typed_overflow else
                                             ", or --overflow truncate-context"))
-    elif meta.get("in_chat"):
+    elif facts.in_chat:
         fixes.append("/clear, or a shorter message")
     else:
         fixes.append("a shorter question")
@@ -149,7 +173,7 @@ class Flags:
         typed = {k: PARAM_FLAGS[k] for k in self.params}
         if max_length is not None:
             typed["max_length"] = "--ctx"
-        state()["flags"] = typed
+        state().flags = typed
 
     def settings(self) -> Settings:
         """The settings: environment defaults with these flags on top (validated together).

@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 from ..config import GenerationConfig
+from ..engine.fit import check_budget
+from ..errors import ContextLengthExceededError, InvalidParameterError
 from ..gguf_file import read_gguf_header
 from ..resolve import resolve_model
 from ..service import LLMService
@@ -36,8 +38,8 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
                              load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
     header = read_gguf_header(resolved.path)
     trained = header.context_length
-    state()["trained_ctx"] = trained
-    typed = state().get("flags", {})
+    state().trained_ctx = trained
+    typed = state().flags
     ctx_name = "--ctx" if "max_length" in typed else "--ctx (MAX_LENGTH)"
     if trained and settings.max_length > trained and not quiet():
         logger.warning("%s %d is past the %d tokens %s was trained on: answers past that "
@@ -45,7 +47,7 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
                        resolved.path.name)
     # only a budget typed can be wrong: the default one (DEFAULT_MAX_TOKENS) is capped to what
     # the window leaves by the service
-    if "max_tokens" in typed and cfg.max_tokens >= settings.max_length:
+    if "max_tokens" in typed and not _fits(cfg.max_tokens, settings.max_length):
         raise CliError(f"--max-tokens {cfg.max_tokens} leaves no room for the prompt in the "
                        f"context window of {settings.max_length} tokens ({ctx_name}); use "
                        f"--max-tokens {settings.max_length // 2} or less, or --ctx above {cfg.max_tokens}")
@@ -69,3 +71,12 @@ def call_options(instructions: str | None, spinner: PromptSpinner | None) -> dic
     if spinner is not None:
         extra["on_prompt_progress"] = spinner.progress
     return extra
+
+
+def _fits(max_tokens: int, n_ctx: int) -> bool:
+    """Whether a one-token prompt and ``max_tokens`` fit the window (the engine's budget rule)."""
+    try:
+        check_budget(1, max_tokens, n_ctx)
+    except (ContextLengthExceededError, InvalidParameterError):
+        return False
+    return True

@@ -25,14 +25,13 @@ from typing import Any
 from ..config import ExtraBuffersMode, GenerationConfig, KVCacheType, KVReuse
 from ..errors import (
     ConfigError,
-    ContextLengthExceededError,
     EngineFailedError,
-    InvalidParameterError,
     ServiceClosedError,
 )
 from ..gguf_file import GGUFSummary, read_gguf_header
 from ..harmony import Turn
 from ..kvlayout import KVLayout, kv_cache_bytes
+from .fit import check_budget
 from .kvcache import PrefixCache
 from .kvfile import KVCacheIdentity
 from .kvstore import KVStore
@@ -303,23 +302,6 @@ class Engine:
 
     # -- generation ----------------------------------------------------------
 
-    def check_budget(self, prompt: Prompt, cfg: GenerationConfig) -> None:
-        """Raises if the prompt does not fit or the budget exceeds the window.
-
-        Raises:
-            InvalidParameterError: an empty prompt, or ``max_tokens`` past the window.
-            ContextLengthExceededError: prompt + ``max_tokens`` > the window.
-        """
-        n_prompt = len(prompt.tokens)
-        if cfg.max_tokens > self.n_ctx:
-            raise InvalidParameterError(
-                f"max_tokens={cfg.max_tokens} exceeds the context window of {self.n_ctx}",
-                "max_tokens")
-        if n_prompt == 0:
-            raise InvalidParameterError("the prompt is empty", "question")
-        if n_prompt + cfg.max_tokens > self.n_ctx:
-            raise ContextLengthExceededError(n_prompt, self.n_ctx, cfg.max_tokens)
-
     def reader(self, prompt: Prompt) -> OutputReader:
         if prompt.raw:
             return TextReader(self._model, prompt.stops, strip_start=False)
@@ -342,7 +324,7 @@ class Engine:
         """
         if self._closed:
             raise ServiceClosedError("the model was closed")
-        self.check_budget(prompt, cfg)
+        check_budget(len(prompt.tokens), cfg.max_tokens, self.n_ctx)
         with self._native():
             reader = self.reader(prompt)
         request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel)
@@ -360,7 +342,7 @@ class Engine:
             Everything :meth:`submit` raises, at call time.
         """
         cancel = threading.Event()
-        stream = ChunkStream(cancel)
+        stream = ChunkStream(cancel, dropped_turns=prompt.dropped_turns)
         self.submit(prompt, cfg, stream.sink, on_prompt_progress, cancel)
         return stream
 

@@ -1,4 +1,12 @@
-"""Making a prompt fit the window: the ``overflow`` policies of :class:`GenerationConfig`.
+"""The budget rule, and making a prompt fit the window: the ``overflow`` policies of
+:class:`GenerationConfig`.
+
+The rule (:func:`check_budget`, the one place it is written; the engine checks every
+request with it, the CLI checks a typed ``--max-tokens`` with it before loading): a
+request of ``n_prompt`` tokens asking for ``max_tokens`` more fits a window of ``n_ctx``
+when the prompt is not empty, ``max_tokens <= n_ctx`` and ``n_prompt + max_tokens <=
+n_ctx``; it then holds at most :func:`cells_needed` KV cells, which the stepper reserves
+for it in the pool.
 
 - ``error`` (default): :class:`ContextLengthExceededError` with the counts;
 - ``truncate_context``: cut the end of the RAG context (never the question or the
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..config import GenerationConfig
@@ -36,10 +44,32 @@ from .prompt import Prompt
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["RagQuestion", "fit_prompt", "fit_raw", "refuse_what_cannot_fit"]
+__all__ = ["RagQuestion", "check_budget", "cells_needed", "fit_prompt", "fit_raw",
+           "refuse_what_cannot_fit"]
 
 logger = logging.getLogger(__name__)
 _MAX_TRIES = 8
+
+
+def check_budget(n_prompt: int, max_tokens: int, n_ctx: int) -> None:
+    """The budget rule: raises unless ``n_prompt`` tokens and ``max_tokens`` more fit ``n_ctx``.
+
+    Raises:
+        InvalidParameterError: ``max_tokens`` alone exceeds the window, or an empty prompt.
+        ContextLengthExceededError: ``n_prompt + max_tokens > n_ctx``.
+    """
+    if max_tokens > n_ctx:
+        raise InvalidParameterError(
+            f"max_tokens={max_tokens} exceeds the context window of {n_ctx}", "max_tokens")
+    if n_prompt == 0:
+        raise InvalidParameterError("the prompt is empty", "question")
+    if n_prompt + max_tokens > n_ctx:
+        raise ContextLengthExceededError(n_prompt, n_ctx, max_tokens)
+
+
+def cells_needed(n_prompt: int, max_tokens: int, n_ctx: int) -> int:
+    """The most KV cells a request that passed :func:`check_budget` can hold."""
+    return min(n_prompt + max_tokens, n_ctx)
 
 
 @dataclass(frozen=True)
@@ -71,8 +101,7 @@ def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
     """
     n_ctx = engine.n_ctx
     if budget_given and cfg.max_tokens > n_ctx and cfg.overflow != "shrink_max_tokens":
-        raise InvalidParameterError(f"max_tokens={cfg.max_tokens} exceeds the context window "
-                                    f"of {n_ctx}", "max_tokens")
+        check_budget(1, cfg.max_tokens, n_ctx)  # raises: no prompt leaves room for it
     refuse_what_cannot_fit(engine, _kept_by_every_policy(turns, rag, cfg), cfg)
     all_turns = list(turns) + ([rag.turn(rag.context)] if rag is not None else [])
     prompt = engine.build(all_turns, cfg, instructions)
@@ -196,4 +225,4 @@ def _drop_oldest_turns(engine: Engine, turns: list[Turn], cfg: GenerationConfig,
         prompt = engine.build(kept, cfg, instructions)
     logger.warning("dropped the %d oldest turn(s) of the conversation to fit the window "
                    "(prompt %d -> %d tokens)", dropped, first, len(prompt.tokens))
-    return prompt
+    return replace(prompt, dropped_turns=dropped)

@@ -51,6 +51,8 @@ class Prompt:
     tokens: list[int]
     stops: tuple[str, ...]
     raw: bool = False  # a text continued as it is (no turns, read as plain text)
+    dropped_turns: int = 0  # oldest turns left out to fit the window (drop_oldest_turns)
+    calls: bool = False  # the reply may call functions: its messages to functions.NAME are calls
 
 
 class PromptBuilder:
@@ -110,12 +112,15 @@ class PromptBuilder:
                 raise InvalidParameterError(f"turn role must be one of {', '.join(ROLES)} "
                                             f"(got {turn.role!r})", "turns")
         date = date or self._date()
+        if self.kind is not PromptKind.HARMONY:
+            _check_no_tools(turns, cfg)
         if self.kind is PromptKind.HARMONY:
             if instructions is None and not any(t.role in INSTRUCTION_ROLES for t in turns):
                 instructions = DEFAULT_INSTRUCTIONS
+            tools = cfg.tools if cfg.tool_choice != "none" else ()
             segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort,
-                                           instructions=instructions, date=date)
-            return Prompt(self._tokenize_segments(segments), cfg.stop)
+                                           instructions=instructions, date=date, tools=tools)
+            return Prompt(self._tokenize_segments(segments), cfg.stop, calls=bool(tools))
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions, date), cfg.stop)
         return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
@@ -186,3 +191,13 @@ class PromptBuilder:
             parts.append(f"{content}\nAnswer:")
         text = "".join(parts)
         return self._model.tokenize(text, add_special=self._model.add_bos, parse_special=False)
+
+
+def _check_no_tools(turns: Sequence[Turn], cfg: GenerationConfig) -> None:
+    """Tools need a model with a call format ggufllm reads: gpt-oss's harmony. Other models
+    are refused rather than shown tools whose calls nobody would parse."""
+    if cfg.tools or cfg.tool_choice != "auto" or any(
+            t.role == "tool" or t.tool_calls for t in turns):
+        raise InvalidParameterError(
+            "this model has no tool-call support: tools, tool calls and tool results (the "
+            "\"tool\" role) need a gpt-oss (harmony) model", "tools")

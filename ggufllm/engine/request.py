@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,12 +12,21 @@ from .native import Sampler
 from .output import OutputReader
 from .slots import Slot
 
-__all__ = ["Request", "Sink", "ProgressCallback"]
+__all__ = ["Request", "RequestState", "Sink", "ProgressCallback"]
 
 # A sink receives a list of chunks (the last list ends with the chunk carrying the
 # finish reason) or an exception; it is called from the scheduler thread.
 Sink = Callable[[Any], None]
 ProgressCallback = Callable[[int, int], None]
+
+
+class RequestState(enum.Enum):
+    """Where a request is (llama-server's ``slot_state``, per request)."""
+
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILLING = "prefilling"  # in a slot, its prompt going into the cache
+    GENERATING = "generating"  # its last sampled token (``next_token``) waits to be evaluated
+    FINISHED = "finished"  # its sink got its last chunks or an error; no slot
 
 
 class Request:
@@ -33,7 +43,7 @@ class Request:
     """
 
     __slots__ = ("prompt", "cfg", "reader", "sink", "on_prompt_progress", "cancel", "slot",
-                 "sampler", "n_done", "n_cached", "n_gen", "next_token", "t_start", "t_first")
+                 "sampler", "state", "n_done", "n_cached", "n_gen", "next_token", "t_start", "t_first")
 
     def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, reader: OutputReader,
                  sink: Sink, on_prompt_progress: ProgressCallback | None = None,
@@ -44,12 +54,10 @@ class Request:
         self.sink = sink
         self.on_prompt_progress = on_prompt_progress
         self.cancel = cancel if cancel is not None else threading.Event()
-        self.slot: Slot | None = None
-        self.sampler: Sampler | None = None
+        self.state = RequestState.WAITING
+        self.slot: Slot | None = None  # while PREFILLING or GENERATING
+        self.sampler: Sampler | None = None  # while PREFILLING or GENERATING
         self.n_done = self.n_cached = self.n_gen = 0
-        self.next_token = -1  # sampled, shown, not yet in the cache
-        self.t_start = self.t_first = 0.0
-
-    @property
-    def generating(self) -> bool:
-        return self.next_token >= 0
+        self.next_token = 0  # while GENERATING: sampled, shown, not yet in the cache
+        self.t_start = 0.0  # set when it leaves WAITING
+        self.t_first = 0.0  # set when its prompt is all in the cache

@@ -29,9 +29,12 @@ class ChunkStream(Iterator[Chunk]):
 
     Args:
         cancel: the request's cancel flag.
+        dropped_turns: how many oldest turns the prompt left out to fit the window
+            (``overflow="drop_oldest_turns"``); a chat keeps its history in step with it.
     """
 
-    def __init__(self, cancel: threading.Event) -> None:
+    def __init__(self, cancel: threading.Event, *, dropped_turns: int = 0) -> None:
+        self.dropped_turns = dropped_turns
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._buffer: deque[Chunk] = deque()
         self._cancel = cancel

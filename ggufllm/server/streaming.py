@@ -19,6 +19,7 @@ import anyio
 
 from ..chunks import Chunk, FinishReason, Timings
 from ..harmony import Turn
+from ..service import LLMService
 
 __all__ = ["ChunkPuller", "Fold", "open_chat", "open_answer", "PromptProgress"]
 
@@ -39,7 +40,7 @@ class PromptProgress:
         self.latest = "/".join(f"{a:.3g}" if isinstance(a, float) else str(a) for a in args)
 
 
-def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
+def open_chat(service: LLMService, turns: Sequence[Turn], instructions: str | None,
               progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.achat_stream``. Without ``max_tokens`` in ``params`` the service's default
     budget applies, capped to what the context leaves."""
@@ -49,14 +50,14 @@ def open_chat(service: Any, turns: Sequence[Turn], instructions: str | None,
     return service.achat_stream(list(turns), **kwargs, **params)
 
 
-def open_completion(service: Any, text: str, progress: PromptProgress | None,
+def open_completion(service: LLMService, text: str, progress: PromptProgress | None,
                     params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.acomplete_stream(text)``: a raw continuation (OpenAI's legacy completions)."""
     kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
     return service.acomplete_stream(text, **kwargs, **params)
 
 
-def open_answer(service: Any, question: str, context: str | None,
+def open_answer(service: LLMService, question: str, context: str | None,
                 progress: PromptProgress | None, params: dict[str, Any]) -> AsyncIterator[Chunk]:
     """``service.astream(question, context)`` with prompt progress reported."""
     kwargs: dict[str, Any] = {"on_prompt_progress": progress} if progress is not None else {}
