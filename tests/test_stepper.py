@@ -254,3 +254,20 @@ def test_end_all_cancels_or_delivers_the_failure():
     failure = EngineFailedError("boom")
     stepper.end_all(failure)
     assert sink_c.error is failure and c.state is S.FINISHED and not stepper.active
+
+
+def test_a_new_document_keeps_the_other_documents_slot():
+    # the same instructions, then another document: an empty slot takes it (the shared
+    # instructions copied in), and the first document's follow-up still finds it whole
+    stepper, ctx = make_stepper(n_slots=2)
+    header = list(range(1, 41))
+    doc_a, doc_b = list(range(100, 300)), list(range(1000, 1200))
+    for prompt in (header + doc_a + [7], header + doc_b + [8]):
+        r, _ = request(prompt, max_tokens=2)
+        stepper.insert(r)
+        run(stepper)
+    assert ctx.copies == [(0, 1, 0, 40)]  # the header, shared by a copy
+    follow_up, sink = request(header + doc_a + [9], max_tokens=2)
+    stepper.insert(follow_up)
+    run(stepper)
+    assert sink.chunks[-1].timings.n_cached == 240

@@ -6,8 +6,11 @@ scheduler appends to it only after ``llama_decode`` has stored a token.
 
 Placing a prompt follows llama-server: the free slot whose cached tokens share
 the longest prefix with the prompt (when that prefix is at least a tenth of the
-prompt), else the least recently used free slot. A longer prefix held by a busy
+prompt), else the least recently used free slot. A longer prefix held by another
 slot is shared with ``llama_memory_seq_cp`` (metadata only in a unified cache).
+Unlike llama-server, a prompt whose best free slot would lose more tokens than it
+keeps (the same instructions, then another document) goes to an empty slot when
+there is one, with the shared part copied: both documents stay cached.
 With ``KV_REUSE=exact``, only whole prompt pages evaluated on an exact prefix are
 reused (``Slot.n_exact``); with ``fast`` (the default) any prefix whose tokens
 match is, generated tokens included, as llama-server reuses them. On this CPU build a token's K/V and logits depend on the
@@ -175,8 +178,9 @@ class SlotTable:
         limit = len(prompt) - 1  # the last prompt token is always evaluated (its logits)
         slot, n = self._choose(free, prompt, limit)
         shared_from = None
-        donor = max((s for s in self.slots if s.busy), default=None,
-                    key=lambda s: reusable(s, prompt, limit, self.exact))
+        # a running request's slot, or an idle one kept for its document (see _choose)
+        donor = max((s for s in self.slots if s is not slot and (s.busy or s.tokens)),
+                    default=None, key=lambda s: reusable(s, prompt, limit, self.exact))
         if donor is not None:
             n_donor = reusable(donor, prompt, limit, self.exact)
             if n_donor > n:  # a running request holds a longer prefix: share its cells
@@ -211,6 +215,12 @@ class SlotTable:
         best = max(free, key=lambda s: (reusable(s, prompt, limit, self.exact), s.last_used))
         n = reusable(best, prompt, limit, self.exact)
         if n > 0 and n >= _MIN_SIMILARITY * len(prompt):
+            empty = [s for s in free if not s.tokens]
+            if empty and len(best.tokens) - n > n:
+                # reusing it would cut away more than it keeps (a shared header, another
+                # document after it): an empty slot takes the prompt, the header is copied
+                # into it (place's donor), and the other document stays for its follow-ups
+                return empty[0], 0
             return best, n
         lru = min(free, key=lambda s: (bool(s.tokens), s.last_used))  # empty slots first
         return lru, reusable(lru, prompt, limit, self.exact)
