@@ -43,6 +43,7 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     ModelNotFoundError,
     OutputExistsError,
+    RequestRejectedError,
     ServerBusyError,
     ServiceClosedError,
 )
@@ -56,7 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LLMService", "llm_service", "Answer", "Chunk", "Timings", "Turn",
     "GenerationConfig", "Settings", "load_settings",
-    "GgufllmError", "ConfigError", "InvalidParameterError", "ModelNotFoundError",
+    "GgufllmError", "ConfigError", "RequestRejectedError", "InvalidParameterError", "ModelNotFoundError",
     "ModelLoadError", "LoadCancelledError", "ContextLengthExceededError",
     "ServiceClosedError", "ConversionError", "OutputExistsError",
     "ServerBusyError", "KVCacheError", "KVCacheMismatchError", "KVCacheUntrustedError",

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, InvalidParameterError
 from .structured import ResponseFormat
+from .structured.tools import FunctionTool, ToolChoice
 
 __all__ = ["Settings", "GenerationConfig", "ReasoningEffort", "load_settings"]
 
@@ -70,6 +71,11 @@ class GenerationConfig(BaseModel):
     reasoning_budget: int | None = Field(
         None, ge=0, le=1 << 20, description="gpt-oss with a response_format: the most analysis "
         "tokens before the answer is forced (None: as many as max_tokens leaves room for)")
+    tools: tuple[FunctionTool, ...] = Field(
+        (), description="functions the reply may call (see ggufllm.structured.tools)")
+    tool_choice: ToolChoice = Field(
+        "auto", description="auto: the model decides; none: no call (the tools are not shown); "
+        "required: it calls one of them; a ForcedFunction: it calls that one")
 
     def updated(self, **changes: Any) -> GenerationConfig:
         """Returns a copy with ``changes`` applied and validated.

@@ -6,13 +6,14 @@ HTTP server translate :class:`GgufllmError` in one place each.
     GgufllmError
     ├── ConfigError                  a setting or environment variable is invalid
     │   └── KernelSelfTestError      CPU_EXTRA_BUFFERS=on, but those kernels failed their self-test
-    ├── InvalidParameterError        a call argument is invalid (also a ValueError)
-    │   └── UnsupportedSchemaError   a JSON Schema keyword the answer grammar cannot express
     ├── ModelNotFoundError           no GGUF file at the path (also FileNotFoundError)
     ├── ModelLoadError               the file is not a usable GGUF, or llama.cpp refused it
     │   └── LoadCancelledError       the load was cancelled by the caller
-    ├── ContextLengthExceededError   prompt (+ budget) does not fit the context window
-    ├── ServerBusyError              every slot is busy and the wait queue is full
+    ├── RequestRejectedError         a request refused before any decoding (the caller may retry it changed)
+    │   ├── InvalidParameterError    a call argument is invalid (also a ValueError)
+    │   │   └── UnsupportedSchemaError  a JSON Schema keyword the answer grammar cannot express
+    │   ├── ContextLengthExceededError  prompt (+ budget) does not fit the context window
+    │   └── ServerBusyError          every slot is busy and the wait queue is full
     ├── IncompleteAnswerError        a structured answer was cut by max_tokens (not valid JSON)
     ├── KVCacheError                 a saved KV-cache file is unreadable (truncated, garbage)
     │   ├── KVCacheMismatchError     the file is from another model, build, setting or format
@@ -33,6 +34,7 @@ __all__ = [
     "GgufllmError",
     "ConfigError",
     "KernelSelfTestError",
+    "RequestRejectedError",
     "InvalidParameterError",
     "UnsupportedSchemaError",
     "ModelNotFoundError",
@@ -93,7 +95,13 @@ class KernelSelfTestError(ConfigError):
         self.weight_types = tuple(weight_types)
 
 
-class InvalidParameterError(GgufllmError, ValueError):
+class RequestRejectedError(GgufllmError):
+    """A request refused before any decoding: nothing ran, nothing is lost (the server
+    answers 4xx). Its subclasses say why; :class:`EngineError` is the other side, a
+    request that failed while it ran."""
+
+
+class InvalidParameterError(RequestRejectedError, ValueError):
     """A call argument is invalid; raised before anything reaches llama.cpp.
 
     Attributes:
@@ -112,15 +120,18 @@ class UnsupportedSchemaError(InvalidParameterError):
     Attributes:
         keyword: the JSON Schema keyword (``minimum``, ``format``, ``oneOf``...).
         path: where it is in the schema, as a JSON pointer (``/properties/age``).
+        reason: why it is refused (may be empty).
     """
 
-    def __init__(self, keyword: str, path: str, reason: str = "") -> None:
+    def __init__(self, keyword: str, path: str, reason: str = "",
+                 param: str = "response_format") -> None:
         where = path or "/"
         detail = f": {reason}" if reason else ""
-        super().__init__(f"response_format: the JSON Schema keyword {keyword!r} at {where} is "
-                         f"not supported{detail}", "response_format")
+        super().__init__(f"{param}: the JSON Schema keyword {keyword!r} at {where} is "
+                         f"not supported{detail}", param)
         self.keyword = keyword
         self.path = path
+        self.reason = reason
 
 
 class ModelNotFoundError(GgufllmError, FileNotFoundError):
@@ -154,7 +165,7 @@ class LoadCancelledError(ModelLoadError):
         super().__init__(path, ["load cancelled"])
 
 
-class ContextLengthExceededError(GgufllmError):
+class ContextLengthExceededError(RequestRejectedError):
     """The prompt plus the requested budget does not fit the context window.
 
     Attributes:
@@ -173,7 +184,7 @@ class ContextLengthExceededError(GgufllmError):
         self.max_tokens = max_tokens
 
 
-class ServerBusyError(GgufllmError):
+class ServerBusyError(RequestRejectedError):
     """Every slot is busy and the bounded wait queue is full; retry later.
 
     Attributes:

@@ -29,7 +29,7 @@ from .engine.fit import RagQuestion, fit_prompt, fit_raw
 from .engine.native import ProgressFn
 from .engine.prompt import Prompt, PromptKind
 from .engine.scheduler import ProgressCallback
-from .engine.streams import async_chunks, async_sink
+from .engine.streams import ChunkStream, async_chunks, async_sink
 from .engine_health import EngineHealth
 from .errors import (
     ConfigError,
@@ -45,6 +45,7 @@ from .loading import open_engine
 from .model_info import model_info
 from .resolve import ResolvedModel
 from .structured import ResponseFormat
+from .structured.tools import tool_choice_of, tools_of
 
 __all__ = ["LLMService"]
 
@@ -226,7 +227,7 @@ class LLMService:
 
     def _prepare(self, turns: Sequence[Turn], params: dict[str, Any], instructions: str | None,
                  rag: RagQuestion | None = None) -> tuple[Engine, Prompt, GenerationConfig]:
-        params = _with_format(params)
+        params = _with_tools(_with_format(params))
         cfg = self._generation.updated(**params)
         if instructions is not None and not isinstance(instructions, str):
             raise InvalidParameterError("instructions must be a string or None", "instructions")
@@ -236,7 +237,6 @@ class LLMService:
         # no max_tokens: the default budget, capped to what the window leaves (engine/fit.py)
         prompt, cfg = fit_prompt(engine, turns, cfg, instructions, rag,
                                  budget_given=params.get("max_tokens") is not None)
-        engine.check_budget(prompt, cfg)
         return engine, prompt, cfg
 
     @staticmethod
@@ -251,14 +251,40 @@ class LLMService:
 
     def chat_stream(self, turns: Sequence[Turn], *, instructions: str | None = None,
                     on_prompt_progress: ProgressCallback | None = None,
-                    **params: Any) -> Iterator[Chunk]:
-        """Streams the reply to a conversation whose last turn is the user's.
+                    tools: Sequence[Any] | None = None, tool_choice: Any = None,
+                    **params: Any) -> ChunkStream:
+        """Streams the reply to a conversation whose last turn is the user's (or a tool's
+        result).
 
         See :meth:`stream`; ``overflow="drop_oldest_turns"`` drops the oldest turns
-        of a conversation that outgrew the window.
+        of a conversation that outgrew the window (the stream's ``dropped_turns`` says
+        how many).
+
+        Args:
+            tools: functions the model may call (gpt-oss only): OpenAI's ``{"type":
+                "function", "function": {...}}`` objects, :class:`~ggufllm.structured.tools.
+                FunctionTool` values or pydantic model classes. A call streams as chunks whose
+                ``tool_call`` names it, then adds its arguments, which follow the function's
+                schema; the reply then ends with ``finish_reason="tool_call"``. Send the
+                result back as ``Turn("tool", result, name=NAME)`` after
+                ``Turn("assistant", "", reasoning=..., tool_calls=answer.tool_calls)``.
+            tool_choice: ``auto`` (default), ``none``, ``required``, or a function's name
+                (or OpenAI's ``{"type": "function", "function": {"name": ...}}``).
+
+        Raises:
+            InvalidParameterError: tools for a model without tool support, bad tools.
+            UnsupportedSchemaError: a function's parameters use what the grammar cannot
+                express.
         """
+        params = {**params, "tools": tools, "tool_choice": tool_choice}
         engine, prompt, cfg = self._prepare(turns, params, instructions)
         return engine.stream(prompt, cfg, on_prompt_progress)
+
+    def chat(self, turns: Sequence[Turn], **params: Any) -> Answer:
+        """The whole reply to a conversation (:meth:`chat_stream` folded): the answer, the
+        reasoning apart, and the ``tool_calls`` it made."""
+        with closing(self.chat_stream(turns, **params)) as chunks:
+            return Answer.from_chunks(chunks)
 
     def stream(self, question: str, context: str | None = None, *,
                instructions: str | None = None,
@@ -318,7 +344,6 @@ class LLMService:
         cfg = self._generation.updated(**params)
         engine = self._ensure_engine()
         prompt, cfg = fit_raw(engine, text, cfg, budget_given=params.get("max_tokens") is not None)
-        engine.check_budget(prompt, cfg)
         return engine, prompt, cfg
 
     def answer(self, question: str, context: str | None = None, **params: Any) -> Answer:
@@ -353,12 +378,14 @@ class LLMService:
 
     async def achat_stream(self, turns: Sequence[Turn], *, instructions: str | None = None,
                            on_prompt_progress: ProgressCallback | None = None,
+                           tools: Sequence[Any] | None = None, tool_choice: Any = None,
                            **params: Any) -> AsyncIterator[Chunk]:
         """Async twin of :meth:`chat_stream`; errors are raised at the first ``__anext__``.
 
         Leaving the ``async for`` early (or cancelling the task) cancels the
         request at the scheduler's next step.
         """
+        params = {**params, "tools": tools, "tool_choice": tool_choice}
         async for chunk in self._astream(turns, params, instructions, on_prompt_progress):
             yield chunk
 
@@ -549,6 +576,20 @@ def _with_format(params: dict[str, Any]) -> dict[str, Any]:
     if params.get("response_format") is None:
         return params
     return {**params, "response_format": ResponseFormat.of(params["response_format"])}
+
+
+def _with_tools(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``tools`` and ``tool_choice`` in their one form (checked: a parameter
+    schema the grammar cannot express raises here)."""
+    params = dict(params)
+    tools, tool_choice = params.pop("tools", None), params.pop("tool_choice", None)
+    if tools is None and tool_choice is None:
+        return params
+    checked = tools_of(tools)
+    if checked and params.get("response_format") is not None:
+        raise InvalidParameterError("tools and response_format cannot be combined (yet): ask "
+                                    "for one or the other", "tools")
+    return {**params, "tools": checked, "tool_choice": tool_choice_of(tool_choice, checked)}
 
 
 def _show_format(engine: Engine, fmt: ResponseFormat, turns: Sequence[Turn],

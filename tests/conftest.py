@@ -70,3 +70,41 @@ def smollm2_gguf() -> Path:
     from .instruct_model import smollm2_path
 
     return smollm2_path()
+
+
+# GGUFLLM_COUNT_LOADS=FILE: every model load in this process (fixtures included) is counted
+# against the test being set up or run, and the counts are written to FILE at the end (the
+# suite's cost in loads; child processes, e.g. a served model, are not counted).
+_LOADS: dict[str, int] = {}
+_RUNNING = [""]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    if not os.environ.get("GGUFLLM_COUNT_LOADS"):
+        return
+    from ggufllm.engine import native
+
+    original = native.NativeModel.__init__
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _LOADS[_RUNNING[0]] = _LOADS.get(_RUNNING[0], 0) + 1
+        original(self, *args, **kwargs)
+
+    native.NativeModel.__init__ = counted  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _RUNNING[0] = item.nodeid
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import json
+    import os
+
+    target = os.environ.get("GGUFLLM_COUNT_LOADS")
+    if target:
+        Path(target).write_text(json.dumps(_LOADS, indent=0), encoding="utf-8")

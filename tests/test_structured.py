@@ -254,3 +254,27 @@ def test_the_guide_forces_the_final_header_when_the_budget_runs_out() -> None:
         assert guide.forced() == want
         guide.observe(want)
     assert guide.phase is Phase.ANSWER and guide.forced() is None
+
+
+def test_a_date_is_a_calendar_date() -> None:
+    """``format: date`` accepts exactly what ``date.fromisoformat`` reads: no September 31st,
+    February 29th in leap years only, no year 0000 (llama.cpp's own rule takes all three)."""
+    import datetime as dt
+    import re
+
+    from ggufllm.structured.schema import _DATE
+
+    assert "date ::=" in schema_to_gbnf({"type": "string", "format": "date"})
+    # the rule is literals, classes and groups: as a regular expression it reads the same
+    rule = re.compile(re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), _DATE)
+                      .replace(" ", ""))
+    for year in [*range(0, 13), *range(1896, 1905), *range(1996, 2005), 2100, 2400, 9999]:
+        for month in range(0, 14):
+            for day in range(0, 33):
+                text = f"{year:04d}-{month:02d}-{day:02d}"
+                try:
+                    dt.date.fromisoformat(text)
+                    valid = True
+                except ValueError:
+                    valid = False
+                assert bool(rule.fullmatch(text)) == valid, text

@@ -306,7 +306,8 @@ class Engine:
         if prompt.raw:
             return TextReader(self._model, prompt.stops, strip_start=False)
         if self.prompts.harmony is not None:
-            return HarmonyReader(self._model, self.prompts.harmony, prompt.stops)
+            return HarmonyReader(self._model, self.prompts.harmony, prompt.stops,
+                                 calls=prompt.calls)
         return TextReader(self._model, prompt.stops)
 
     def submit(self, prompt: Prompt, cfg: GenerationConfig, sink: Sink,

@@ -7,10 +7,11 @@ to show and whether generation is over. Both do O(1) work per token.
 from __future__ import annotations
 
 import codecs
+import secrets
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..chunks import Chunk, FinishReason
+from ..chunks import Chunk, FinishReason, ToolCallDelta
 from ..harmony import Delta, HarmonyParser, HarmonyTokens
 from .native import NativeModel
 from .stops import StopScanner
@@ -37,20 +38,24 @@ class HarmonyReader:
     and keeps everything the parser and the stop window still hold.
     """
 
-    def __init__(self, model: NativeModel, tokens: HarmonyTokens, stops: Sequence[str] = ()) -> None:
+    def __init__(self, model: NativeModel, tokens: HarmonyTokens, stops: Sequence[str] = (), *,
+                 calls: bool = True) -> None:
         self._model = model
         self._end = tokens.end
         self._parser = HarmonyParser(tokens, model.piece)
         # extra stop strings apply to the answer (final channel) only
         self._stops = StopScanner(stops) if stops else None
         self._ended = False
+        # messages to functions.NAME are tool calls (else text on their channel)
+        self._calls = calls
+        self._n_calls = 0
 
     def feed(self, token: int) -> tuple[list[Chunk], FinishReason | None]:
         deltas = self._parser.feed(token)
         hit = False
         if self._stops is not None:
             deltas, hit = self._cut_final(deltas)
-        chunks = _with_token(deltas, token)
+        chunks = self._chunks(deltas, (token,))
         if hit:
             self._ended = True  # the stop string and whatever follows it are never shown
             return chunks, "stop"
@@ -86,9 +91,37 @@ class HarmonyReader:
         hit = False
         if self._stops is not None:
             deltas, hit = self._cut_final(deltas)
-        chunks = [Chunk(d.text, d.channel) for d in deltas if d.text]
+        chunks = [c for c in self._chunks(deltas, ()) if c.text or c.tool_call is not None]
         tail = self._stops.flush() if self._stops is not None and not hit else ""
         return chunks + [Chunk(tail)] if tail else chunks
+
+    def _chunks(self, deltas: Sequence[Delta], ids: tuple[int, ...]) -> list[Chunk]:
+        """One chunk per delta, the token ids on the first (or on an empty chunk); a message
+        to ``functions.NAME`` becomes tool-call pieces (the call's name when its header
+        closes, then its arguments as they come), never text."""
+        if not deltas:
+            return [Chunk("", "final", ids)]
+        out = []
+        for i, d in enumerate(deltas):
+            own = ids if i == 0 else ()
+            call = self._call_piece(d)
+            out.append(Chunk(d.text, d.channel, own) if call is None
+                       else Chunk("", d.channel, own, tool_call=call))
+        return out
+
+    def _call_piece(self, d: Delta) -> ToolCallDelta | None:
+        if not (self._calls and d.recipient and d.recipient.startswith(_FUNCTIONS)):
+            return None
+        if d.opens:
+            self._n_calls += 1
+            return ToolCallDelta(self._n_calls - 1, f"call_{secrets.token_hex(12)}",
+                                 d.recipient[len(_FUNCTIONS):])
+        if self._n_calls == 0:
+            return None
+        return ToolCallDelta(self._n_calls - 1, arguments=d.text)
+
+
+_FUNCTIONS = "functions."
 
 
 class TextReader:
@@ -133,10 +166,3 @@ class TextReader:
             rest = rest.lstrip()
         rest, hit = self._stops.push(rest)
         return rest if hit else rest + self._stops.flush()
-
-
-def _with_token(deltas: Sequence[Delta], token: int) -> list[Chunk]:
-    """One chunk per delta; the token id rides on the first (or on an empty chunk)."""
-    if not deltas:
-        return [Chunk("", "final", (token,))]
-    return [Chunk(d.text, d.channel, (token,) if i == 0 else ()) for i, d in enumerate(deltas)]

@@ -93,20 +93,30 @@ class VocabView:
     def controls(self) -> tuple[int, ...]:
         """Control (and unknown) tokens that do not end generation: their text, which the
         grammar matches, is not what the answer shows. Read once per vocabulary."""
+        return self._scan()[0]
+
+    def eogs(self) -> tuple[int, ...]:
+        """The tokens that end generation."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         key = (ctypes.cast(self.ptr, ctypes.c_void_p).value, self.n_vocab)
         with _controls_lock:
             found = _controls.get(key)
             if found is None:
                 mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
-                found = tuple(t for t in range(self.n_vocab)
-                              if lib.llama_vocab_get_attr(self.ptr, t) & mask
-                              and not lib.llama_vocab_is_eog(self.ptr, t))
-                _controls[key] = found
+                controls, eogs = [], []
+                for t in range(self.n_vocab):
+                    if lib.llama_vocab_is_eog(self.ptr, t):
+                        eogs.append(t)
+                    elif lib.llama_vocab_get_attr(self.ptr, t) & mask:
+                        controls.append(t)
+                found = _controls[key] = (tuple(controls), tuple(eogs))
         return found
 
 
 # per vocabulary (address, size); a reloaded model at the same address has the same vocabulary
-_controls: dict[tuple[Any, int], tuple[int, ...]] = {}
+_controls: dict[tuple[Any, int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 _controls_lock = threading.Lock()
 
 
@@ -178,6 +188,8 @@ class Sampler:
         token = self._forced()
         if token is None:
             token = self._constrained(ctx, index)
+        if self._grammar is None:  # it refused every token: dropped (see _constrained)
+            return token
         lib.llama_sampler_accept(self._grammar, token)
         if self._penalized:  # otherwise the chain keeps no history: nothing to tell it
             lib.llama_sampler_accept(self._ptr, token)
@@ -207,13 +219,24 @@ class Sampler:
             token = int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
         if not (self._banning() and token in self._banned) and self._allowed(token):
             return token
-        return self._masked(self._logits(ctx, index))
+        masked = self._masked(self._logits(ctx, index))
+        if masked is not None:
+            return masked
+        # Nothing is allowed: a lazy grammar was triggered by text it cannot continue (a call
+        # to a function that is not offered). Never sample from an empty set (llama.cpp would
+        # abort at the end of generation): the rest of the reply is unconstrained, and said so.
+        logger.warning("the grammar allows no token here; the rest of this reply is not "
+                       "constrained")
+        lib.llama_sampler_free(self._grammar)
+        self._grammar = None
+        self._guide = None
+        return int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
 
     def _logits(self, ctx: NativeContext, index: int) -> np.ndarray:
         return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ptr, index),
                                      shape=(self._n_vocab,))
 
-    def _masked(self, logits: np.ndarray) -> int:
+    def _masked(self, logits: np.ndarray) -> int | None:
         """A refused draw: the grammar masks, then the chain draws again from what is allowed.
 
         With top-k (or greedy) and no penalties, only the best candidates are masked, in
@@ -234,8 +257,11 @@ class Sampler:
                 ids = ids[~self._banned_mask[ids]]
             self._fill(ids, logits[ids])
             lib.llama_sampler_apply(self._grammar, ctypes.byref(self._cur))
-            if size >= n or np.count_nonzero(np.isfinite(self._view["logit"][:len(ids)])) >= self._need:
+            allowed = np.count_nonzero(np.isfinite(self._view["logit"][:len(ids)]))
+            if size >= n or allowed >= self._need:
                 break
+        if not allowed:
+            return None
         lib.llama_sampler_apply(self._ptr, ctypes.byref(self._cur))
         return int(self._data[self._cur.selected].id)
 
@@ -315,13 +341,25 @@ def build_sampler(cfg: GenerationConfig, ctx: NativeContext, n_vocab: int) -> Sa
         InvalidParameterError, UnsupportedSchemaError: the grammar cannot be built.
     """
     fmt = cfg.response_format
-    if fmt is None:
+    calls = cfg.tools and cfg.tool_choice != "none"
+    if fmt is None and not calls:
         return Sampler(cfg, n_vocab)
-    from ..structured.plan import plan_answer
+    from ..structured.plan import plan_answer, plan_calls
 
     vocab = VocabView.of_context(ctx)
-    plan = plan_answer(fmt, max_tokens=cfg.max_tokens, reasoning_budget=cfg.reasoning_budget,
-                       harmony=vocab.harmony(), tokenize=vocab.tokenize, piece=vocab.piece,
-                       controls=vocab.controls)
+    harmony = vocab.harmony()
+    if fmt is not None:
+        plan = plan_answer(fmt, max_tokens=cfg.max_tokens, reasoning_budget=cfg.reasoning_budget,
+                           harmony=harmony, tokenize=vocab.tokenize, piece=vocab.piece,
+                           controls=vocab.controls)
+    else:
+        if harmony is None:  # the prompt builder refuses tools for such a model first
+            raise InvalidParameterError("this model has no tool-call support", "tools")
+        plan = plan_calls(cfg.tools, cfg.tool_choice, max_tokens=cfg.max_tokens,
+                          reasoning_budget=cfg.reasoning_budget, harmony=harmony,
+                          tokenize=vocab.tokenize, piece=vocab.piece,
+                          controls=lambda: vocab.controls() + vocab.eogs())
+        if plan is None:
+            return Sampler(cfg, n_vocab)
     return Sampler(cfg, n_vocab, vocab=vocab, grammar=plan.grammar, guide=plan.guide,
                    banned_in_answer=plan.banned_in_answer)

@@ -81,14 +81,22 @@ class AnswerGuide:
         answer_tokens: the most tokens the answer can take (None: unknown, half the budget
             is kept for it).
         reasoning_budget: the most analysis tokens (None: only the budget rule).
+        header: what forcing writes (:data:`HEADER_TEXT`, or a call's header).
+        call: the answer is a function call's arguments (a message whose header addresses
+            ``functions.``), not the final channel.
+        force: False only follows the reply (where the answer is), never forcing a token.
     """
 
     def __init__(self, tokens: HarmonyTokens, tokenize: Callable[[str], list[int]],
                  piece: Callable[[int], bytes], *, max_tokens: int, answer_tokens: int | None,
-                 reasoning_budget: int | None = None) -> None:
+                 reasoning_budget: int | None = None, header: Sequence[str] = HEADER_TEXT,
+                 call: bool = False, force: bool = True) -> None:
         self._t = tokens
         self._piece = piece
-        self._header = [tokenize(text) for text in HEADER_TEXT]
+        self._header = [tokenize(text) for text in header]
+        self._call = call
+        self._force = force
+        self._head = bytearray()  # the whole header being written (role and channel parts)
         answer = answer_tokens if answer_tokens is not None else max(64, max_tokens // 2)
         self.reserve = answer + _SLACK
         self._max_tokens = max_tokens
@@ -104,7 +112,7 @@ class AnswerGuide:
         return self.phase is Phase.ANSWER
 
     def _due(self) -> bool:
-        if self.phase is Phase.ANSWER:
+        if self.phase is Phase.ANSWER or not self._force:
             return False
         if self._budget is not None and self._n_reasoning >= self._budget:
             return True
@@ -144,13 +152,22 @@ class AnswerGuide:
         if token == t.channel:
             self.phase, self._name = Phase.HEADER, bytearray()
         elif token == t.message:
-            final = self.phase is Phase.HEADER and self._name.lstrip().startswith(b"final")
-            self.phase = Phase.ANSWER if final else Phase.REASONING
+            if self._call:
+                answer = b"to=functions." in self._head
+            else:
+                answer = self.phase is Phase.HEADER and self._name.lstrip().startswith(b"final")
+            self.phase = Phase.ANSWER if answer else Phase.REASONING
+            self._head.clear()
         elif token == t.end:
             self.phase = Phase.BETWEEN
+            self._head.clear()
         elif token == t.start:
             self.phase, self._name = Phase.ROLE, bytearray()
-        elif self.phase in (Phase.HEADER, Phase.ROLE) and token != t.constrain:
-            self._name.extend(self._piece(token))
+            self._head.clear()
+        elif self.phase in (Phase.HEADER, Phase.ROLE, Phase.START) and token != t.constrain:
+            piece = self._piece(token)
+            self._head.extend(piece)
+            if self.phase is not Phase.START:
+                self._name.extend(piece)
         elif self.phase is Phase.REASONING:
             self._n_reasoning += 1

@@ -58,10 +58,21 @@ class HarmonyTokens:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """Decoded text on a channel."""
+    """Decoded text on a channel.
+
+    Attributes:
+        channel: the message's channel.
+        text: its text (may be empty for ``opens``).
+        recipient: where the message goes (``functions.NAME`` for a call), None for a message
+            to everyone.
+        opens: the first delta of a message with a recipient: emitted when its header
+            closes, before any text, so that a call is known even with empty arguments.
+    """
 
     channel: Channel
     text: str
+    recipient: str | None = None
+    opens: bool = False
 
 
 class _State(enum.Enum):
@@ -135,7 +146,7 @@ class HarmonyParser:
     def _close_message(self) -> list[Delta]:
         tail = self._decoder.decode(b"", final=True)
         self._decoder.reset()
-        return [Delta(self._channel, tail)] if tail else []
+        return [Delta(self._channel, tail, self.recipient)] if tail else []
 
     def _role_text(self) -> bytes:
         """What the role part holds besides a role word and a recipient."""
@@ -232,13 +243,15 @@ class HarmonyParser:
         if token in (t.message, t.constrain):
             return []
         text = self._decoder.decode(self._piece(token))
-        return [Delta(self._channel, text)] if text else []
+        return [Delta(self._channel, text, self.recipient)] if text else []
 
     def _feed_header(self, token: int) -> list[Delta]:
         t = self._t
         if token == t.message:
             out = self._flush_role()
             self._open_message()
+            if self.recipient is not None:
+                out.append(Delta(self._channel, "", self.recipient, opens=True))
             return out
         if token == t.channel:
             out = self._flush_role()
@@ -265,6 +278,7 @@ class HarmonyParser:
         channel, text = self._header_text(overflow=True)
         self._open_message()
         self._channel = channel
+        self.recipient = None  # text, not a header: it addresses nobody
         text = self._decoder.decode(text)
         return [Delta(channel, text)] if text else []
 

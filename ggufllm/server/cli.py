@@ -64,11 +64,28 @@ def _is_loopback(host: str) -> bool:
 @click.option("--insecure-no-key", is_flag=True, default=False,
               help="Serve a non-loopback --host without an API key (anyone who can reach the "
                    "port can use the model); without it, serve refuses to start.")
+@click.option("--replicas", type=click.IntRange(1, 4096), default=None,
+              help="Serve N replicas of the model on Ray Serve, each request routed to the "
+                   "replica that holds its document (needs ggufllm[ray]; docs/ray.md).")
+@click.option("--ray-address", default=None,
+              help="With --replicas: join this Ray cluster (auto, or HOST:PORT) instead of "
+                   "starting one on this machine.")
+@click.option("--min-replicas", type=click.IntRange(0, 4096), default=None,
+              help="With --replicas: autoscale from this many...")
+@click.option("--max-replicas", type=click.IntRange(1, 4096), default=None,
+              help="...to this many, on the requests running per replica (target: --parallel).")
+@click.option("--replica-cpus", type=click.FloatRange(0, 1024), default=None,
+              help="With --replicas: CPUs per replica (default 1; also its threads when "
+                   "N_THREADS is unset).")
+@click.option("--replica-gpus", type=click.FloatRange(0, 64), default=None,
+              help="With --replicas: GPUs per replica (1 on a GPU cluster; default 0).")
 def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int | None,
           max_queue: int | None, max_length: int | None, cors_origins: tuple[str, ...],
           allowed_hosts: tuple[str, ...], alias: str | None, drain_timeout: float | None,
           write_timeout: float | None, hide_cached_tokens: bool | None,
-          insecure_no_key: bool) -> None:
+          insecure_no_key: bool, replicas: int | None, ray_address: str | None,
+          min_replicas: int | None, max_replicas: int | None, replica_cpus: float | None,
+          replica_gpus: float | None) -> None:
     """Serve the model over HTTP: OpenAI's API, /answer, /metrics and a page at /."""
     import uvicorn
 
@@ -89,12 +106,37 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
                 "GGUFLLM_API_KEY (or --api-key), or pass --insecure-no-key to serve without one")
         logger.warning("listening on %s without an API key: anyone who can reach it can use it",
                        host)
-    service = LLMService(model, **_overrides(n_parallel=parallel, max_queue=max_queue,
-                                             max_length=max_length))
+    engine = _overrides(n_parallel=parallel, max_queue=max_queue, max_length=max_length)
+    cluster = _overrides(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                         replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+    if replicas is not None:
+        _serve_on_ray(model, host, port, config, engine, cluster, ray_address)
+        return
+    if cluster or ray_address:
+        raise click.UsageError("--ray-address, --min/--max-replicas and --replica-cpus/gpus go "
+                               "with --replicas N")
+    service = LLMService(model, **engine)
     app = create_app(service, config)
     click.echo(f"ggufllm: serving on http://{host}:{port} (the model loads in the background; "
                "GET /health says when it is ready)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def _serve_on_ray(model: str | None, host: str, port: int, config: Any,
+                  engine: dict[str, Any], cluster: dict[str, Any], ray_address: str | None) -> None:
+    """``serve --replicas N``: the same app on Ray Serve (imported only here)."""
+    try:
+        from ..ray.build import load_cluster_options
+        from ..ray.launch import serve_cluster
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("ray"):
+            raise
+        raise click.UsageError("--replicas needs Ray Serve: pip install 'ggufllm[ray]'") from None
+    from ..config import load_settings
+
+    serve_cluster(model, host=host, port=port, options=load_cluster_options(**cluster),
+                  settings=load_settings(**engine), server=config, ray_address=ray_address,
+                  echo=lambda line: click.echo(line, err=True))
 
 
 @click.command()

@@ -22,10 +22,12 @@ from ..errors import (
     ConfigError,
     ContextLengthExceededError,
     DecodeFailedError,
+    EngineError,
     EngineFailedError,
     GgufllmError,
     InvalidParameterError,
     ModelLoadError,
+    RequestRejectedError,
     ServerBusyError,
     ServiceClosedError,
 )
@@ -69,6 +71,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ServerBusyError):
         return APIError(429, str(exc), "rate_limit_error", "server_busy",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, RequestRejectedError):  # a new kind of refusal: still the caller's
+        return APIError(400, str(exc), "invalid_request_error", "rejected")
     if isinstance(exc, ServiceClosedError):
         return APIError(503, "the server is shutting down", "unavailable_error", "shutting_down",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -77,6 +81,8 @@ def to_api_error(exc: BaseException) -> APIError:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, DecodeFailedError):
         return APIError(500, str(exc), "server_error", "decode_failed")
+    if isinstance(exc, EngineError):  # failed while it ran
+        return APIError(500, str(exc), "server_error", "engine_error")
     if isinstance(exc, (ModelLoadError, ConfigError)):
         return APIError(500, f"the model could not be loaded: {exc}", "server_error",
                         "model_load_failed")

@@ -20,7 +20,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..chunks import Chunk
+from ..chunks import Chunk, ToolCallFold
 from .errors import APIError, error_body, to_api_error
 from .state import ServerState, state_of
 from .streaming import ChunkPuller, Fold, PromptProgress
@@ -55,6 +55,7 @@ class Generation:
         self.stream = ChunkPuller(chunks)
         self.progress = progress
         self.fold = Fold(report_cached=state.config.report_cached_tokens)
+        self.calls = ToolCallFold()  # the function calls the reply made
         self.t0 = time.perf_counter()
         self.ttft_s: float | None = None
         self._closed = False
@@ -72,6 +73,8 @@ class Generation:
             self.state.metrics.ttft.observe(self.ttft_s)
             self.state.metrics.waiting.dec()
         self.fold.add(chunk)
+        if chunk.tool_call is not None:
+            self.calls.add(chunk.tool_call)
         if chunk.finish_reason is not None:
             self.state.metrics.finished(chunk.timings)
 

@@ -15,11 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "AnswerRequest", "Usage",
            "StreamOptions", "ContentPart", "ResponseFormatSpec", "JSONSchemaFormat", "MAX_STOPS",
-           "MAX_STOP_CHARS"]
+           "MAX_STOP_CHARS", "ToolSpec", "FunctionSpec", "ToolCallSpec", "MAX_TOOLS"]
 
 _REQUEST = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+# functions one request may offer (each one's schema becomes part of the grammar)
+MAX_TOOLS = 128
 # OpenAI takes up to 4 stop strings; ggufllm kept the 16 it always took, and bounds their
 # length, since every one is searched for in the answer's tail at every token
 MAX_STOPS = 16
@@ -34,13 +36,43 @@ class ContentPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    """``tool_calls[].function`` of an assistant message: the call it made."""
+
+    model_config = _REQUEST
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 20)
+
+
+class ToolCallSpec(BaseModel):
+    """One of an assistant message's ``tool_calls``."""
+
+    model_config = _REQUEST
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    """One message of ``messages``."""
+    """One message of ``messages``: ``tool`` messages carry a function's result for the call
+    ``tool_call_id``; assistant messages may carry their ``tool_calls`` and the
+    ``reasoning_content`` gpt-oss wrote before them (passed back between calls)."""
 
     model_config = _REQUEST
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=256)
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -86,6 +118,29 @@ class ResponseFormatSpec(BaseModel):
         return {"type": "json_schema", "json_schema": {
             "name": spec.name, "description": spec.description, "schema": spec.schema_ or {},
             "strict": spec.strict is not False}}
+
+
+class FunctionSpec(BaseModel):
+    """``tools[].function``: a function the model may call."""
+
+    model_config = _REQUEST
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: the arguments always follow the schema
+
+
+class ToolSpec(BaseModel):
+    """One of ``tools``."""
+
+    model_config = _REQUEST
+    type: Literal["function"]
+    function: FunctionSpec
+
+    def for_service(self) -> dict[str, Any]:
+        f = self.function
+        return {"type": "function", "function": {
+            "name": f.name, "description": f.description, "parameters": f.parameters}}
 
 
 class StreamOptions(BaseModel):
@@ -147,6 +202,14 @@ class ChatRequest(_Sampling):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     logprobs: Literal[False] | None = None
     response_format: ResponseFormatSpec | None = None
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted: a gpt-oss reply makes one call
+
+    @property
+    def calls_offered(self) -> bool:
+        """Whether the reply may call a function (tools given, tool_choice not ``none``)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @field_validator("messages")
     @classmethod
@@ -162,6 +225,9 @@ class ChatRequest(_Sampling):
         params = super().generation_params()
         if self.reasoning_effort is not None:
             params["reasoning_effort"] = self.reasoning_effort
+        if self.tools or self.tool_choice is not None:
+            params["tools"] = [t.for_service() for t in self.tools or ()]
+            params["tool_choice"] = self.tool_choice
         return params | _format_param(self.response_format)
 
 

@@ -142,7 +142,9 @@ class Fold:
     report_cached: bool = True  # off: cached_tokens is always 0 (see ServerConfig)
 
     def add(self, chunk: Chunk) -> None:
-        if chunk.channel == "final":
+        if chunk.tool_call is not None:
+            pass  # a call's tokens are its arguments (the routes collect the calls), not reasoning
+        elif chunk.channel == "final":
             self.text.append(chunk.text)
         else:
             self.reasoning.append(chunk.text)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..harmony import HarmonyTokens
 from ..harmony.constrain import AnswerGuide, answer_grammar
+from ..harmony.tools import call_header_text, calls_grammar, trigger_patterns
 from . import ResponseFormat
 from .schema import max_answer_tokens, schema_to_gbnf
+from .tools import ForcedFunction, FunctionTool, ToolChoice
 
-__all__ = ["GrammarSpec", "AnswerPlan", "plan_answer"]
+__all__ = ["GrammarSpec", "AnswerPlan", "plan_answer", "plan_calls"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,38 @@ def plan_answer(fmt: ResponseFormat, *, max_tokens: int, reasoning_budget: int |
     # <|call|> ends generation too: inside an answer it would end it as a tool call
     harmony_ids = (t.start, t.end, t.message, t.channel, t.constrain, t.call)
     return AnswerPlan(GrammarSpec(gbnf, root), guide, tuple(sorted(set(banned + harmony_ids))))
+
+
+def plan_calls(tools: Sequence[FunctionTool], choice: ToolChoice, *, max_tokens: int,
+               reasoning_budget: int | None, harmony: HarmonyTokens,
+               tokenize: Callable[[str], list[int]], piece: Callable[[int], bytes],
+               controls: Callable[[], tuple[int, ...]]) -> AnswerPlan | None:
+    """The plan of a gpt-oss reply that may (``auto``) or must (``required``, a named
+    function) call one of ``tools``; None when it calls none (``none``, no tools).
+
+    ``auto`` is a lazy grammar: the model writes freely until it addresses ``functions.``,
+    and from there the call follows the grammar. A forced call is the whole reply's grammar
+    (free analysis, then the call) with a guide that writes the call's header when the
+    reasoning has used its budget. Either way the arguments cannot hold a control token,
+    and only ``<|call|>`` ends them.
+    """
+    if choice == "none" or not tools:
+        return None
+    if isinstance(choice, ForcedFunction):
+        tools = [t for t in tools if t.name == choice.name]
+    forced = choice != "auto"
+    gbnf, root = calls_grammar(tools, harmony, forced=forced)
+    bounds = [max_answer_tokens(t.checked_parameters(i)) for i, t in enumerate(tools)]
+    answer_tokens = None if None in bounds else (
+        max(b for b in bounds if b is not None) + max(len(t.name) for t in tools))
+    guide = AnswerGuide(harmony, tokenize, piece, max_tokens=max_tokens,
+                        answer_tokens=answer_tokens, reasoning_budget=reasoning_budget,
+                        header=call_header_text(tools[0].name if len(tools) == 1 else None),
+                        call=True, force=forced)
+    spec = GrammarSpec(gbnf, root) if forced else GrammarSpec(gbnf, root, trigger_patterns())
+    t = harmony
+    # inside the arguments: no control token, and only <|call|> ends them (``controls`` gives
+    # the tokens that end generation too)
+    harmony_ids = (t.start, t.end, t.message, t.channel, t.constrain, t.return_)
+    banned = set(controls() + harmony_ids) - {t.call}
+    return AnswerPlan(spec, guide, tuple(sorted(banned)))

@@ -1,8 +1,9 @@
 """JSON Schema -> GBNF, through llama-cpp-python's port of llama.cpp's json-schema-to-grammar.
 
 The converter (``llama_cpp.llama_grammar.SchemaConverter``) ships with our dependency; it is
-bound here rather than ported, with three changes made through a subclass:
+bound here rather than ported, with four changes made through a subclass:
 
+- a ``date`` is a calendar date (llama.cpp's rule takes September 31st and February 30th);
 - a string character is never a raw control character (its ``char`` rule lets ``\\n``
   through, which no JSON parser accepts) and never a ``\\u`` escape, so that one character
   costs at most 4 tokens (its UTF-8 bytes) and an answer's length can be bounded;
@@ -22,7 +23,8 @@ from typing import Any
 
 from ..errors import InvalidParameterError, UnsupportedSchemaError
 
-__all__ = ["check_schema", "schema_to_gbnf", "max_answer_tokens", "JSON_OBJECT_SCHEMA"]
+__all__ = ["check_schema", "schema_to_gbnf", "max_answer_tokens", "JSON_OBJECT_SCHEMA",
+           "prefixed_rules"]
 
 # {"type": "json_object"}: any JSON object
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
@@ -57,6 +59,17 @@ _REFUSED = {
 
 # A JSON string character: no quote, backslash or control character; escapes without \u.
 _JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" ["\\/bfnrt]'
+# A calendar date (RFC 3339 full-date, as Python's date.fromisoformat reads it): llama.cpp's
+# rule takes any day 01-31 in any month and the year 0000; this one knows the days of each
+# month and February 29th of leap years only.
+_DATE = (
+    '( [0-9] [0-9] [0-9] [1-9] | [0-9] [0-9] [1-9] "0" | [0-9] [1-9] "00" | [1-9] "000" ) "-" '
+    '( ( "01" | "03" | "05" | "07" | "08" | "10" | "12" ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )'
+    ' | ( "04" | "06" | "09" | "11" ) "-" ( "0" [1-9] | [12] [0-9] | "30" )'
+    ' | "02-" ( "0" [1-9] | "1" [0-9] | "2" [0-8] ) )'
+    ' | ( [0-9] [0-9] ( "0" [48] | [2468] [048] | [13579] [26] )'
+    ' | ( "0" [48] | [2468] [048] | [13579] [26] ) "00" ) "-02-29"'
+)
 
 
 def _refuse(keyword: str, path: str, reason: str = "") -> UnsupportedSchemaError:
@@ -262,6 +275,8 @@ def _gbnf_of(canonical: str) -> str:
         def _add_primitive(self, name: str, rule: Any) -> str:
             if name == "char":
                 rule = BuiltinRule(_JSON_CHAR, [])
+            elif name == "date":
+                rule = BuiltinRule(f"( {_DATE} )", [])
             return str(super()._add_primitive(name, rule))
 
         def visit(self, schema: dict[str, Any], name: str) -> str:
@@ -314,6 +329,49 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     """
     cleaned = check_schema(schema)
     return _gbnf_of(json.dumps(cleaned))
+
+
+def prefixed_rules(gbnf: str, prefix: str) -> str:
+    """``gbnf`` with every rule name (definitions and references) prefixed, so that several
+    grammars can live in one (``root`` becomes ``{prefix}root``).
+
+    Rule names are GBNF's ``[a-zA-Z0-9-]+`` words outside quoted strings, character classes,
+    token references (``<[...]>``) and repetition counts (``{m,n}``)."""
+    out: list[str] = []
+    for line in gbnf.splitlines():
+        name, sep, body = line.partition("::=")
+        if not sep:
+            out.append(line)
+            continue
+        out.append(f"{prefix}{name.strip()} ::={_prefix_body(body, prefix)}")
+    return "\n".join(out) + "\n"
+
+
+_CLOSERS = {'"': '"', "[": "]", "{": "}", "<": ">"}
+
+
+def _prefix_body(body: str, prefix: str) -> str:
+    out: list[str] = []
+    i, n = 0, len(body)
+    while i < n:
+        c = body[i]
+        if c in _CLOSERS:
+            close = _CLOSERS[c]
+            j = i + 1
+            while j < n and body[j] != close:
+                j += 2 if body[j] == "\\" else 1
+            out.append(body[i:j + 1])
+            i = j + 1
+        elif c.isascii() and (c.isalnum() or c == "-"):
+            j = i
+            while j < n and body[j].isascii() and (body[j].isalnum() or body[j] == "-"):
+                j += 1
+            out.append(prefix + body[i:j])
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 # The most tokens a value can take, by the grammar's own rules: a token is at least one byte

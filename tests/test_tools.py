@@ -1,0 +1,326 @@
+"""Tool calls: from Python and the server (the official ``openai`` client), on the tiny gpt-oss.
+
+The tiny gpt-oss has random weights: whatever it wants to write, a forced call must name an
+offered function and carry arguments that validate against its schema (pydantic models with
+``extra="forbid"``), its reasoning must stay out of ``arguments`` and ``content``, and a
+streamed call must reassemble to exactly the non-streamed one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from ggufllm import LLMService, Turn
+from ggufllm.chunks import Answer
+from ggufllm.errors import InvalidParameterError, UnsupportedSchemaError
+from ggufllm.structured.tools import tool_choice_of, tools_of
+
+from .server_fixture import running_server
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class get_weather(BaseModel):  # noqa: N801 (the function's name)
+    """The weather in a city."""
+
+    model_config = _STRICT
+    city: Annotated[str, Field(max_length=12)]
+    unit: Literal["c", "f"]
+
+
+class search(BaseModel):  # noqa: N801
+    """Search the documents."""
+
+    model_config = _STRICT
+    query: Annotated[str, Field(max_length=16)]
+    top_k: Literal[1, 3, 5]
+
+
+class add_event(BaseModel):  # noqa: N801
+    """Add a calendar event."""
+
+    model_config = _STRICT
+    title: Annotated[str, Field(max_length=10)]
+    days: Annotated[list[Literal["mon", "tue", "wed"]], Field(max_length=2)]
+    urgent: bool
+
+
+FUNCTIONS = [get_weather, search, add_event]
+BY_NAME = {f.__name__: f for f in FUNCTIONS}
+ASK = [Turn("user", "What is the weather in Paris?")]
+BUDGET = dict(max_tokens=160, temperature=1.0)
+
+
+def _valid(name: str, arguments: str) -> BaseModel:
+    return BY_NAME[name].model_validate_json(arguments)
+
+
+# -- tools and tool_choice (no model) ------------------------------------------------------
+
+def test_tools_take_openai_objects_and_pydantic_classes() -> None:
+    spec = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}}}}
+    tools = tools_of([spec, search])
+    assert [t.name for t in tools] == ["f", "search"]
+    assert tools[1].description == "Search the documents."
+    assert tool_choice_of({"type": "function", "function": {"name": "f"}}, tools).name == "f"
+    assert tool_choice_of(None, tools) == "auto"
+
+
+@pytest.mark.parametrize("tools, choice, what", [
+    ([{"type": "function", "function": {"name": "bad name"}}], None, r"tools\[0\]: name"),
+    ([search, search], None, "two functions"),
+    ([search], {"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+    ([], "required", "needs tools"),
+    ([search], "sometimes", "tool_choice must be"),
+])
+def test_bad_tools_are_refused(tools, choice, what) -> None:
+    with pytest.raises(InvalidParameterError, match=what):
+        tool_choice_of(choice, tools_of(tools))
+
+
+def test_an_unsupported_keyword_in_parameters_is_named() -> None:
+    spec = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}
+    with pytest.raises(UnsupportedSchemaError) as err:
+        tools_of([{"type": "function", "function": {"name": "g"}}, spec])
+    assert err.value.keyword == "minimum"
+    assert "tools[1].function.parameters" in str(err.value)
+
+
+# -- the lazy grammar of auto, in llama.cpp (vocabulary only) -------------------------------
+
+@pytest.mark.parametrize("reply", [
+    "<|channel|>analysis<|message|>maybe to=functions.search later<|end|><|start|>assistant"
+    "<|channel|>commentary to=functions.search <|constrain|>json<|message|>",
+    " to=functions.search<|channel|>commentary <|constrain|>json<|message|>",
+    "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.search"
+    "<|channel|>commentary<|message|>",
+], ids=["after the channel", "in the role, first", "in the role, later"])
+def test_auto_grammar_waits_for_the_recipient_then_constrains(tiny_gguf, reply) -> None:
+    """Free text (the recipient named in reasoning included) passes; once the model writes a
+    call's header the arguments must follow the schema."""
+    import ctypes
+    import math
+
+    import llama_cpp.llama_cpp as lib
+
+    from ggufllm.engine.native import NativeModel
+    from ggufllm.engine.sampling import VocabView, _grammar_sampler
+    from ggufllm.harmony.tools import calls_grammar, trigger_patterns
+    from ggufllm.structured.plan import GrammarSpec
+
+    model = NativeModel(str(tiny_gguf("q8_0")), vocab_only=True)
+    vocab = VocabView(model.vocab, model.ptr)
+    gbnf, root = calls_grammar(tools_of([search]), vocab.harmony(), forced=False)
+    sampler = _grammar_sampler(vocab, GrammarSpec(gbnf, root, trigger_patterns()))
+
+    def allowed(token: int) -> bool:
+        one = (lib.llama_token_data * 1)()
+        one[0].id, one[0].logit = token, 0.0
+        lib.llama_sampler_apply(sampler, ctypes.byref(
+            lib.llama_token_data_array(one, 1, -1, False)))
+        return not math.isinf(one[0].logit)
+
+    try:
+        for token in vocab.tokenize(reply):
+            assert allowed(token), vocab.piece(token)
+            lib.llama_sampler_accept(sampler, token)
+        assert allowed(vocab.tokenize("{")[0]) and not allowed(vocab.tokenize("x")[0])
+    finally:
+        lib.llama_sampler_free(sampler)
+        model.close()
+
+
+# -- Python, on the tiny gpt-oss -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_service(tiny_gguf) -> Iterator[LLMService]:
+    svc = LLMService(tiny_gguf("q8_0"), max_length=1024)
+    svc.load()
+    yield svc
+    svc.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_required_always_calls_with_schema_valid_arguments(tiny_service, seed) -> None:
+    answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="required", seed=seed, **BUDGET)
+    assert answer.finish_reason == "tool_call"
+    (call,) = answer.tool_calls
+    _valid(call.name, call.arguments)
+    assert answer.text == ""
+    assert call.id.startswith("call_") and call.arguments not in answer.reasoning
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_a_named_function_is_the_one_called(tiny_service, name) -> None:
+    answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice=name, seed=7, **BUDGET)
+    (call,) = answer.tool_calls
+    assert call.name == name
+    _valid(name, call.arguments)
+
+
+def test_a_forced_call_arrives_within_max_tokens_after_reasoning(tiny_service) -> None:
+    """A reasoning budget lets the model reason first; the guide then writes the call."""
+    answer = tiny_service.chat(ASK, tools=[search], tool_choice="required", seed=3,
+                               reasoning_budget=24, max_tokens=200, temperature=1.0)
+    (call,) = answer.tool_calls
+    _valid("search", call.arguments)
+    assert answer.timings is not None and answer.timings.n_generated <= 200
+
+
+def test_auto_and_none_never_break_the_reply(tiny_service) -> None:
+    for choice in ("auto", "none"):
+        for seed in range(2):
+            answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice=choice, seed=seed,
+                                       max_tokens=48, temperature=1.0)
+            assert answer.finish_reason in ("stop", "length", "tool_call")
+            for call in answer.tool_calls:  # auto: a call the model chose is valid too
+                assert choice == "auto"
+                _valid(call.name, call.arguments)
+
+
+def test_streamed_call_pieces_name_it_first_then_add_arguments(tiny_service) -> None:
+    with tiny_service.chat_stream(ASK, tools=FUNCTIONS, tool_choice="required", seed=1,
+                                  **BUDGET) as stream:
+        chunks = list(stream)
+    pieces = [c.tool_call for c in chunks if c.tool_call is not None]
+    assert pieces[0].id and pieces[0].name and pieces[0].arguments == ""
+    assert all(p.id is None and p.name is None and p.index == 0 for p in pieces[1:])
+    assert len([p for p in pieces if p.arguments]) > 1  # streamed, not in one piece
+    assert all(not c.text for c in chunks if c.tool_call is not None)
+    call = Answer.from_chunks(chunks).tool_calls[0]
+    assert call.arguments == "".join(p.arguments for p in pieces)
+
+
+def test_a_tool_loop_from_python(tiny_service) -> None:
+    first = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="get_weather", seed=2, **BUDGET)
+    call = first.tool_calls[0]
+    turns = [*ASK, Turn("assistant", first.text, first.reasoning, first.tool_calls),
+             Turn("tool", json.dumps({"temp_c": 21, "sky": "clear"}), name=call.name)]
+    second = tiny_service.chat(turns, tools=FUNCTIONS, tool_choice="none", seed=2,
+                               max_tokens=32, temperature=1.0)
+    assert second.tool_calls == () and second.finish_reason in ("stop", "length")
+
+
+def test_a_model_without_harmony_has_no_tools(smollm2_gguf) -> None:
+    with LLMService(smollm2_gguf, max_length=512) as svc:
+        with pytest.raises(InvalidParameterError, match="no tool-call support"):
+            svc.chat(ASK, tools=[search], max_tokens=4)
+        with pytest.raises(InvalidParameterError, match="no tool-call support"):
+            svc.chat([*ASK, Turn("tool", "x", name="search")], max_tokens=4)
+
+
+# -- the server, through the official client -----------------------------------------------
+
+def _openai_tools() -> list[dict]:
+    return [{"type": "function", "function": {
+        "name": f.__name__, "description": f.__doc__, "parameters": f.model_json_schema()}}
+        for f in FUNCTIONS]
+
+
+@pytest.fixture(scope="module")
+def running(tiny_service):
+    with running_server(tiny_service) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(running) -> str:
+    return running.url
+
+
+@pytest.fixture(scope="module")
+def client(running) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none")
+    client.model_id = running.model_id()  # type: ignore[attr-defined]
+    return client
+
+
+def _create(client, stream: bool = False, **kwargs):
+    params = dict(model=client.model_id, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                  tools=_openai_tools(), tool_choice="required", max_tokens=160, temperature=1.0,
+                  seed=5) | kwargs
+    return client.chat.completions.create(stream=stream, **params)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_server_required_returns_valid_tool_calls(client, seed) -> None:
+    out = _create(client, seed=seed)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    _valid(call.function.name, call.function.arguments)
+    assert not choice.message.content
+
+
+def test_server_streamed_call_reassembles_to_the_non_streamed_one(client) -> None:
+    whole = _create(client, seed=11).choices[0]
+    calls: dict[int, dict] = {}
+    finish = None
+    reasoning = []
+    for chunk in _create(client, stream=True, seed=11):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        finish = chunk.choices[0].finish_reason or finish
+        reasoning.append(getattr(delta, "reasoning_content", None) or "")
+        for piece in delta.tool_calls or ():
+            if piece.id:  # the first piece names the call
+                assert piece.index not in calls and piece.function.name
+                calls[piece.index] = {"id": piece.id, "name": piece.function.name, "args": ""}
+            calls[piece.index]["args"] += piece.function.arguments or ""
+    assert finish == whole.finish_reason == "tool_calls"
+    (call,) = whole.message.tool_calls
+    assert [(c["name"], c["args"]) for c in calls.values()] == [
+        (call.function.name, call.function.arguments)]
+    assert "".join(reasoning) == (getattr(whole.message, "reasoning_content", None) or "")
+
+
+def test_server_tool_loop_with_the_official_client(client) -> None:
+    messages: list[dict] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = _create(client, messages=messages, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}).choices[0].message
+    call = first.tool_calls[0]
+    assert call.function.name == "get_weather"
+    messages.append(first.model_dump(exclude_none=True))  # reasoning_content rides along
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'})
+    second = _create(client, messages=messages, tool_choice="none", max_tokens=24)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert not second.choices[0].message.tool_calls
+
+
+def test_server_refuses_what_it_cannot_do(server, smollm2_gguf) -> None:
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(f"{server}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4} | body, timeout=60)
+
+    unsupported = post({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}}}]})
+    assert unsupported.status_code == 400 and "'maximum'" in unsupported.json()["error"]["message"]
+    orphan = post({"messages": [{"role": "user", "content": "hi"},
+                                {"role": "tool", "tool_call_id": "call_x", "content": "1"}]})
+    assert orphan.status_code == 400 and "call_x" in orphan.json()["error"]["message"]
+    unnamed = post({"tools": _openai_tools(),
+                    "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert unnamed.status_code == 400
+    with running_server(LLMService(smollm2_gguf, max_length=512)) as other:
+        r = httpx.post(f"{other.url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "tools": _openai_tools(),
+            "max_tokens": 4}, timeout=120)
+    assert r.status_code == 400 and "no tool-call support" in r.json()["error"]["message"]
+
+
+def test_server_without_tools_reports_no_calls(client) -> None:
+    out = client.chat.completions.create(
+        model=client.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=16, seed=1)
+    assert not out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason in ("stop", "length")
