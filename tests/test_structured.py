@@ -223,10 +223,19 @@ def test_gpt_oss_server_keeps_reasoning_out_of_content(tiny_gguf) -> None:
             _valid(Trip, message["content"])  # pure JSON: no reasoning in it
         streamed = httpx.post(f"{server.url}/v1/chat/completions",
                               json={**body, "stream": True}, timeout=300)
+        # reasoning_budget over HTTP (the service-level test shows the budget forcing the answer)
+        budgeted = httpx.post(f"{server.url}/v1/chat/completions", timeout=300,
+                              json={**body, "reasoning_budget": 0})
+        bad = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                         json={**body, "reasoning_budget": -1})
     content = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                       for line in streamed.text.splitlines()
                       if line.startswith("data: {") and json.loads(line[6:])["choices"])
     _valid(Trip, content)
+    assert budgeted.status_code == 200, budgeted.text[:500]
+    _valid(Trip, budgeted.json()["choices"][0]["message"]["content"])
+    assert budgeted.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert bad.status_code == 400 and "reasoning_budget" in bad.json()["error"]["message"]
 
 
 def test_the_guide_forces_the_final_header_when_the_budget_runs_out() -> None:

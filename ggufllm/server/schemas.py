@@ -200,6 +200,9 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # gpt-oss with a response_format or a forced call: the most analysis tokens before the
+    # answer is forced (llama-server's --reasoning-budget, per request)
+    reasoning_budget: int | None = Field(None, ge=0, le=1 << 20)
     logprobs: Literal[False] | None = None
     response_format: ResponseFormatSpec | None = None
     tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
@@ -225,6 +228,8 @@ class ChatRequest(_Sampling):
         params = super().generation_params()
         if self.reasoning_effort is not None:
             params["reasoning_effort"] = self.reasoning_effort
+        if self.reasoning_budget is not None:
+            params["reasoning_budget"] = self.reasoning_budget
         if self.tools or self.tool_choice is not None:
             params["tools"] = [t.for_service() for t in self.tools or ()]
             params["tool_choice"] = self.tool_choice
@@ -263,13 +268,15 @@ class AnswerRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    reasoning_budget: int | None = Field(None, ge=0, le=1 << 20)
     seed: int | None = Field(None, ge=0, lt=1 << 32)
     stream: bool = False
     response_format: ResponseFormatSpec | None = None
 
     def generation_params(self) -> dict[str, Any]:
         params: dict[str, Any] = dict(max_tokens=self.max_tokens, temperature=self.temperature,
-                                      reasoning_effort=self.reasoning_effort, seed=self.seed)
+                                      reasoning_effort=self.reasoning_effort,
+                                      reasoning_budget=self.reasoning_budget, seed=self.seed)
         return {k: v for k, v in params.items() if v is not None} | _format_param(
             self.response_format)
 
