@@ -29,8 +29,8 @@ import ctypes
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.native.kernels import extra_buffers_for
+from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.resolve import default_model_path
 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:",

@@ -20,9 +20,9 @@ import time
 
 import llama_cpp.llama_cpp as lib
 
-from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.native.kernels import run_self_test
+from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.resolve import default_model_path
 
 

@@ -20,11 +20,11 @@ from typing import Any
 import llama_cpp.llama_cpp as lib
 
 from ggufllm import LLMService
-from ggufllm.native.kernels import extra_buffers_for
-from ggufllm.native.runtime import default_threads, ensure_backend
 from ggufllm.gpu.devices import gpu_devices
 from ggufllm.gpu.estimate import estimate_memory
 from ggufllm.gpu.placement import TensorOverrides, observe_load
+from ggufllm.native.kernels import extra_buffers_for
+from ggufllm.native.runtime import default_threads, ensure_backend
 
 MiB = 2**20
 N_CTX = 4096

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from ggufllm import LLMService
-from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 from ggufllm.gguf_file import read_gguf_header
+from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 from ggufllm.resolve import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent

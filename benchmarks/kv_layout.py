@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from batch_invariance import Bare  # noqa: E402
 
 from ggufllm.engine.kvcache import seq_state_get, seq_state_set  # noqa: E402
-from ggufllm.kvlayout import KVLayout  # noqa: E402
 from ggufllm.gguf_file import read_gguf_header  # noqa: E402
+from ggufllm.kvlayout import KVLayout  # noqa: E402
 from ggufllm.resolve import default_model_path  # noqa: E402
 
 PAGE = 64

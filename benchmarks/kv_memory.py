@@ -15,9 +15,9 @@ import re
 
 import llama_cpp.llama_cpp as lib
 
-from ggufllm.kvlayout import KV_TYPES, KVLayout, kv_cache_bytes
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header
+from ggufllm.kvlayout import KV_TYPES, KVLayout, kv_cache_bytes
 from ggufllm.resolve import default_model_path
 
 MiB = 1 << 20

@@ -44,7 +44,6 @@ from ggufllm.server.bench import (
     wait_ready,
 )
 
-
 BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")
 STARTUP_S = 300.0
 

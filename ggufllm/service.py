@@ -586,9 +586,6 @@ def _with_tools(params: dict[str, Any]) -> dict[str, Any]:
     if tools is None and tool_choice is None:
         return params
     checked = tools_of(tools)
-    if checked and params.get("response_format") is not None:
-        raise InvalidParameterError("tools and response_format cannot be combined (yet): ask "
-                                    "for one or the other", "tools")
     return {**params, "tools": checked, "tool_choice": tool_choice_of(tool_choice, checked)}
 
 

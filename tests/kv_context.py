@@ -8,8 +8,8 @@ import re
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-from ggufllm.kvlayout import KV_TYPES
 from ggufllm.engine.native import NativeModel
+from ggufllm.kvlayout import KV_TYPES
 
 # Fixed thread counts: the flash-attention kernel splits a one-token decode by thread, so
 # restore measurements use 2; the rest use 1 (a loaded box makes 2 threads spin for long).

@@ -184,9 +184,9 @@ def test_a_failed_build_points_at_its_log(tmp_path: Path):
 def test_backends_are_loaded_once_and_the_cpu_is_one_of_them():
     """A cpu-portable build registers no backend until ggufllm loads its modules from
     llama_cpp/lib; on a build with them compiled in the loader changes nothing."""
-    from ggufllm.native.runtime import ensure_backend
     from ggufllm.gpu.devices import backends
     from ggufllm.native.backends import load_backends
+    from ggufllm.native.runtime import ensure_backend
 
     ensure_backend()
     before = backends()

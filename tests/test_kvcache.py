@@ -25,12 +25,12 @@ import pytest
 
 from ggufllm import KVCacheError, KVCacheMismatchError
 from ggufllm.engine.kvcache import PrefixCache, restore_is_exact, seq_state_get, seq_state_set
-from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 from ggufllm.engine.kvfile import KVCacheIdentity, load_prefixes, save_prefixes
 from ggufllm.engine.kvstore import KVStore
 from ggufllm.engine.native import NativeModel
 from ggufllm.engine.slots import Slot as EngineSlot
 from ggufllm.gguf_file import read_gguf_header
+from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 
 from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
 from .kv_context import KVSizeLog, RawContext, random_prompt

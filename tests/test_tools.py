@@ -97,16 +97,9 @@ def test_an_unsupported_keyword_in_parameters_is_named() -> None:
 
 # -- the lazy grammar of auto, in llama.cpp (vocabulary only) -------------------------------
 
-@pytest.mark.parametrize("reply", [
-    "<|channel|>analysis<|message|>maybe to=functions.search later<|end|><|start|>assistant"
-    "<|channel|>commentary to=functions.search <|constrain|>json<|message|>",
-    " to=functions.search<|channel|>commentary <|constrain|>json<|message|>",
-    "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.search"
-    "<|channel|>commentary<|message|>",
-], ids=["after the channel", "in the role, first", "in the role, later"])
-def test_auto_grammar_waits_for_the_recipient_then_constrains(tiny_gguf, reply) -> None:
-    """Free text (the recipient named in reasoning included) passes; once the model writes a
-    call's header the arguments must follow the schema."""
+def _grammar_takes(tiny_gguf, spec_of, reply: str) -> bool:
+    """Whether llama.cpp's grammar sampler, built by ``spec_of(vocab)``, takes ``reply``
+    token by token."""
     import ctypes
     import math
 
@@ -114,13 +107,10 @@ def test_auto_grammar_waits_for_the_recipient_then_constrains(tiny_gguf, reply) 
 
     from ggufllm.engine.native import NativeModel
     from ggufllm.engine.sampling import VocabView, _grammar_sampler
-    from ggufllm.harmony.tools import calls_grammar, trigger_patterns
-    from ggufllm.structured.plan import GrammarSpec
 
     model = NativeModel(str(tiny_gguf("q8_0")), vocab_only=True)
     vocab = VocabView(model.vocab, model.ptr)
-    gbnf, root = calls_grammar(tools_of([search]), vocab.harmony(), forced=False)
-    sampler = _grammar_sampler(vocab, GrammarSpec(gbnf, root, trigger_patterns()))
+    sampler = _grammar_sampler(vocab, spec_of(vocab))
 
     def allowed(token: int) -> bool:
         one = (lib.llama_token_data * 1)()
@@ -131,12 +121,69 @@ def test_auto_grammar_waits_for_the_recipient_then_constrains(tiny_gguf, reply) 
 
     try:
         for token in vocab.tokenize(reply):
-            assert allowed(token), vocab.piece(token)
+            if not allowed(token):
+                return False
             lib.llama_sampler_accept(sampler, token)
-        assert allowed(vocab.tokenize("{")[0]) and not allowed(vocab.tokenize("x")[0])
+        return True
     finally:
         lib.llama_sampler_free(sampler)
         model.close()
+
+
+@pytest.mark.parametrize("reply", [
+    "<|channel|>analysis<|message|>maybe to=functions.search later<|end|><|start|>assistant"
+    "<|channel|>commentary to=functions.search <|constrain|>json<|message|>",
+    " to=functions.search<|channel|>commentary <|constrain|>json<|message|>",
+    "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.search"
+    "<|channel|>commentary<|message|>",
+], ids=["after the channel", "in the role, first", "in the role, later"])
+def test_auto_grammar_waits_for_the_recipient_then_constrains(tiny_gguf, reply) -> None:
+    """Free text (the recipient named in reasoning included) passes; once the model writes a
+    call's header the arguments must follow the schema."""
+    from ggufllm.harmony.tools import calls_grammar, trigger_patterns
+    from ggufllm.structured.plan import GrammarSpec
+
+    def spec(vocab):
+        gbnf, root = calls_grammar(tools_of([search]), vocab.harmony(), forced=False)
+        return GrammarSpec(gbnf, root, trigger_patterns())
+
+    assert _grammar_takes(tiny_gguf, spec, reply)
+    assert _grammar_takes(tiny_gguf, spec, reply + "{")
+    assert not _grammar_takes(tiny_gguf, spec, reply + "x")
+
+
+class Place(BaseModel):
+    """An answer's shape, beside the tools (tool_choice auto with a response_format)."""
+
+    model_config = _STRICT
+    city: Annotated[str, Field(max_length=12)]
+    rank: Literal[1, 2, 3]
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ('<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final '
+     '<|constrain|>json<|message|>{"city": "Paris", "rank": 1}', True),
+    ("<|channel|>commentary to=functions.search <|constrain|>json<|message|>"
+     '{"query": "paris", "top_k": 3}', True),
+    ("<|channel|>final<|message|>Paris", False),
+    ('<|channel|>final<|message|>{"city": "Paris", "rank": 4}', False),
+    ('<|channel|>commentary to=functions.search<|message|>{"query": 1', False),
+], ids=["final JSON", "a call", "final prose", "final off-schema", "call off-schema"])
+def test_answer_or_call_grammar_takes_the_answer_or_a_call_and_nothing_else(
+        tiny_gguf, reply, ok) -> None:
+    """``tools`` (auto) with a ``response_format``: after free analysis the reply is either
+    a final answer that follows the format or a call whose arguments follow its function's."""
+    from ggufllm.harmony.tools import answer_or_call_grammar
+    from ggufllm.structured import ResponseFormat
+    from ggufllm.structured.plan import GrammarSpec
+    from ggufllm.structured.schema import schema_to_gbnf
+
+    def spec(vocab):
+        fmt = ResponseFormat.of(Place)
+        return GrammarSpec(*answer_or_call_grammar(schema_to_gbnf(fmt.json_schema),
+                                                   tools_of([search]), vocab.harmony()))
+
+    assert _grammar_takes(tiny_gguf, spec, reply) is ok
 
 
 # -- Python, on the tiny gpt-oss -----------------------------------------------------------
@@ -185,6 +232,40 @@ def test_auto_and_none_never_break_the_reply(tiny_service) -> None:
             for call in answer.tool_calls:  # auto: a call the model chose is valid too
                 assert choice == "auto"
                 _valid(call.name, call.arguments)
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_auto_with_a_response_format_answers_in_the_format_or_calls(tiny_service, budget):
+    """Whatever the random weights write, each reply is a schema-valid call or a final answer
+    that validates against the format; with no reasoning budget left the guide writes the
+    answer's header at once, so every reply is the answer."""
+    kinds = set()
+    for seed in range(6):
+        answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="auto", response_format=Place,
+                                   seed=seed, reasoning_budget=budget, max_tokens=200,
+                                   temperature=1.0)
+        if answer.tool_calls:
+            (call,) = answer.tool_calls
+            _valid(call.name, call.arguments)
+            assert answer.finish_reason == "tool_call" and answer.text == ""
+            kinds.add("call")
+        else:
+            assert answer.finish_reason == "stop", answer
+            Place.model_validate_json(answer.text)
+            assert answer.text not in answer.reasoning or not answer.reasoning
+            kinds.add("answer")
+    assert kinds == {"answer"} if budget == 0 else kinds
+
+
+def test_a_forced_call_leaves_the_response_format_aside(tiny_service) -> None:
+    answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="search", response_format=Place,
+                               seed=4, **BUDGET)
+    (call,) = answer.tool_calls
+    _valid("search", call.arguments)
+    plain = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="none", response_format=Place,
+                              seed=4, **BUDGET)
+    assert not plain.tool_calls and plain.finish_reason == "stop"
+    Place.model_validate_json(plain.text)
 
 
 def test_streamed_call_pieces_name_it_first_then_add_arguments(tiny_service) -> None:
@@ -296,6 +377,23 @@ def test_server_tool_loop_with_the_official_client(client) -> None:
     second = _create(client, messages=messages, tool_choice="none", max_tokens=24)
     assert second.choices[0].finish_reason in ("stop", "length")
     assert not second.choices[0].message.tool_calls
+
+
+def test_server_tools_with_a_response_format(client) -> None:
+    """OpenAI's tools and response_format in one request: a call, or content in the format."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "Place", "strict": True,
+                                                  "schema": Place.model_json_schema()}}
+    for seed in range(3):
+        out = _create(client, tool_choice="auto", response_format=fmt, seed=seed,
+                      max_tokens=200, extra_body={"reasoning_budget": 16})
+        choice = out.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and not choice.message.content
+            call = choice.message.tool_calls[0].function
+            _valid(call.name, call.arguments)
+        else:
+            assert choice.finish_reason == "stop"
+            Place.model_validate_json(choice.message.content)
 
 
 def test_server_refuses_what_it_cannot_do(server, smollm2_gguf) -> None:

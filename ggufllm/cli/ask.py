@@ -6,35 +6,34 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
 from ..chunks import Answer
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError, KVCacheError
+from ..harmony import Turn, rag_user_message
 from ..service import LLMService
-from .common import CliError, Flags, flags_from, generation_options, quiet, state, verbose
+from .common import (
+    CliError,
+    Flags,
+    flags_from,
+    generation_options,
+    quiet,
+    read_json,
+    read_text,
+    state,
+    verbose,
+)
 from .load import call_options, open_service
 from .output import Streamed, after_answer, stream_to_terminal
 from .progress import PromptSpinner, is_terminal
+from .tools import Echo, ToolSetup, converse, print_calls, tool_options, tool_setup_from
 
 __all__ = ["ask", "read_text"]
-
-
-def read_text(stream: IO[bytes], what: str) -> str:
-    """Reads UTF-8 text (a BOM is dropped).
-
-    Raises:
-        CliError: the bytes are not UTF-8 (says where).
-    """
-    data = stream.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                       f"{exc.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _inputs(question: str | None, context: str | None, context_file: str | None) -> tuple[str, str | None]:
@@ -83,6 +82,7 @@ def _inputs(question: str | None, context: str | None, context_file: str | None)
               default=None, metavar="FILE",
               help="Answer with JSON that matches the JSON Schema in FILE (gpt-oss reasons "
                    "first; the reasoning never enters the answer).")
+@tool_options
 def ask(question: str | None, context: str | None, context_file: str | None, model: str | None,
         system: str | None, show_reasoning: bool, stats: bool, no_stream: bool, as_json: bool,
         kv_cache: Path | None, json_schema: Path | None, **kw: Any) -> None:
@@ -97,18 +97,26 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
       cat notes.txt | ggufllm ask "Summarize this." --context-file -
       echo "Who wrote Hamlet?" | ggufllm ask -
       ggufllm ask "Extract the city and year." --context-file notes.txt --json-schema city.json
+      ggufllm ask "Weather in Paris?" --tools tools.json --tool-exec "python3 tool.py"
     """
     if kw.get("overflow"):
         kw["overflow"] = kw["overflow"].replace("-", "_")
     question, context = _inputs(question, context, context_file)
     flags = flags_from(kw)
+    setup = tool_setup_from(kw, overflow=flags.params.get("overflow"), has_context=bool(context))
     if json_schema is not None:
         flags.params["response_format"] = _read_schema(json_schema)
     service, cfg = open_service(model, flags)
     with service:
         save_to = _load_kv_cache(service, kv_cache) if kv_cache is not None else None
-        _answer(service, question, context, system, flags, cfg, show_reasoning=show_reasoning,
-                stats=stats, no_stream=no_stream, as_json=as_json)
+        if setup is None:
+            _answer(service, question, context, system, flags, cfg,
+                    show_reasoning=show_reasoning, stats=stats, no_stream=no_stream,
+                    as_json=as_json)
+        else:
+            _answer_with_tools(service, setup, question, context, system, flags, cfg,
+                               show_reasoning=show_reasoning, stats=stats, no_stream=no_stream,
+                               as_json=as_json)
         if save_to is not None:
             service.save_kv_cache(save_to)
 
@@ -121,13 +129,7 @@ def _read_schema(path: Path) -> Any:
     """
     from ..structured import ResponseFormat
 
-    try:
-        with open(path, "rb") as f:
-            schema = json.loads(read_text(f, f"--json-schema {path}"))
-    except OSError as exc:
-        raise CliError(f"--json-schema {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise CliError(f"--json-schema {path} is not JSON: {exc}") from None
+    schema = read_json(path, "--json-schema")
     if not isinstance(schema, dict):
         raise CliError(f"--json-schema {path} must hold a JSON object (a JSON Schema)")
     # checked here: an unsupported keyword fails before the model loads
@@ -183,14 +185,32 @@ def _answer(service: LLMService, question: str, context: str | None, system: str
                  quiet=quiet())
 
 
-def _print_whole(answer: Answer, service: LLMService, as_json: bool, show_reasoning: bool) -> None:
+def _answer_with_tools(service: LLMService, setup: ToolSetup, question: str, context: str | None,
+                       system: str | None, flags: Flags, cfg: GenerationConfig, *,
+                       show_reasoning: bool, stats: bool, no_stream: bool, as_json: bool) -> None:
+    """A tool conversation (``cli/tools.py``). Its first user turn is the one
+    :meth:`LLMService.answer` builds for gpt-oss: the context, then the question."""
+    echo = Echo.OFF if as_json else Echo.WHOLE if no_stream else Echo.LIVE
+    after = None if as_json else partial(after_answer, max_tokens=cfg.max_tokens,
+                                         stats=stats or verbose() > 0, quiet=quiet())
+    talk = converse(service, setup, [Turn("user", rag_user_message(question, context))],
+                    flags.params, instructions=system, echo=echo,
+                    show_reasoning=show_reasoning and not as_json, after=after)
+    if as_json:
+        _print_whole(talk.answer, service, True, False, talk.record())
+    elif setup.command is None:
+        print_calls(talk.answer)
+
+
+def _print_whole(answer: Answer, service: LLMService, as_json: bool, show_reasoning: bool,
+                 extra: dict[str, Any] | None = None) -> None:
     if as_json:
         info = service.get_model_info()
         click.echo(json.dumps({
             "answer": answer.text, "reasoning": answer.reasoning,
             "finish_reason": answer.finish_reason,
             "timings": asdict(answer.timings) if answer.timings else None,
-            "model": info.get("model_path"),
+            "model": info.get("model_path"), **(extra or {}),
         }, ensure_ascii=False))
         return
     if show_reasoning and answer.reasoning:

@@ -7,11 +7,13 @@ error names what the user typed (``--ctx``, not ``MAX_LENGTH``).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -24,7 +26,7 @@ from ..errors import (
 )
 
 __all__ = ["CliError", "verbosity_options", "state", "explain", "generation_options",
-           "Flags"]
+           "Flags", "read_text", "read_json"]
 
 # generation parameter -> the flag that sets it
 PARAM_FLAGS = {
@@ -60,6 +62,8 @@ class Invocation:
         trained_ctx: the context the model was trained on (once its header was read).
         has_context: the question came with a RAG context (``ask --context``).
         in_chat: the command is the chat REPL.
+        in_tools: the answer is a tool conversation (``ask --tools``), whose context
+            ``--overflow truncate-context`` cannot cut.
     """
 
     verbose: int = 0
@@ -68,6 +72,7 @@ class Invocation:
     trained_ctx: int | None = None
     has_context: bool = False
     in_chat: bool = False
+    in_tools: bool = False
 
 
 def state() -> Invocation:
@@ -149,7 +154,7 @@ def context_remedies(exc: ContextLengthExceededError) -> str:
                                                  if trained else ""))
     if facts.has_context:
         typed_overflow = "overflow" in facts.flags
-        fixes.append("a shorter context" + ("" if typed_overflow else
+        fixes.append("a shorter context" + ("" if typed_overflow or facts.in_tools else
                                             ", or --overflow truncate-context"))
     elif facts.in_chat:
         fixes.append("/clear, or a shorter message")
@@ -157,6 +162,36 @@ def context_remedies(exc: ContextLengthExceededError) -> str:
         fixes.append("a shorter question")
     return (f"the prompt is {n} tokens and --max-tokens is {budget}: {n + budget} tokens do not "
             f"fit the context window of {n_ctx} ({ctx_flag}); use " + ", ".join(fixes))
+
+
+def read_text(stream: IO[bytes], what: str) -> str:
+    """Reads UTF-8 text (a BOM is dropped).
+
+    Raises:
+        CliError: the bytes are not UTF-8 (says where).
+    """
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                       f"{exc.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def read_json(path: Path, flag: str) -> Any:
+    """The JSON value in the UTF-8 file that ``flag`` named.
+
+    Raises:
+        CliError: the file cannot be read, is not UTF-8 or not JSON (says which, as
+            ``{flag} {path}: ...``).
+    """
+    try:
+        with open(path, "rb") as f:
+            return json.loads(read_text(f, f"{flag} {path}"))
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"{flag} {path} is not JSON: {exc}") from None
 
 
 class Flags:

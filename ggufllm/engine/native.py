@@ -16,8 +16,8 @@ import llama_cpp.llama_cpp as lib
 
 from ..config import ExtraBuffersMode
 from ..errors import ConfigError, LoadCancelledError, ModelLoadError
-from ..native.kernels import KernelVerdict, decide_extra_buffers
 from ..kvlayout import KV_TYPES
+from ..native.kernels import KernelVerdict, decide_extra_buffers
 from ..native.runtime import default_threads, ensure_backend
 
 __all__ = ["NativeModel", "NativeContext", "Batch", "Sampler"]

@@ -132,6 +132,8 @@ class Sampler:
         guide: forces tokens of a harmony reply (its final channel's header), or None.
         banned_in_answer: tokens never written inside the answer (outside it, for a harmony
             reply; everywhere otherwise).
+        banned_in_call: ... inside a call's arguments, when they differ (a reply that may
+            answer or call).
 
     Raises:
         InvalidParameterError: llama.cpp could not parse the grammar.
@@ -139,7 +141,8 @@ class Sampler:
 
     def __init__(self, cfg: GenerationConfig, n_vocab: int, *, vocab: VocabView | None = None,
                  grammar: GrammarSpec | None = None, guide: AnswerGuide | None = None,
-                 banned_in_answer: Sequence[int] = ()) -> None:
+                 banned_in_answer: Sequence[int] = (),
+                 banned_in_call: Sequence[int] | None = None) -> None:
         self._grammar = self._ban = None
         self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._penalized = cfg.repeat_penalty != 1.0
@@ -156,9 +159,12 @@ class Sampler:
         except BaseException:
             self.close()
             raise
-        self._banned = frozenset(banned_in_answer)
         self._banned_mask = np.zeros(n_vocab, dtype=bool)
-        self._banned_mask[list(self._banned)] = True
+        self._banned_mask[list(banned_in_answer)] = True
+        self._call_mask = self._banned_mask
+        if banned_in_call is not None:
+            self._call_mask = np.zeros(n_vocab, dtype=bool)
+            self._call_mask[list(banned_in_call)] = True
         # allowed candidates a masked draw needs: top-k's k, one for greedy, else all
         exact_topk = cfg.top_k > 0 and not self._penalized
         self._need = 1 if cfg.temperature == 0 and not self._penalized else (
@@ -206,8 +212,12 @@ class Sampler:
             return None
         return token
 
-    def _banning(self) -> bool:
-        return self._ban is not None and (self._guide is None or self._guide.in_answer)
+    def _banned(self) -> np.ndarray | None:
+        """The mask of the tokens banned here (None: none is)."""
+        guide = self._guide
+        if self._ban is None or (guide is not None and not guide.in_answer):
+            return None
+        return self._call_mask if guide is not None and guide.in_call else self._banned_mask
 
     def _constrained(self, ctx: NativeContext, index: int) -> int:
         if self._penalized:  # the penalties' history must see the chosen token only
@@ -217,7 +227,8 @@ class Sampler:
             token = int(self._data[self._cur.selected].id)
         else:  # the chain's accept is a no-op without penalties: llama.cpp's own loop
             token = int(lib.llama_sampler_sample(self._ptr, ctx.ptr, index))
-        if not (self._banning() and token in self._banned) and self._allowed(token):
+        banned = self._banned()
+        if not (banned is not None and banned[token]) and self._allowed(token):
             return token
         masked = self._masked(self._logits(ctx, index))
         if masked is not None:
@@ -253,8 +264,9 @@ class Sampler:
                     part = np.argpartition(logits, n - size)[n - size:]
                     order = part[np.argsort(-logits[part], kind="stable")]
                 ids = order[:size]
-            if self._banning():
-                ids = ids[~self._banned_mask[ids]]
+            banned = self._banned()
+            if banned is not None:
+                ids = ids[~banned[ids]]
             self._fill(ids, logits[ids])
             lib.llama_sampler_apply(self._grammar, ctypes.byref(self._cur))
             allowed = np.count_nonzero(np.isfinite(self._view["logit"][:len(ids)]))
@@ -344,22 +356,14 @@ def build_sampler(cfg: GenerationConfig, ctx: NativeContext, n_vocab: int) -> Sa
     calls = cfg.tools and cfg.tool_choice != "none"
     if fmt is None and not calls:
         return Sampler(cfg, n_vocab)
-    from ..structured.plan import plan_answer, plan_calls
+    from ..structured.plan import plan_reply
 
     vocab = VocabView.of_context(ctx)
-    harmony = vocab.harmony()
-    if fmt is not None:
-        plan = plan_answer(fmt, max_tokens=cfg.max_tokens, reasoning_budget=cfg.reasoning_budget,
-                           harmony=harmony, tokenize=vocab.tokenize, piece=vocab.piece,
-                           controls=vocab.controls)
-    else:
-        if harmony is None:  # the prompt builder refuses tools for such a model first
-            raise InvalidParameterError("this model has no tool-call support", "tools")
-        plan = plan_calls(cfg.tools, cfg.tool_choice, max_tokens=cfg.max_tokens,
-                          reasoning_budget=cfg.reasoning_budget, harmony=harmony,
-                          tokenize=vocab.tokenize, piece=vocab.piece,
-                          controls=lambda: vocab.controls() + vocab.eogs())
-        if plan is None:
-            return Sampler(cfg, n_vocab)
+    plan = plan_reply(fmt, cfg.tools or (), cfg.tool_choice, max_tokens=cfg.max_tokens,
+                      reasoning_budget=cfg.reasoning_budget, harmony=vocab.harmony(),
+                      tokenize=vocab.tokenize, piece=vocab.piece, controls=vocab.controls,
+                      eogs=vocab.eogs)
+    if plan is None:
+        return Sampler(cfg, n_vocab)
     return Sampler(cfg, n_vocab, vocab=vocab, grammar=plan.grammar, guide=plan.guide,
-                   banned_in_answer=plan.banned_in_answer)
+                   banned_in_answer=plan.banned_in_answer, banned_in_call=plan.banned_in_call)

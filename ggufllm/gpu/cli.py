@@ -25,10 +25,10 @@ def doctor_report(model: str | None = None, max_length: int | None = None) -> di
     import llama_cpp.llama_cpp as lib
 
     from ..config import load_settings
-    from ..native.runtime import default_threads
     from ..errors import GgufllmError, KernelSelfTestError
     from ..gguf_file import read_gguf_header
     from ..native.kernels import decide_extra_buffers
+    from ..native.runtime import default_threads
     from ..resolve import resolve_model
     from .devices import backends, cpu_features, devices, extra_buffer_types, versions
     from .placement import placement_for_settings

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from .parser import HarmonyTokens
 
-__all__ = ["answer_grammar", "AnswerGuide", "HEADER_TEXT", "response_format_section"]
+__all__ = ["answer_grammar", "final_rule", "AnswerGuide", "HEADER_TEXT", "response_format_section"]
 
 # what the guide forces, in order, from wherever the reply is (the header harmony renders
 # for a JSON answer, as openai-harmony writes tool calls: a space, then <|constrain|>json)
@@ -34,6 +34,13 @@ def response_format_section(name: str, schema_text: str, description: str | None
     """The ``# Response Formats`` section of the developer message, as harmony lays it out."""
     comment = f"// {description.strip()}\n" if description and description.strip() else ""
     return f"# Response Formats\n\n## {name}\n\n{comment}{schema_text}"
+
+
+def final_rule(tokens: HarmonyTokens, root: str) -> str:
+    """The body of a rule for the final message whose text follows the rule ``root``:
+    ``<|channel|>final [<|constrain|>json]<|message|>`` then the answer."""
+    t = tokens
+    return f'<[{t.channel}]> "final" (" "? <[{t.constrain}]> "json")? <[{t.message}]> {root}'
 
 
 def answer_grammar(json_gbnf: str, tokens: HarmonyTokens) -> tuple[str, str]:
@@ -55,7 +62,7 @@ def answer_grammar(json_gbnf: str, tokens: HarmonyTokens) -> tuple[str, str]:
         "analysis": f'<[{t.channel}]> "analysis" <[{t.message}]> {prefix}-text* '
                     f'<[{t.end}]> <[{t.start}]> "assistant"',
         "text": "[^<]",
-        "final": f'<[{t.channel}]> "final" (" "? <[{t.constrain}]> "json")? <[{t.message}]> root',
+        "final": final_rule(tokens, "root"),
     }
     extra = "\n".join(f"{prefix}-{name} ::= {body}" for name, body in rules.items())
     return f"{json_gbnf}\n{extra}\n", f"{prefix}-reply"
@@ -82,19 +89,23 @@ class AnswerGuide:
             is kept for it).
         reasoning_budget: the most analysis tokens (None: only the budget rule).
         header: what forcing writes (:data:`HEADER_TEXT`, or a call's header).
-        call: the answer is a function call's arguments (a message whose header addresses
-            ``functions.``), not the final channel.
+        call: a function call's arguments are an answer (a message whose header addresses
+            ``functions.``).
+        final: the final channel's message is an answer (the default unless ``call``; both
+            when a reply may either answer or call).
         force: False only follows the reply (where the answer is), never forcing a token.
     """
 
     def __init__(self, tokens: HarmonyTokens, tokenize: Callable[[str], list[int]],
                  piece: Callable[[int], bytes], *, max_tokens: int, answer_tokens: int | None,
                  reasoning_budget: int | None = None, header: Sequence[str] = HEADER_TEXT,
-                 call: bool = False, force: bool = True) -> None:
+                 call: bool = False, final: bool | None = None, force: bool = True) -> None:
         self._t = tokens
         self._piece = piece
         self._header = [tokenize(text) for text in header]
         self._call = call
+        self._final = not call if final is None else final
+        self.in_call = False  # inside an answer that is a call's arguments
         self._force = force
         self._head = bytearray()  # the whole header being written (role and channel parts)
         answer = answer_tokens if answer_tokens is not None else max(64, max_tokens // 2)
@@ -152,11 +163,10 @@ class AnswerGuide:
         if token == t.channel:
             self.phase, self._name = Phase.HEADER, bytearray()
         elif token == t.message:
-            if self._call:
-                answer = b"to=functions." in self._head
-            else:
-                answer = self.phase is Phase.HEADER and self._name.lstrip().startswith(b"final")
-            self.phase = Phase.ANSWER if answer else Phase.REASONING
+            self.in_call = self._call and b"to=functions." in self._head
+            final = self._final and self.phase is Phase.HEADER \
+                and self._name.lstrip().startswith(b"final")
+            self.phase = Phase.ANSWER if self.in_call or final else Phase.REASONING
             self._head.clear()
         elif token == t.end:
             self.phase = Phase.BETWEEN

@@ -24,10 +24,11 @@ from typing import Any
 
 from ..structured.schema import prefixed_rules, schema_to_gbnf
 from ..structured.tools import FunctionTool
+from .constrain import final_rule
 from .parser import HarmonyTokens
 
-__all__ = ["tools_section", "typescript_type", "calls_grammar", "trigger_patterns",
-           "CALL_CHANNEL_LINE", "FUNCTIONS", "call_header_text"]
+__all__ = ["tools_section", "typescript_type", "calls_grammar", "answer_or_call_grammar",
+           "trigger_patterns", "CALL_CHANNEL_LINE", "FUNCTIONS", "call_header_text"]
 
 FUNCTIONS = "functions"
 # added to the system message's channel line when the conversation offers functions
@@ -245,6 +246,23 @@ def calls_grammar(tools: Sequence[FunctionTool], tokens: HarmonyTokens, *,
         "call-reply ::= call-analysis* call",
     ]
     return "\n".join(rules) + "\n", "call-reply"
+
+
+def answer_or_call_grammar(json_gbnf: str, tools: Sequence[FunctionTool],
+                           tokens: HarmonyTokens) -> tuple[str, str]:
+    """The grammar of a reply that either answers on the final channel with JSON that follows
+    ``json_gbnf`` (start symbol ``root``) or calls one of ``tools``: free analysis first, then
+    one or the other (``tools`` with ``tool_choice="auto"`` and a ``response_format``).
+
+    Returns:
+        The grammar and its start symbol.
+    """
+    calls, _ = calls_grammar(tools, tokens, forced=True)  # its call-analysis and call rules
+    answer = prefixed_rules(json_gbnf, "answer-")       # no rule of it can clash with these
+    rules = [answer.rstrip(), calls.rstrip(),
+             f"reply-final ::= {final_rule(tokens, 'answer-root')}",
+             "reply-answer-or-call ::= call-analysis* ( reply-final | call )"]
+    return "\n".join(rules) + "\n", "reply-answer-or-call"
 
 
 def _literal(text: str) -> str:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..errors import InvalidParameterError
 from ..harmony import HarmonyTokens
 from ..harmony.constrain import AnswerGuide, answer_grammar
-from ..harmony.tools import call_header_text, calls_grammar, trigger_patterns
+from ..harmony.tools import answer_or_call_grammar, call_header_text, calls_grammar, trigger_patterns
 from . import ResponseFormat
 from .schema import max_answer_tokens, schema_to_gbnf
 from .tools import ForcedFunction, FunctionTool, ToolChoice
 
-__all__ = ["GrammarSpec", "AnswerPlan", "plan_answer", "plan_calls"]
+__all__ = ["GrammarSpec", "AnswerPlan", "plan_reply", "plan_answer", "plan_calls",
+           "plan_answer_or_call"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,45 @@ class GrammarSpec:
 class AnswerPlan:
     """The grammar of a reply, the guide that bounds gpt-oss's reasoning (None for other
     models: their grammar applies from the first token), and the tokens banned inside the
-    answer (control tokens, whose text the grammar would take for answer text)."""
+    answer (control tokens, whose text the grammar would take for answer text) — inside a
+    call's arguments, ``banned_in_call`` when a reply may be either."""
 
     grammar: GrammarSpec
     guide: AnswerGuide | None
     banned_in_answer: tuple[int, ...]
+    banned_in_call: tuple[int, ...] | None = None
+
+
+def plan_reply(fmt: ResponseFormat | None, tools: Sequence[FunctionTool], choice: ToolChoice,
+               *, max_tokens: int, reasoning_budget: int | None, harmony: HarmonyTokens | None,
+               tokenize: Callable[[str], list[int]], piece: Callable[[int], bytes],
+               controls: Callable[[], tuple[int, ...]],
+               eogs: Callable[[], tuple[int, ...]]) -> AnswerPlan | None:
+    """The plan of one request's reply: a structured answer (``fmt``), a call to one of
+    ``tools``, either (``auto`` with both), or None when nothing constrains it.
+
+    A forced call (``required``, a named function) leaves no room for an answer, so ``fmt``
+    then changes nothing; ``none`` leaves the answer alone. Arguments as for
+    :func:`plan_answer`; ``eogs`` gives the tokens that end generation.
+
+    Raises:
+        InvalidParameterError: tools for a model that is not gpt-oss.
+    """
+    calls = bool(tools) and choice != "none"
+    if calls and harmony is None:  # the prompt builder refuses tools for such a model first
+        raise InvalidParameterError("this model has no tool-call support", "tools")
+    common = dict(max_tokens=max_tokens, reasoning_budget=reasoning_budget, tokenize=tokenize,
+                  piece=piece)
+    if fmt is not None and not calls:
+        return plan_answer(fmt, harmony=harmony, controls=controls, **common)
+    if not calls:
+        return None
+    assert harmony is not None
+    call_controls = lambda: controls() + eogs()  # noqa: E731
+    if fmt is None or choice != "auto":
+        return plan_calls(tools, choice, harmony=harmony, controls=call_controls, **common)
+    return plan_answer_or_call(fmt, tools, harmony=harmony, controls=call_controls,
+                               **common)
 
 
 def plan_answer(fmt: ResponseFormat, *, max_tokens: int, reasoning_budget: int | None,
@@ -110,3 +146,29 @@ def plan_calls(tools: Sequence[FunctionTool], choice: ToolChoice, *, max_tokens:
     harmony_ids = (t.start, t.end, t.message, t.channel, t.constrain, t.return_)
     banned = set(controls() + harmony_ids) - {t.call}
     return AnswerPlan(spec, guide, tuple(sorted(banned)))
+
+
+def plan_answer_or_call(fmt: ResponseFormat, tools: Sequence[FunctionTool], *, max_tokens: int,
+                        reasoning_budget: int | None, harmony: HarmonyTokens,
+                        tokenize: Callable[[str], list[int]], piece: Callable[[int], bytes],
+                        controls: Callable[[], tuple[int, ...]]) -> AnswerPlan:
+    """The plan of a gpt-oss reply that answers with ``fmt`` or calls one of ``tools``
+    (``tool_choice="auto"``): free analysis, then the final JSON answer or a call, both
+    following their schemas. When the reasoning has used its budget the guide forces the
+    answer's header (an answer always fits what is kept for it; a call may still come first).
+    ``controls`` gives the control tokens and those that end generation.
+    """
+    gbnf, root = answer_or_call_grammar(schema_to_gbnf(fmt.json_schema), tools, harmony)
+    bounds = [max_answer_tokens(fmt.json_schema)] + [
+        None if (b := max_answer_tokens(t.checked_parameters(i))) is None else b + len(t.name)
+        for i, t in enumerate(tools)]
+    answer_tokens = None if None in bounds else max(b for b in bounds if b is not None)
+    guide = AnswerGuide(harmony, tokenize, piece, max_tokens=max_tokens,
+                        answer_tokens=answer_tokens, reasoning_budget=reasoning_budget,
+                        call=True, final=True)
+    t = harmony
+    every = set(controls()) | {t.start, t.end, t.message, t.channel, t.constrain, t.return_,
+                               t.call}
+    # a final answer ends with <|return|>, a call's arguments with <|call|>
+    return AnswerPlan(GrammarSpec(gbnf, root), guide, tuple(sorted(every - {t.return_})),
+                      tuple(sorted(every - {t.call})))
