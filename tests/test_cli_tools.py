@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from ggufllm.chunks import Chunk, ToolCall, ToolCallDelta
 from ggufllm.cli import cli
 from ggufllm.cli.common import CliError
-from ggufllm.cli.tools import Echo, ToolSetup, converse, read_tools, run_tool
+from ggufllm.cli.toolexec import run_tool
+from ggufllm.cli.tools import Echo, ToolSetup, converse, read_tools
 from ggufllm.harmony import Turn
 from ggufllm.structured.tools import tool_choice_of
 
@@ -231,10 +232,17 @@ def test_auto_either_answers_or_stops_at_max_rounds(tiny_gguf, tools_file: Path,
         assert len(runs) == 1 and "--max-tool-rounds 1" in _errors(r.stderr)[0], r.stderr
 
 
-def test_a_model_without_tool_calls_says_so(default_gguf: Path, tools_file: Path) -> None:
-    r = ggufllm("ask", QUESTION, "-m", str(default_gguf), "--tools", str(tools_file), "-q",
-                env=FAST)
-    assert r.returncode == 1 and r.stdout == ""
+def test_a_model_without_tool_calls_says_so_before_it_loads(default_gguf: Path,
+                                                             tools_file: Path, monkeypatch,
+                                                             invoke) -> None:
+    from ggufllm.service import LLMService
+
+    def load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(LLMService, "load", load)
+    r = invoke("ask", QUESTION, "-m", str(default_gguf), "--tools", str(tools_file), "-q")
+    assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.splitlines() == [
         'error: this model has no tool-call support: tools, tool calls and tool results (the '
         '"tool" role) need a gpt-oss (harmony) model']

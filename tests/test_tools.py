@@ -422,3 +422,24 @@ def test_server_without_tools_reports_no_calls(client) -> None:
         model=client.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=16, seed=1)
     assert not out.choices[0].message.tool_calls
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_vocabulary_scan_runs_on_the_callers_thread(tiny_service, monkeypatch) -> None:
+    """A grammar's first read of the vocabulary (~0.5 s on o200k) never stalls the thread that
+    decodes every other request."""
+    import threading
+
+    from ggufllm.engine import sampling
+
+    threads = []
+    scan = sampling.VocabView._scan
+
+    def recorded(self):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return scan(self)
+
+    monkeypatch.setattr(sampling, "_controls", {})
+    monkeypatch.setattr(sampling.VocabView, "_scan", recorded)
+    answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="required", seed=0, **BUDGET)
+    assert answer.tool_calls
+    assert threads[0] == threading.current_thread().name

@@ -106,7 +106,7 @@ def ask(question: str | None, context: str | None, context_file: str | None, mod
     setup = tool_setup_from(kw, overflow=flags.params.get("overflow"), has_context=bool(context))
     if json_schema is not None:
         flags.params["response_format"] = _read_schema(json_schema)
-    service, cfg = open_service(model, flags)
+    service, cfg = open_service(model, flags, needs_tools=setup is not None)
     with service:
         save_to = _load_kv_cache(service, kv_cache) if kv_cache is not None else None
         if setup is None:

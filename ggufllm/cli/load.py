@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import GenerationConfig
 from ..engine.fit import check_budget
+from ..engine.prompt import has_tool_calls, no_tool_calls_error
 from ..errors import ContextLengthExceededError, InvalidParameterError
 from ..gguf_file import read_gguf_header
 from ..resolve import resolve_model
@@ -20,8 +21,13 @@ __all__ = ["open_service", "call_options"]
 logger = logging.getLogger("ggufllm.cli")
 
 
-def open_service(model: str | None, flags: Flags) -> tuple[LLMService, GenerationConfig]:
+def open_service(model: str | None, flags: Flags, *,
+                 needs_tools: bool = False) -> tuple[LLMService, GenerationConfig]:
     """Validates the flags, resolves and checks the model file, then loads it.
+
+    Args:
+        needs_tools: the call offers functions (``--tools``): a model without tool calls is
+            refused from its header, before it loads.
 
     Returns:
         The loaded service (close it) and the generation parameters of this call.
@@ -37,6 +43,8 @@ def open_service(model: str | None, flags: Flags) -> tuple[LLMService, Generatio
                              use_quantization=settings.use_quantization,
                              load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
     header = read_gguf_header(resolved.path)
+    if needs_tools and not has_tool_calls(header.architecture):
+        raise no_tool_calls_error()
     trained = header.context_length
     state().trained_ctx = trained
     typed = state().flags

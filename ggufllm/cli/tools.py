@@ -1,6 +1,7 @@
 """``ggufllm ask --tools``: the functions a reply may call, the command that runs them, the loop.
 
-Everything the flags say is read and checked before the model loads (:func:`tool_setup_from`).
+Everything the flags say is read and checked before the model loads (:func:`tool_setup_from`);
+running one call is :mod:`ggufllm.cli.toolexec`.
 Without ``--tool-exec`` the calls of the reply are printed, one JSON object a line
 (:func:`print_calls`), and the command ends. With it, each call runs ``CMD NAME`` (``CMD`` split
 as a shell would, but run without one) with the arguments' JSON on stdin, and its stdout goes
@@ -17,11 +18,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import os
-import shlex
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -40,10 +36,11 @@ from .common import CliError, quiet, read_json, state
 from .load import call_options
 from .output import Streamed
 from .progress import PromptSpinner, is_terminal
+from .toolexec import ToolRun, command_of, run_tool
 
-__all__ = ["ToolSetup", "ToolRun", "ToolRound", "Conversation", "Echo", "tool_options",
-           "tool_setup_from", "read_tools", "run_tool", "converse", "print_calls",
-           "DEFAULT_TOOL_TIMEOUT_S", "DEFAULT_MAX_TOOL_ROUNDS"]
+__all__ = ["ToolSetup", "ToolRound", "Conversation", "Echo", "tool_options", "tool_setup_from",
+           "read_tools", "converse", "print_calls", "DEFAULT_TOOL_TIMEOUT_S",
+           "DEFAULT_MAX_TOOL_ROUNDS"]
 
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 DEFAULT_MAX_TOOL_ROUNDS = 8
@@ -70,23 +67,6 @@ class ToolSetup:
     command: tuple[str, ...] | None = None
     timeout_s: float = DEFAULT_TOOL_TIMEOUT_S
     max_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
-
-
-@dataclass(frozen=True)
-class ToolRun:
-    """One call and what its command answered.
-
-    Attributes:
-        call: the call.
-        result: the text the model gets (``error: ...`` when the command failed).
-        failure: why the command failed, in the user's words (None: it did not).
-        stderr: what the command wrote to stderr.
-    """
-
-    call: ToolCall
-    result: str
-    failure: str | None = None
-    stderr: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,7 +164,7 @@ def tool_setup_from(kw: dict[str, Any], *, overflow: str | None,
     state().in_tools = True
     tools = read_tools(path)
     return ToolSetup(tools, _choice(choice, tools, path),
-                     _command(command) if command is not None else None,
+                     command_of(command) if command is not None else None,
                      DEFAULT_TOOL_TIMEOUT_S if timeout_s is None else timeout_s,
                      max_rounds or DEFAULT_MAX_TOOL_ROUNDS)
 
@@ -226,75 +206,6 @@ def _choice(value: str | None, tools: Sequence[FunctionTool], path: Path) -> Too
         raise CliError(f"--tool-choice {value}: {path} has no function of that name (it offers "
                        f"{', '.join(names)}); use auto, none, required or one of those")
     return tool_choice_of(value, tools)
-
-
-def _command(text: str) -> tuple[str, ...]:
-    try:
-        argv = shlex.split(text)
-    except ValueError as exc:  # an unclosed quotation
-        raise CliError(f"--tool-exec {text!r}: {exc}") from None
-    if not argv:
-        raise CliError("--tool-exec is empty: give the command that runs a call")
-    if shutil.which(argv[0]) is None:
-        raise CliError(f"--tool-exec: cannot run {argv[0]!r}: no such executable file, nor a "
-                       "command on PATH")
-    return tuple(argv)
-
-
-# -- running a call ----------------------------------------------------------------------------
-
-def run_tool(command: Sequence[str], call: ToolCall, timeout_s: float) -> ToolRun:
-    """Runs ``command`` with the function's name appended (no shell), the call's arguments
-    (JSON) on stdin; its stdout (UTF-8, the trailing newline dropped) is the result.
-
-    A command that exits non-zero, outlives ``timeout_s`` (it is killed, with what it started)
-    or writes what is not UTF-8 gives ``error: ...`` as the result: the model is told.
-
-    Raises:
-        CliError: the command cannot be started.
-    """
-    try:
-        # a session of its own: a timeout kills what the command started too
-        proc = subprocess.Popen([*command, call.name], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    except OSError as exc:
-        raise CliError(f"--tool-exec: cannot run {command[0]!r}: {exc.strerror}") from None
-    try:
-        out, err = proc.communicate(call.arguments.encode("utf-8"), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        out, err = proc.communicate()
-        return ToolRun(call, f"error: no result within {timeout_s:g} s",
-                       f"no result within {timeout_s:g} s (--tool-timeout)", _decoded(err))
-    except BaseException:  # Ctrl-C: the command is in its own session, so stop it here
-        _kill(proc)
-        proc.wait()
-        raise
-    stderr = _decoded(err)
-    if proc.returncode != 0:
-        code = proc.returncode
-        failure = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        return ToolRun(call, f"error: {stderr.strip() or failure}", failure, stderr)
-    try:
-        return ToolRun(call, out.decode("utf-8").rstrip("\r\n"), None, stderr)
-    except UnicodeDecodeError:
-        return ToolRun(call, "error: the function's output is not UTF-8 text",
-                       "its output is not UTF-8 text", stderr)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # Windows: no process groups
-            proc.kill()
-    except ProcessLookupError:
-        pass
-
-
-def _decoded(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
 
 
 # -- the conversation --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .kvstore import KVStore
 from .native import NativeContext, NativeModel, ProgressFn
 from .output import HarmonyReader, OutputReader, TextReader
 from .prompt import Prompt, PromptBuilder, PromptKind
+from .sampling import VocabView
 from .scheduler import ProgressCallback, Request, Scheduler, Sink
 from .slots import PAGE, SlotTable
 from .streams import ChunkStream
@@ -326,8 +327,13 @@ class Engine:
         if self._closed:
             raise ServiceClosedError("the model was closed")
         check_budget(len(prompt.tokens), cfg.max_tokens, self.n_ctx)
-        with self._native():
+        with self._native() as model:
             reader = self.reader(prompt)
+            if cfg.response_format is not None or (cfg.tools and cfg.tool_choice != "none"):
+                # the grammar's first read of the vocabulary (its control tokens, ~0.5 s on
+                # o200k) happens here, on the caller's thread, not on the one that decodes
+                # every other request
+                VocabView(model.vocab, model.ptr).controls()
         request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel)
         self.scheduler.submit(request)
         return request

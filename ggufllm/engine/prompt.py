@@ -74,7 +74,7 @@ class PromptBuilder:
         self._current_date = current_date
         self.harmony: HarmonyTokens | None = None
         self._template: ChatTemplate | None = None
-        if architecture == "gpt-oss":
+        if has_tool_calls(architecture):  # harmony: its format carries the calls
             self.harmony = HarmonyTokens.from_lookup(model.special_token_id)
         if self.harmony is not None:
             self.kind = PromptKind.HARMONY
@@ -193,11 +193,21 @@ class PromptBuilder:
         return self._model.tokenize(text, add_special=self._model.add_bos, parse_special=False)
 
 
+def has_tool_calls(architecture: str) -> bool:
+    """Whether a model of ``architecture`` takes tools: one with a call format ggufllm reads
+    (gpt-oss's harmony)."""
+    return architecture == "gpt-oss"
+
+
+def no_tool_calls_error() -> InvalidParameterError:
+    return InvalidParameterError(
+        "this model has no tool-call support: tools, tool calls and tool results (the "
+        "\"tool\" role) need a gpt-oss (harmony) model", "tools")
+
+
 def _check_no_tools(turns: Sequence[Turn], cfg: GenerationConfig) -> None:
     """Tools need a model with a call format ggufllm reads: gpt-oss's harmony. Other models
     are refused rather than shown tools whose calls nobody would parse."""
     if cfg.tools or cfg.tool_choice != "auto" or any(
             t.role == "tool" or t.tool_calls for t in turns):
-        raise InvalidParameterError(
-            "this model has no tool-call support: tools, tool calls and tool results (the "
-            "\"tool\" role) need a gpt-oss (harmony) model", "tools")
+        raise no_tool_calls_error()
