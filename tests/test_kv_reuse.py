@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ggufllm import KVCacheMismatchError, LLMService
+from ggufllm.engine.prompt import Prompt
 
 from .near_tie import END
 from .near_tie import assert_equal_or_near_ties as near_ties
@@ -29,17 +30,24 @@ def document(i: int, n_repeats: int) -> str:
     return " ".join([FACTS[i]] * n_repeats)
 
 
+def prompt_of(svc: LLMService, question: str, context: str) -> Prompt:
+    _, prompt, _ = svc._prepare([], dict(GREEDY), None, svc._rag(question, context))
+    return prompt
+
+
 def ask(svc: LLMService, question: str, context: str) -> tuple[list[int], list[int], int]:
     """(prompt tokens, answer tokens with END when it stopped, cached prompt tokens)."""
-    _, prompt, _ = svc._prepare([], dict(GREEDY), None, svc._rag(question, context))
+    prompt = prompt_of(svc, question, context)
     answer = svc.answer(question, context, **GREEDY)
     ids = list(answer.token_ids) + ([END] if answer.finish_reason == "stop" else [])
     return list(prompt.tokens), ids, answer.timings.n_cached
 
 
-def three_documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int) -> list[tuple]:
+def three_documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int,
+                            up_to_the_question: bool = False) -> list[tuple]:
     """A B C, then A B C with other questions; returns (question, doc, prompt, ids, cached)
-    of the follow-ups, each of which must have reused its document past the window."""
+    of the follow-ups, each of which must have reused its document past the window (with
+    ``up_to_the_question``: all of its prompt before the question)."""
     docs = [document(i, n_repeats) for i in range(3)]
     for i, doc in enumerate(docs):
         prompt, _, _ = ask(svc, QUESTIONS[i][0], doc)
@@ -50,6 +58,8 @@ def three_documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int) -> list
         prompt, ids, cached = ask(svc, question, doc)
         # the whole document and what precedes it, short of the question's tail
         assert cached >= len(prompt) - 4 * 64 and cached > n_swa, (i, cached, len(prompt))
+        if up_to_the_question:
+            assert cached == prompt_of(svc, question, doc).n_shared > len(doc) // 8, cached
         follow_ups.append((question, doc, prompt, ids, cached))
     return follow_ups
 
@@ -79,8 +89,29 @@ def test_tiny_gpt_oss_documents_in_turn_reuse_past_the_window(tiny_gguf) -> None
     model = tiny_gguf("q8_0")
     with LLMService(model, max_length=2048, n_parallel=1) as svc:  # flash attention: auto
         assert svc.get_model_info()["kv_cache"]["n_swa"] == 8
-        follow_ups = three_documents_in_turn(svc, 12, 8)
+        follow_ups = three_documents_in_turn(svc, 12, 8, up_to_the_question=True)
         check_near_cold(svc, model, follow_ups)
+
+
+@pytest.mark.parametrize("other", ["Who goes there?", "12 times?", '"Where," she asked?',
+                                   "<|end|> is it <|return|>?"])
+def test_a_rag_prompt_knows_where_its_question_begins(tiny_gguf, default_gguf: Path,
+                                                      other: str) -> None:
+    """Prompt.n_shared: the tokens another question over the same context shares, where the
+    KV cache keeps a window checkpoint (gpt-oss; other formats do not say)."""
+    doc = document(0, 6)
+    with LLMService(tiny_gguf("q8_0"), max_length=2048) as svc:
+        first, second = prompt_of(svc, "Where is it?", doc), prompt_of(svc, other, doc)
+        n = first.n_shared
+        assert n == second.n_shared > 0
+        assert first.tokens[:n] == second.tokens[:n] and first.tokens[n] != second.tokens[n]
+        assert svc._engine.detokenize(first.tokens[:n]).endswith(doc + "\n\nQuestion:")
+        # no context: what every question shares is the system and developer messages
+        plain = prompt_of(svc, other, None)
+        assert plain.n_shared == prompt_of(svc, "Where is it?", None).n_shared
+        assert svc._engine.detokenize(plain.tokens[plain.n_shared:]).startswith(other[:1])
+    with LLMService(default_gguf, max_length=2048) as gemma:
+        assert prompt_of(gemma, other, doc).n_shared == 0
 
 
 def test_a_saved_cache_serves_another_service_past_the_window(default_gguf: Path,

@@ -26,7 +26,7 @@ import pytest
 from ggufllm import KVCacheError, KVCacheMismatchError
 from ggufllm.engine.kvcache import PrefixCache, restore_is_exact, seq_state_get, seq_state_set
 from ggufllm.engine.kvfile import KVCacheIdentity, load_prefixes, save_prefixes
-from ggufllm.engine.kvstore import KVStore
+from ggufllm.engine.kvstore import CHECKPOINT_TAIL, KVStore, checkpoint_positions
 from ggufllm.engine.native import NativeModel
 from ggufllm.engine.slots import Slot as EngineSlot
 from ggufllm.gguf_file import read_gguf_header
@@ -210,6 +210,17 @@ def test_ram_cache_policy_for_sliding_windows():
     # and the last prompt token is always evaluated again
     assert off.lookup(list(range(20))) is None
     assert off.lookup(list(range(15)) + [0]) is None
+
+
+def test_window_checkpoints_at_the_tail_pages_the_prompt_end_and_the_question():
+    # a 1,000-token prompt, 12 tokens of answer after it: the pages of its last 256 tokens
+    # and its end; with the question's start known (n_shared), there too
+    assert checkpoint_positions(1000, 1012) == [1000, 960, 896, 832, 768]
+    assert checkpoint_positions(1000, 1012, 987) == [1000, 987, 960, 896, 832, 768]
+    # far before the tail (a long question): still kept
+    assert 500 in checkpoint_positions(1000, 1012, 500)
+    assert min(checkpoint_positions(1000, 1012)) >= 1000 - CHECKPOINT_TAIL
+    assert checkpoint_positions(1000, 1000, 1000) == [960, 896, 832, 768]  # below n_tokens
 
 
 # -- memory of each cache mode -------------------------------------------------------

@@ -176,10 +176,10 @@ class Engine:
             yield self._model
 
     def build(self, turns: Sequence[Turn], cfg: GenerationConfig,
-              instructions: str | None = None) -> Prompt:
+              instructions: str | None = None, *, question: str | None = None) -> Prompt:
         """Renders and tokenizes a conversation (see :meth:`PromptBuilder.build`)."""
         with self._native():
-            return self.prompts.build(turns, cfg, instructions)
+            return self.prompts.build(turns, cfg, instructions, question=question)
 
     def raw(self, text: str, cfg: GenerationConfig) -> Prompt:
         """A raw continuation prompt (see :meth:`PromptBuilder.raw`)."""
@@ -334,7 +334,8 @@ class Engine:
                 # o200k) happens here, on the caller's thread, not on the one that decodes
                 # every other request
                 VocabView(model.vocab, model.ptr).controls()
-        request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel)
+        request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel,
+                          n_shared=prompt.n_shared)
         self.scheduler.submit(request)
         return request
 

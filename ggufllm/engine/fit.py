@@ -104,7 +104,7 @@ def fit_prompt(engine: Engine, turns: Sequence[Turn], cfg: GenerationConfig,
         check_budget(1, cfg.max_tokens, n_ctx)  # raises: no prompt leaves room for it
     refuse_what_cannot_fit(engine, _kept_by_every_policy(turns, rag, cfg), cfg)
     all_turns = list(turns) + ([rag.turn(rag.context)] if rag is not None else [])
-    prompt = engine.build(all_turns, cfg, instructions)
+    prompt = engine.build(all_turns, cfg, instructions, question=rag.question if rag else None)
     if len(prompt.tokens) + cfg.max_tokens <= n_ctx or not prompt.tokens:
         return prompt, cfg
     try:
@@ -205,7 +205,8 @@ def _truncate_context(engine: Engine, turns: list[Turn], cfg: GenerationConfig,
             break
         # cut the end: retrieved passages usually come best first
         trimmed = engine.detokenize(ctx_tokens[:keep]).rstrip()
-        prompt = engine.build(turns + [rag.turn(trimmed or None)], cfg, instructions)
+        prompt = engine.build(turns + [rag.turn(trimmed or None)], cfg, instructions,
+                              question=rag.question)
     raise ContextLengthExceededError(first, engine.n_ctx, cfg.max_tokens)
 
 

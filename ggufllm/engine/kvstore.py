@@ -52,14 +52,18 @@ def _kept_for_follow_ups(n_prompt: int) -> int:
     return max(n_prompt // 2, n_prompt - CHECKPOINT_TAIL)
 
 
-def checkpoint_positions(n_prompt: int, n_tokens: int) -> list[int]:
+def checkpoint_positions(n_prompt: int, n_tokens: int, n_shared: int = 0) -> list[int]:
     """Where a saved sequence of ``n_tokens`` whose prompt ended at ``n_prompt`` gets
     window checkpoints: the page boundaries of the prompt's last :data:`CHECKPOINT_TAIL`
-    tokens, and the prompt's end (descending, all below ``n_tokens``)."""
+    tokens, the prompt's end, and where its question began (``n_shared``, when known: a
+    follow-up over the same document reuses all of it but its own question) (descending,
+    all below ``n_tokens``)."""
     end = min(n_prompt or n_tokens, n_tokens)
     first = max(PAGE, end - CHECKPOINT_TAIL)
     positions = set(range(first + (-first) % PAGE, end + 1, PAGE))
     positions.add(end)
+    if n_shared:
+        positions.add(n_shared)
     return sorted((p for p in positions if 0 < p < n_tokens), reverse=True)
 
 
@@ -71,6 +75,7 @@ class SlotLike(Protocol):
     tokens: list[int]
     n_exact: int
     n_prompt: int
+    n_shared: int
 
     def cut(self, keep: int) -> None: ...
 
@@ -222,7 +227,7 @@ class KVStore:
         if not self._n_swa or n <= self._n_swa:
             return ()
         taken = []
-        for p in checkpoint_positions(slot.n_prompt, n):
+        for p in checkpoint_positions(slot.n_prompt, n, slot.n_shared):
             if p <= floor:
                 break
             lib.llama_memory_seq_rm(self._mem, slot.seq, p, -1)

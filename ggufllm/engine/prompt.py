@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError
 from ..harmony import DEFAULT_INSTRUCTIONS, HarmonyTokens, Segment, Turn, render_conversation
-from ..harmony.render import INSTRUCTION_ROLES, ROLES
+from ..harmony.render import INSTRUCTION_ROLES, ROLES, question_offset
 from .chat_template import ChatTemplate
 from .native import NativeModel
 
@@ -53,6 +53,9 @@ class Prompt:
     raw: bool = False  # a text continued as it is (no turns, read as plain text)
     dropped_turns: int = 0  # oldest turns left out to fit the window (drop_oldest_turns)
     calls: bool = False  # the reply may call functions: its messages to functions.NAME are calls
+    # the leading tokens that another question over the same context shares (a RAG prompt up
+    # to its question; 0: not known): the KV cache keeps a window checkpoint there
+    n_shared: int = 0
 
 
 class PromptBuilder:
@@ -91,7 +94,8 @@ class PromptBuilder:
         return self._model.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def build(self, turns: Sequence[Turn], cfg: GenerationConfig,
-              instructions: str | None = None, *, date: _dt.date | None = None) -> Prompt:
+              instructions: str | None = None, *, date: _dt.date | None = None,
+              question: str | None = None) -> Prompt:
         """Renders and tokenizes a conversation that ends with the user's turn.
 
         Args:
@@ -101,6 +105,9 @@ class PromptBuilder:
                 message (the default instructions when None and no instruction
                 turn is given), a chat template's system message.
             date: the date shown to the model (None: as ``current_date`` says).
+            question: the last turn is a RAG question over a context (:func:`~ggufllm.harmony.
+                render.rag_user_message`) and this is its question: the prompt's ``n_shared``
+                says where it begins (gpt-oss; other formats leave it 0).
 
         Raises:
             InvalidParameterError: a turn has an unknown role, or the chat
@@ -120,7 +127,10 @@ class PromptBuilder:
             tools = cfg.tools if cfg.tool_choice != "none" else ()
             segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort,
                                            instructions=instructions, date=date, tools=tools)
-            return Prompt(self._tokenize_segments(segments), cfg.stop, calls=bool(tools))
+            starts: list[int] = []
+            tokens = self._tokenize_segments(segments, starts=starts)
+            n_shared = self._question_start(segments, starts, tokens, question) if question else 0
+            return Prompt(tokens, cfg.stop, calls=bool(tools), n_shared=n_shared)
         if self.kind is PromptKind.CHAT_TEMPLATE:
             return Prompt(self._render_template(turns, instructions, date), cfg.stop)
         return Prompt(self._completion(turns, instructions), _COMPLETION_STOPS + cfg.stop)
@@ -139,12 +149,36 @@ class PromptBuilder:
         return Prompt(m.tokenize(text, add_special=m.add_bos, parse_special=False), cfg.stop,
                       raw=True)
 
-    def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False) -> list[int]:
+    def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False, *,
+                           starts: list[int] | None = None) -> list[int]:
+        """The segments' tokens; ``starts`` (when given) gets each segment's first index."""
         m = self._model
         tokens: list[int] = [m.bos_id] if add_bos and m.bos_id >= 0 else []
         for seg in segments:
+            if starts is not None:
+                starts.append(len(tokens))
             tokens += m.tokenize(seg.text, add_special=False, parse_special=seg.special)
         return tokens
+
+    def _question_start(self, segments: Sequence[Segment], starts: Sequence[int],
+                        tokens: Sequence[int], question: str) -> int:
+        """The index of the first token of ``question`` in ``tokens`` (a harmony prompt whose
+        last user message, ``segments[-3]``, ends with it; ``starts[i]``: segment i's first
+        token); 0 when it cannot be told. A token that holds the question's start and what
+        precedes it counts as the question's."""
+        user = len(segments) - 3  # ..., the user's text, <|end|>, <|start|>assistant
+        if user < 0 or segments[user].special:
+            return 0
+        offset = question_offset(segments[user].text, question)
+        if offset is None:
+            return 0
+        # from the end: the question is short, the context before it may be long
+        start = len(segments[user].text.encode("utf-8"))  # where token i begins, in bytes
+        for i in range(starts[user + 1] - 1, starts[user] - 1, -1):
+            start -= len(self._model.piece(tokens[i]))
+            if start <= offset:
+                return i
+        return 0
 
     def _render_template(self, turns: Sequence[Turn], instructions: str | None,
                          date: _dt.date | None) -> list[int]:

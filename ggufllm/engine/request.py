@@ -40,15 +40,19 @@ class Request:
         on_prompt_progress: called with (prompt tokens in the cache, prompt length)
             after each prompt chunk; exceptions are logged and ignored.
         cancel: the flag that cancels it (None: a new one).
+        n_shared: the prompt's leading tokens that other questions over the same context
+            share (:attr:`Prompt.n_shared`; 0: not known).
     """
 
-    __slots__ = ("prompt", "cfg", "reader", "sink", "on_prompt_progress", "cancel", "slot",
-                 "sampler", "state", "n_done", "n_cached", "n_gen", "next_token", "t_start", "t_first")
+    __slots__ = ("prompt", "cfg", "reader", "sink", "on_prompt_progress", "cancel", "n_shared",
+                 "slot", "sampler", "state", "n_done", "n_cached", "n_gen", "next_token",
+                 "t_start", "t_first")
 
     def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, reader: OutputReader,
                  sink: Sink, on_prompt_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, *, n_shared: int = 0) -> None:
         self.prompt = list(prompt)
+        self.n_shared = n_shared
         self.cfg = cfg
         self.reader = reader
         self.sink = sink

@@ -13,9 +13,9 @@ keeps (the same instructions, then another document) goes to an empty slot when
 there is one, with the shared part copied: both documents stay cached.
 With ``KV_REUSE=exact``, only whole prompt pages evaluated on an exact prefix are
 reused (``Slot.n_exact``); with ``fast`` (the default) any prefix whose tokens
-match is, generated tokens included, as llama-server reuses them. On this CPU build a token's K/V and logits depend on the
-shape of the batch it was evaluated in (the matmul kernels round differently for
-different row counts; measured in ``benchmarks/batch_invariance.py``; the same
+match is, generated tokens included, as llama-server reuses them. On this CPU build a
+token's K/V and logits depend on the shape of the batch it was evaluated in (the matmul
+kernels round differently for different row counts; measured in ``benchmarks/batch_invariance.py``; the same
 batches give the same logits: ``tests/test_engine_invariance.py``), so prompts
 are evaluated in pages: batches
 of ``PAGE`` tokens starting at multiples of ``PAGE`` (the last one shorter). A
@@ -82,6 +82,7 @@ class Slot:
     busy: bool = False
     last_used: int = 0
     n_prompt: int = 0  # where the last prompt evaluated in it ended (its answer follows)
+    n_shared: int = 0  # where that prompt's question began (Prompt.n_shared; 0: not known)
     # leading cells this slot shares with others (llama_memory_seq_cp): slot -> how many
     shares: dict[Slot, int] = field(default_factory=dict, repr=False)
 
@@ -90,6 +91,7 @@ class Slot:
         del self.tokens[keep:]
         self.n_exact = min(self.n_exact, keep)
         self.n_prompt = min(self.n_prompt, keep)
+        self.n_shared = min(self.n_shared, keep)
         for other, n in list(self.shares.items()):
             if n > keep:
                 self.share(other, keep)
@@ -101,6 +103,7 @@ class Slot:
         self.tokens = tokens
         self.n_exact = n_exact
         self.n_prompt = len(tokens)
+        self.n_shared = 0
 
     def share(self, other: Slot, n: int) -> None:
         """Records that this slot and ``other`` hold the same first ``n`` cells."""

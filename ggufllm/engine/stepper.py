@@ -251,6 +251,10 @@ class Stepper:
         return True
 
     def _next_page_end(self, start: int, n_prompt: int) -> int:
+        if not self.slots.exact and n_prompt - start <= self._page:
+            # KV_REUSE=fast: what is left of a prompt reused up to an unaligned position (a
+            # follow-up's question) goes in one llama_decode, not split at a page boundary
+            return n_prompt
         return min(n_prompt, (start // self._page + 1) * self._page)
 
     def _add_prompt(self, r: Request, end: int) -> int:
@@ -272,6 +276,7 @@ class Stepper:
         self._report_progress(r)
         if end == len(r.prompt):
             slot.n_prompt = end  # its answer follows (the KV store checkpoints before it)
+            slot.n_shared = r.n_shared  # ...and where another question would begin
             r.t_first = time.perf_counter()
             self._sample(r, row)
 

@@ -17,8 +17,8 @@ from ..config import ReasoningEffort
 from ..structured.tools import FunctionTool
 from .tools import CALL_CHANNEL_LINE, FUNCTIONS, tools_section
 
-__all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "DEFAULT_INSTRUCTIONS",
-           "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
+__all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "question_offset",
+           "DEFAULT_INSTRUCTIONS", "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
 
 # The system message gpt-oss was trained with (harmony specification; openai-harmony's
 # SystemContent renders the same text); only the date and the reasoning level vary. As in
@@ -78,6 +78,20 @@ def rag_user_message(question: str, context: str | None) -> str:
     if not context:
         return question
     return f"Context:\n{context}\n\nQuestion: {question}"
+
+
+def question_offset(user_text: str, question: str) -> int | None:
+    """Where ``question`` begins, in bytes, in ``user_text``: a rendered RAG user message
+    (:func:`rag_user_message`, markers broken as :func:`render_conversation` breaks them),
+    the space before it included (a tokenizer may join it to the question's first word, or
+    not: "Question: 12" is ``:``, `` ``, ``12`` where "Question: Who" is ``:``, `` Who``);
+    None when it does not end with it."""
+    tail = _defuse(question).encode("utf-8")
+    text = user_text.encode("utf-8")
+    if not text.endswith(tail):
+        return None
+    start = len(text) - len(tail)
+    return start - 1 if text[:start].endswith(b" ") else start
 
 
 # llama.cpp marks some harmony tokens USER_DEFINED, and those are matched even
