@@ -143,7 +143,8 @@ class Sampler:
                  grammar: GrammarSpec | None = None, guide: AnswerGuide | None = None,
                  banned_in_answer: Sequence[int] = (),
                  banned_in_call: Sequence[int] | None = None) -> None:
-        self._grammar = self._ban = None
+        self._grammar = None
+        self._bans = False  # tokens are banned inside the answer (masks below)
         self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._penalized = cfg.repeat_penalty != 1.0
         for part in _chain_parts(cfg, n_vocab):
@@ -154,8 +155,7 @@ class Sampler:
         assert vocab is not None
         try:
             self._grammar = _grammar_sampler(vocab, grammar)
-            if banned_in_answer:
-                self._ban = _ban_sampler(n_vocab, banned_in_answer)
+            self._bans = bool(banned_in_answer)
         except BaseException:
             self.close()
             raise
@@ -215,7 +215,7 @@ class Sampler:
     def _banned(self) -> np.ndarray | None:
         """The mask of the tokens banned here (None: none is)."""
         guide = self._guide
-        if self._ban is None or (guide is not None and not guide.in_answer):
+        if not self._bans or (guide is not None and not guide.in_answer):
             return None
         return self._call_mask if guide is not None and guide.in_call else self._banned_mask
 
@@ -294,7 +294,7 @@ class Sampler:
         return not math.isinf(self._one[0].logit)
 
     def close(self) -> None:
-        for name in ("_ban", "_grammar", "_ptr"):
+        for name in ("_grammar", "_ptr"):
             ptr = getattr(self, name)
             if ptr:
                 lib.llama_sampler_free(ptr)
@@ -336,13 +336,6 @@ def _grammar_sampler(vocab: VocabView, spec: GrammarSpec) -> Any:
         raise InvalidParameterError("llama.cpp could not parse the answer's grammar (see the "
                                     "debug log)", "response_format")
     return ptr
-
-
-def _ban_sampler(n_vocab: int, banned: Sequence[int]) -> Any:
-    biases = (lib.llama_logit_bias * len(banned))()
-    for entry, token in zip(biases, banned, strict=True):
-        entry.token, entry.bias = token, -math.inf
-    return lib.llama_sampler_init_logit_bias(n_vocab, len(banned), biases)
 
 
 def build_sampler(cfg: GenerationConfig, ctx: NativeContext, n_vocab: int) -> Sampler:
