@@ -200,3 +200,40 @@ def test_no_user_span_can_forge_a_harmony_message(vocab):
     assert tokens.count(ids["<|start|>"]) == 6
     assert tokens.count(ids["<|end|>"]) == 5
     assert tokens.count(ids["<|channel|>"]) == 1  # the past answer's final channel
+
+
+# -- a RAG prompt's context is tokenized once per document --------------------------
+
+# Pieces a document or a question is drawn from: whitespace runs of every kind next to the
+# split (spaces, tabs, CR, blank lines), digits, punctuation, contractions, accents, CJK,
+# emoji, a broken marker, and words that the pre-tokenizer joins to what precedes them.
+_RAG_PIECES = ["Paris", " is", "'s", "n't", " 12", "345", "3.14", ".", "!?", " ", "  ", "\t",
+               "\n", "\n\n", "\r\n", " \n", "\n ", "Thủ đô", " 日本語", "🇫🇷", "<|end|>", "Q",
+               "Question:", "\nQuestion: ", "-", "/", "\\", "\"", "(", "x", "É", "ß"]
+
+
+def _rag_text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(_RAG_PIECES) for _ in range(rng.randint(1, n)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_rag_prompt_tokenized_in_halves_equals_openai_harmony(encoding, vocab, seed):
+    """The context of a RAG question is tokenized once (a memo per document) and its
+    question apart: the tokens put together are the whole message's, and openai-harmony's
+    (where no marker had to be broken), whatever the document ends with or the question
+    begins with."""
+    rng = random.Random(seed)
+    builder = PromptBuilder(vocab, "gpt-oss")
+    doc = _rag_text(rng, 60)
+    for n in range(3):
+        question = _rag_text(rng, 12)
+        turns = [Turn("user", f"Context:\n{doc}\n\nQuestion: {question}")]
+        ours = builder.build(turns, GenerationConfig(), None, date=DATE, question=question)
+        whole = PromptBuilder(vocab, "gpt-oss").build(turns, GenerationConfig(), None, date=DATE)
+        assert ours.tokens == whole.tokens
+        if "<|" not in doc + question:
+            assert ours.tokens == reference_prompt(encoding, turns, DEFAULT_INSTRUCTIONS, "low")
+        # the second and third questions took every segment but the question from the memo
+        misses = builder._segment_tokens.cache_info().misses
+        assert n == 0 or misses == first
+        first = misses

@@ -7,19 +7,31 @@ with special-token parsing, so user text cannot forge a message.
 
 from __future__ import annotations
 
+import array
 import datetime as _dt
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError
 from ..harmony import DEFAULT_INSTRUCTIONS, HarmonyTokens, Segment, Turn, render_conversation
-from ..harmony.render import INSTRUCTION_ROLES, ROLES, question_offset
+from ..harmony.render import INSTRUCTION_ROLES, ROLES, context_end, question_offset
 from .chat_template import ChatTemplate
 from .native import NativeModel
 
 __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
+
+# A segment's tokens depend on its text alone (each is tokenized on its own), so the system
+# and developer messages, the markup and a RAG document are tokenized once and then taken
+# from a memo. A RAG user message splits where "Question: " begins, right after a newline:
+# the o200k pre-tokenizer (llama.cpp's "gpt-4o") never joins a newline to the letter after
+# it (no piece of its regex holds a newline and then a letter), so the context's tokens and
+# the question's, put together, are the whole message's (tests/test_harmony_reference.py
+# holds this against openai-harmony on the real vocabulary).
+_SPLIT_PRE = "gpt-4o"
+_MEMO_SEGMENTS = 32  # the segments whose tokens are kept
 
 # A base model has no turns: frame the question as a document and stop where
 # the next question or a blank line would begin.
@@ -77,6 +89,9 @@ class PromptBuilder:
         self._current_date = current_date
         self.harmony: HarmonyTokens | None = None
         self._template: ChatTemplate | None = None
+        self._splits = model.meta("tokenizer.ggml.pre") == _SPLIT_PRE
+        # thread-safe (several callers build prompts at once); 4-byte arrays, only read
+        self._segment_tokens = functools.lru_cache(_MEMO_SEGMENTS)(self._tokens_array)
         if has_tool_calls(architecture):  # harmony: its format carries the calls
             self.harmony = HarmonyTokens.from_lookup(model.special_token_id)
         if self.harmony is not None:
@@ -128,7 +143,8 @@ class PromptBuilder:
             segments = render_conversation(turns, reasoning_effort=cfg.reasoning_effort,
                                            instructions=instructions, date=date, tools=tools)
             starts: list[int] = []
-            tokens = self._tokenize_segments(segments, starts=starts)
+            tokens = self._tokenize_segments(segments, starts=starts,
+                                             split=self._question_split(segments, question))
             n_shared = self._question_start(segments, starts, tokens, question) if question else 0
             return Prompt(tokens, cfg.stop, calls=bool(tools), n_shared=n_shared)
         if self.kind is PromptKind.CHAT_TEMPLATE:
@@ -150,15 +166,38 @@ class PromptBuilder:
                       raw=True)
 
     def _tokenize_segments(self, segments: Sequence[Segment], add_bos: bool = False, *,
-                           starts: list[int] | None = None) -> list[int]:
-        """The segments' tokens; ``starts`` (when given) gets each segment's first index."""
+                           starts: list[int] | None = None,
+                           split: tuple[int, int] | None = None) -> list[int]:
+        """The segments' tokens (each from the memo); ``starts`` (when given) gets each
+        segment's first index; ``split`` = (segment, character): that plain segment is
+        tokenized as two, the text before the character and the rest (see
+        :meth:`_question_split`)."""
         m = self._model
         tokens: list[int] = [m.bos_id] if add_bos and m.bos_id >= 0 else []
-        for seg in segments:
+        for i, seg in enumerate(segments):
             if starts is not None:
                 starts.append(len(tokens))
-            tokens += m.tokenize(seg.text, add_special=False, parse_special=seg.special)
+            if split is not None and split[0] == i:
+                tokens += self._segment_tokens(seg.text[:split[1]], False)
+                tokens += m.tokenize(seg.text[split[1]:], add_special=False, parse_special=False)
+                continue
+            tokens += self._segment_tokens(seg.text, seg.special)
         return tokens
+
+    def _tokens_array(self, text: str, special: bool) -> array.array[int]:
+        return array.array("i", self._model.tokenize(text, add_special=False,
+                                                     parse_special=special))
+
+    def _question_split(self, segments: Sequence[Segment],
+                        question: str | None) -> tuple[int, int] | None:
+        """Where a RAG user message's context ends (segment, character): right after the
+        newline before ``Question: ``; None when the message has no context, the question is
+        not its end, or the vocabulary's pre-tokenizer is not one known to split there."""
+        user = len(segments) - 3  # ..., the user's text, <|end|>, <|start|>assistant
+        if not question or not self._splits or user < 0 or segments[user].special:
+            return None
+        end = context_end(segments[user].text, question)
+        return None if end is None else (user, end)
 
     def _question_start(self, segments: Sequence[Segment], starts: Sequence[int],
                         tokens: Sequence[int], question: str) -> int:

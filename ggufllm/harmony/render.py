@@ -18,7 +18,7 @@ from ..structured.tools import FunctionTool
 from .tools import CALL_CHANNEL_LINE, FUNCTIONS, tools_section
 
 __all__ = ["Segment", "Turn", "render_conversation", "rag_user_message", "question_offset",
-           "DEFAULT_INSTRUCTIONS", "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
+           "context_end", "DEFAULT_INSTRUCTIONS", "KNOWLEDGE_CUTOFF", "ROLES", "INSTRUCTION_ROLES"]
 
 # The system message gpt-oss was trained with (harmony specification; openai-harmony's
 # SystemContent renders the same text); only the date and the reasoning level vary. As in
@@ -92,6 +92,17 @@ def question_offset(user_text: str, question: str) -> int | None:
         return None
     start = len(text) - len(tail)
     return start - 1 if text[:start].endswith(b" ") else start
+
+
+def context_end(user_text: str, question: str) -> int | None:
+    """Where the context of a rendered RAG user message (:func:`rag_user_message`) ends, in
+    characters: right after the newline before ``Question: ``; None when ``user_text`` is
+    not such a message ending with ``question``."""
+    tail = "Question: " + _defuse(question)
+    if len(user_text) <= len(tail) or not user_text.endswith(tail) \
+            or user_text[-len(tail) - 1] != "\n":
+        return None
+    return len(user_text) - len(tail)
 
 
 # llama.cpp marks some harmony tokens USER_DEFINED, and those are matched even
