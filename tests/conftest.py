@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +29,30 @@ def service(default_gguf: Path) -> Iterator[LLMService]:
     svc.close()
 
 
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder that ``make`` fills once for the whole run: with ``-n`` (pytest-xdist) the
+    workers share it (the first one makes it under a lock, the others wait and read it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = factory.mktemp(name)
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    folder = factory.getbasetemp().parent / name  # the run's folder, above each worker's
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def harmony_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the real o200k_harmony tokenizer.json (built offline, ~10 s)."""
     from .gpt_oss_fixture import write_tokenizer
 
-    folder = tmp_path_factory.mktemp("o200k_harmony")
-    write_tokenizer(folder)
-    return folder
+    return made_once(tmp_path_factory, "o200k_harmony", write_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +60,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, harmony_tokenizer:
     """A tiny gpt-oss checkpoint in the real on-disk layout (fixed seed)."""
     from .gpt_oss_fixture import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-tiny"), harmony_tokenizer)
+    return made_once(tmp_path_factory, "gpt-oss-tiny",
+                     lambda folder: write_checkpoint(folder, harmony_tokenizer))
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +69,14 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     """tiny_gguf(type, experts="mxfp4") -> path of the converted file (made once)."""
     from convert import convert
 
-    out_dir = tmp_path_factory.mktemp("tiny-gguf")
-    made: dict[tuple[str, str], Path] = {}
+    made: dict[str, Path] = {}
 
     def get(out_type: str, experts: str = "mxfp4") -> Path:
-        key = (out_type, experts)
-        if key not in made:
-            made[key] = convert(tiny_checkpoint, out_dir / f"tiny-{out_type}-{experts}.gguf",
-                                out_type, experts).path
-        return made[key]
+        name = f"tiny-{out_type}-{experts}"
+        if name not in made:
+            made[name] = made_once(tmp_path_factory, name, lambda folder: convert(
+                tiny_checkpoint, folder / f"{name}.gguf", out_type, experts)) / f"{name}.gguf"
+        return made[name]
 
     return get
 
@@ -80,8 +97,7 @@ _RUNNING = [""]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    import os
-
+    _share_cores()
     if not os.environ.get("GGUFLLM_COUNT_LOADS"):
         return
     from ggufllm.engine import native
@@ -95,6 +111,52 @@ def pytest_configure(config: pytest.Config) -> None:
     native.NativeModel.__init__ = counted  # type: ignore[method-assign]
 
 
+_MAX_WORKERS = 4  # each worker holds its own models and servers in memory
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per core this process may use, at
+    most four."""
+    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+_ALL_CORES = sorted(os.sched_getaffinity(0))
+
+
+def _share_cores() -> None:
+    """With ``-n N`` each worker runs on its own share of the cores (llama.cpp's default
+    thread count is the cores a process may use): N workers never ask for more threads
+    than there are cores, and the children they start inherit the share."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and 1 < count <= len(_ALL_CORES):
+        os.sched_setaffinity(0, _ALL_CORES[int(worker[2:]) % count::count])
+
+
+@pytest.fixture
+def all_cores() -> Iterator[int]:
+    """For a test that decodes with a set number of threads (more than a worker's share):
+    its thread may run on every core while it lasts. Yields the count of cores."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _ALL_CORES)
+    try:
+        yield len(_ALL_CORES)
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+# Modules that take minutes (a PyInstaller build, Ray, Docker's install script, the
+# converter's many types): collected first, so that with ``-n`` they start first and the
+# short modules fill the other workers meanwhile instead of waiting on them at the end.
+_LONG_FIRST = ("test_bundle.py", "test_ray.py", "test_docker.py", "test_convert.py",
+               "test_server_stall.py", "test_kv_reuse.py", "test_cli.py", "test_service.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     _RUNNING[0] = item.nodeid
@@ -103,8 +165,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     import json
-    import os
 
     target = os.environ.get("GGUFLLM_COUNT_LOADS")
-    if target:
-        Path(target).write_text(json.dumps(_LOADS, indent=0), encoding="utf-8")
+    if not target:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # each worker writes its own; the controller, done last, adds them up
+        Path(f"{target}.{worker}").write_text(json.dumps(_LOADS), encoding="utf-8")
+        return
+    for part in Path(target).parent.glob(f"{Path(target).name}.gw*"):
+        _LOADS.update(json.loads(part.read_text(encoding="utf-8")))
+        part.unlink()
+    Path(target).write_text(json.dumps(_LOADS, indent=0), encoding="utf-8")

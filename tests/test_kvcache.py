@@ -99,8 +99,8 @@ EXACT_CASES = [
 
 @pytest.mark.slow  # 2 threads: minutes on a loaded 2-core box
 @pytest.mark.parametrize("name,n,flash_attn,busy", EXACT_CASES)
-def test_restore_is_bit_identical_where_the_policy_allows_it(request, name, n, flash_attn,
-                                                            busy):
+def test_restore_is_bit_identical_where_the_policy_allows_it(request, all_cores, name, n,
+                                                            flash_attn, busy):
     """What the RAM cache promises (``restore_is_exact``): a prefix it keeps restores to the
     logits of the cache it was saved from. Within the window the restored cells land where
     they were, so that follows from deterministic kernels. Past the window (flash attention
