@@ -237,3 +237,19 @@ def test_a_rag_prompt_tokenized_in_halves_equals_openai_harmony(encoding, vocab,
         misses.append(builder._segment_tokens.cache_info().misses)
     # the second and third questions took every segment but the question from the memo
     assert misses[0] == misses[1] == misses[2]
+
+
+def test_a_huge_document_is_tokenized_but_not_kept(vocab):
+    """The memo keeps documents up to 256K characters: a server sent large bodies does not
+    hold them (the prompt is the same either way)."""
+    builder = PromptBuilder(vocab, "gpt-oss")
+    huge = [Turn("user", "Context:\n" + "word " * 60_000 + "\n\nQuestion: Why?")]
+    ours = builder.build(huge, GenerationConfig(), None, date=DATE, question="Why?")
+    assert ours.tokens == PromptBuilder(vocab, "gpt-oss").build(huge, GenerationConfig(), None,
+                                                                date=DATE).tokens
+    small = [Turn("user", "Context:\nword\n\nQuestion: Why?")]
+    other = PromptBuilder(vocab, "gpt-oss")
+    other.build(small, GenerationConfig(), None, date=DATE, question="Why?")
+    # the same segments kept but the document: the small one is, the huge one is not
+    assert (builder._segment_tokens.cache_info().currsize
+            == other._segment_tokens.cache_info().currsize - 1)

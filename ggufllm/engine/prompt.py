@@ -32,6 +32,9 @@ __all__ = ["PromptKind", "PromptBuilder", "Prompt"]
 # holds this against openai-harmony on the real vocabulary).
 _SPLIT_PRE = "gpt-4o"
 _MEMO_SEGMENTS = 32  # the segments whose tokens are kept
+# and the longest one kept (characters): 32 of them hold at most ~16 MB with their tokens,
+# whatever bodies a server is sent; a longer text costs far more to evaluate than to tokenize
+_MEMO_CHARS = 1 << 18
 
 # A base model has no turns: frame the question as a document and stop where
 # the next question or a blank line would begin.
@@ -178,11 +181,16 @@ class PromptBuilder:
             if starts is not None:
                 starts.append(len(tokens))
             if split is not None and split[0] == i:
-                tokens += self._segment_tokens(seg.text[:split[1]], False)
+                tokens += self._tokens(seg.text[:split[1]], False)
                 tokens += m.tokenize(seg.text[split[1]:], add_special=False, parse_special=False)
                 continue
-            tokens += self._segment_tokens(seg.text, seg.special)
+            tokens += self._tokens(seg.text, seg.special)
         return tokens
+
+    def _tokens(self, text: str, special: bool) -> Sequence[int]:
+        if len(text) > _MEMO_CHARS:
+            return self._model.tokenize(text, add_special=False, parse_special=special)
+        return self._segment_tokens(text, special)
 
     def _tokens_array(self, text: str, special: bool) -> array.array[int]:
         return array.array("i", self._model.tokenize(text, add_special=False,
