@@ -34,6 +34,28 @@ def test_valid_file_passes(tmp_path: Path):
     assert s.array_lengths["tokenizer.ggml.tokens"] == 2 and s.context_length == 64
 
 
+def test_a_header_read_again_is_parsed_again_only_when_its_bytes_changed(tmp_path: Path):
+    """The header reader keeps the last summaries by path and size, checked by the header's
+    hash: a file rewritten in place (same size, maybe within the clock's granularity) is
+    read anew, and a crafted rewrite is refused, never answered from memory."""
+    p = tmp_path / "model.gguf"
+    good = valid_spec().build()
+    p.write_bytes(good)
+    first = read_gguf_header(p, probe=False)
+    assert read_gguf_header(p, probe=False) is first  # unchanged: not parsed again
+    at = good.index(b"\x40\x00\x00\x00")  # llama.context_length = 64
+    with p.open("r+b") as f:
+        f.seek(at)
+        f.write(b"\x80")  # 128, same size
+    again = read_gguf_header(p, probe=False)
+    assert again is not first and again.context_length == 128
+    bad = bytearray(good)
+    bad[4:8] = (99).to_bytes(4, "little")  # version 99, same size
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ModelLoadError, match="unsupported GGUF version"):
+        read_gguf_header(p, probe=False)
+
+
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_crafted_file_is_refused_with_a_reason(tmp_path: Path, name: str):
     p = tmp_path / f"{name}.gguf"
@@ -195,3 +217,25 @@ def test_quantization_comes_from_the_file_not_its_name(tmp_path: Path):
     assert _quantization_name(p, None) == "F32"  # no general.file_type: the tensor types
     assert [_quantization_name(p, ft) for ft in (0, 1, 7, 15, 38)] == \
         ["F32", "F16", "Q8_0", "Q4_K_M", "MXFP4_MOE"]
+
+
+@pytest.mark.parametrize("which", ["gemma", "smollm2", "gpt-oss"])
+def test_the_longest_piece_comes_from_the_stored_token_lengths(which: str, default_gguf: Path,
+                                                               smollm2_gguf: Path,
+                                                               tiny_gguf) -> None:
+    """``max_token_bytes`` decodes only the tokens whose stored text is longer than the longest
+    piece so far: on real vocabularies (SentencePiece, byte-level BPE, o200k) the bound it
+    relies on holds for every token, and it finds what decoding them all finds."""
+    from ggufllm.engine.native import NativeModel
+
+    path = {"gemma": default_gguf, "smollm2": smollm2_gguf, "gpt-oss": tiny_gguf("q8_0")}[which]
+    summary = read_gguf_header(path, probe=False)
+    model = NativeModel(str(path), vocab_only=True)
+    try:
+        assert summary.token_bytes is not None and len(summary.token_bytes) == model.n_vocab
+        pieces = [len(model.piece(t, special=True)) for t in range(model.n_vocab)]
+        assert all(p <= int(s) for p, s in zip(pieces, summary.token_bytes, strict=True))
+        assert model.max_token_bytes(summary.token_bytes) == max(4, *pieces)
+        assert model.max_token_bytes() == max(4, *pieces)
+    finally:
+        model.close()

@@ -120,7 +120,8 @@ class Engine:
             # the most bytes of text one token stands for (None: the vocabulary cannot
             # tell); read at load, since a vocabulary-long loop of native calls beside a
             # running scheduler was seen to pause its streams for a second (the GIL)
-            self.max_token_bytes: int | None = self._model.max_token_bytes()
+            self.max_token_bytes: int | None = self._model.max_token_bytes(
+                self.summary.token_bytes)
         except BaseException:
             self._free_native()
             raise

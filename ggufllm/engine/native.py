@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import llama_cpp.llama_cpp as lib
+import numpy as np
 
 from ..config import ExtraBuffersMode
 from ..errors import ConfigError, LoadCancelledError, ModelLoadError
@@ -127,19 +128,33 @@ class NativeModel:
             n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def max_token_bytes(self) -> int | None:
+    def max_token_bytes(self, token_bytes: np.ndarray | None = None) -> int | None:
         """The most bytes of input text one token can stand for, or None where that is unknown.
 
         Known for byte-level BPE and SentencePiece vocabularies, whose tokens spell their
         input back exactly (an unknown SentencePiece character is one ``<unk>`` per
         character, hence the floor of 4 bytes, UTF-8's longest). WordPiece and Unigram
         vocabularies normalize their input (case, accents, runs of spaces), so a token
-        may stand for more text than its piece shows: None. Costs one ``piece`` call per
-        token of the vocabulary; :class:`~ggufllm.engine.engine.Engine` reads it once, at load.
+        may stand for more text than its piece shows: None.
+
+        Args:
+            token_bytes: each token's stored text length in bytes (``GGUFSummary.token_bytes``).
+                A piece is never longer than its stored text (byte-level BPE stores each byte
+                as one 1- or 2-byte character, SentencePiece stores a space as 3-byte ``▁`` and
+                a byte as ``<0xAB>``), so only the tokens whose stored text is longer than the
+                longest piece found so far are decoded: a few thousand, not the whole
+                vocabulary (~1 s for 262k tokens). Without it every token is decoded.
         """
         if lib.llama_vocab_type(self.vocab) not in _SPELLING_VOCABS:
             return None
-        return max(4, max(len(self.piece(t, special=True)) for t in range(self.n_vocab)))
+        if token_bytes is None or len(token_bytes) != self.n_vocab:
+            return max(4, max(len(self.piece(t, special=True)) for t in range(self.n_vocab)))
+        best = 4
+        for token in np.argsort(-token_bytes, kind="stable").tolist():
+            if token_bytes[token] <= best:
+                break  # no token left can decode to more than ``best`` bytes
+            best = max(best, len(self.piece(token, special=True)))
+        return best
 
     def special_token_id(self, text: str) -> int | None:
         """The id of a special token written as text, if it is one token."""
