@@ -90,3 +90,6 @@ def test_the_bundle_helps_and_runs_only_its_own_children(bundle: Path, tmp_path:
     script.write_text(f"open({str(marker)!r}, 'w').close()\n")
     refused = run(bundle, [str(script)], tmp_path)
     assert refused.returncode == 2 and not marker.exists()
+    # Ray is left out of the bundle: --replicas says so before anything loads
+    no_ray = run(bundle, ["serve", "--replicas", "2"], tmp_path)
+    assert no_ray.returncode == 2 and "the bundle leaves out" in no_ray.stderr, no_ray.stderr

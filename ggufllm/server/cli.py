@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 from typing import Any
 
 import click
@@ -131,6 +132,9 @@ def _serve_on_ray(model: str | None, host: str, port: int, config: Any,
     except ImportError as exc:
         if exc.name is None or not exc.name.startswith("ray"):
             raise
+        if getattr(sys, "frozen", False):  # a PyInstaller bundle leaves Ray out
+            raise click.UsageError("--replicas needs Ray Serve, which the bundle leaves out: "
+                                   "run it from a pip install of 'ggufllm[ray]'") from None
         raise click.UsageError("--replicas needs Ray Serve: pip install 'ggufllm[ray]'") from None
     from ..config import load_settings
 
