@@ -93,25 +93,31 @@ def test_tiny_gpt_oss_documents_in_turn_reuse_past_the_window(tiny_gguf) -> None
         check_near_cold(svc, model, follow_ups)
 
 
+@pytest.fixture(scope="module")
+def tiny_and_gemma(tiny_gguf, default_gguf: Path):
+    """A gpt-oss service and a Gemma one, loaded once for the questions below."""
+    with LLMService(tiny_gguf("q8_0"), max_length=2048) as svc, \
+            LLMService(default_gguf, max_length=2048) as gemma:
+        yield svc, gemma
+
+
 @pytest.mark.parametrize("other", ["Who goes there?", "12 times?", '"Where," she asked?',
                                    "<|end|> is it <|return|>?"])
-def test_a_rag_prompt_knows_where_its_question_begins(tiny_gguf, default_gguf: Path,
-                                                      other: str) -> None:
+def test_a_rag_prompt_knows_where_its_question_begins(tiny_and_gemma, other: str) -> None:
     """Prompt.n_shared: the tokens another question over the same context shares, where the
     KV cache keeps a window checkpoint (gpt-oss; other formats do not say)."""
     doc = document(0, 6)
-    with LLMService(tiny_gguf("q8_0"), max_length=2048) as svc:
-        first, second = prompt_of(svc, "Where is it?", doc), prompt_of(svc, other, doc)
-        n = first.n_shared
-        assert n == second.n_shared > 0
-        assert first.tokens[:n] == second.tokens[:n] and first.tokens[n] != second.tokens[n]
-        assert svc._engine.detokenize(first.tokens[:n]).endswith(doc + "\n\nQuestion:")
-        # no context: what every question shares is the system and developer messages
-        plain = prompt_of(svc, other, None)
-        assert plain.n_shared == prompt_of(svc, "Where is it?", None).n_shared
-        assert svc._engine.detokenize(plain.tokens[plain.n_shared:]).startswith(other[:1])
-    with LLMService(default_gguf, max_length=2048) as gemma:
-        assert prompt_of(gemma, other, doc).n_shared == 0
+    svc, gemma = tiny_and_gemma
+    first, second = prompt_of(svc, "Where is it?", doc), prompt_of(svc, other, doc)
+    n = first.n_shared
+    assert n == second.n_shared > 0
+    assert first.tokens[:n] == second.tokens[:n] and first.tokens[n] != second.tokens[n]
+    assert svc._engine.detokenize(first.tokens[:n]).endswith(doc + "\n\nQuestion:")
+    # no context: what every question shares is the system and developer messages
+    plain = prompt_of(svc, other, None)
+    assert plain.n_shared == prompt_of(svc, "Where is it?", None).n_shared
+    assert svc._engine.detokenize(plain.tokens[plain.n_shared:]).startswith(other[:1])
+    assert prompt_of(gemma, other, doc).n_shared == 0
 
 
 def test_a_saved_cache_serves_another_service_past_the_window(default_gguf: Path,

@@ -2,11 +2,13 @@
 
 ``.ci/run`` installs ``chromium`` and ``chromium-driver``; nothing is downloaded at test time
 (selenium is given both paths, so its driver manager never runs). The screenshot docs/server.md
-shows is made here: ``docs/page.png``.
+shows is made here: ``GGUFLLM_SCREENSHOT=docs/page.png python -m pytest tests/test_page_browser.py``
+refreshes it (without the variable the screenshot goes to the test's temporary folder).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,6 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "page.png"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def server() -> Iterator[Running]:
         yield running
 
 
-def test_type_a_question_and_see_the_answer_stream(browser: object, server: Running) -> None:
+def test_type_a_question_and_see_the_answer_stream(browser: object, server: Running,
+                                                   tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -70,9 +72,9 @@ def test_type_a_question_and_see_the_answer_stream(browser: object, server: Runn
     assert answer.strip()
     assert d.find_element(By.ID, "ttft").text.endswith(" s")  # type: ignore[attr-defined]
     assert d.find_element(By.ID, "error").text == ""  # type: ignore[attr-defined]
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    d.save_screenshot(str(SCREENSHOT))  # type: ignore[attr-defined]
-    assert SCREENSHOT.stat().st_size > 5000
+    screenshot = Path(os.environ.get("GGUFLLM_SCREENSHOT") or tmp_path / "page.png")
+    d.save_screenshot(str(screenshot))  # type: ignore[attr-defined]
+    assert screenshot.stat().st_size > 5000
 
 
 def test_the_page_loads_nothing_from_elsewhere(server: Running) -> None:
