@@ -27,6 +27,7 @@ from . import gpt_oss
 from .checkpoint import Checkpoint, fsync_dir, resolve_source
 from .quant import FILE_TYPES, ExpertType, OutType, byte_shape, n_bytes
 from .tokenizer import read_vocab
+from .writer import FastArrayWriter
 
 __all__ = ["ConvertResult", "convert", "load_plan", "ARCHITECTURES"]
 
@@ -121,7 +122,7 @@ def convert(src: str | Path, out: str | Path, out_type: OutType | str = OutType.
     partial: Path | None = None
     try:
         partial = _new_partial(out)
-        w = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.ARCH])
+        w = FastArrayWriter(partial, gguf.MODEL_ARCH_NAMES[arch.ARCH])
         _write_metadata(w, ckpt, arch, OutType(out_type), ExpertType(experts))
         _write_tensor_infos(w, jobs)
         w.write_header_to_file()  # the writer wants every tensor described first

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ggufllm import LLMService
-from ggufllm.resolve import default_model_path
+
+def _write_bytecode() -> None:
+    """Where the environment forbids bytecode files (PYTHONDONTWRITEBYTECODE, set on some CI
+    machines), this run and every Python it starts (the CLI, servers, children) write them
+    as Python does by default: ``__pycache__`` beside the sources (ignored by git). Otherwise
+    each of the suite's hundreds of processes compiles ggufllm again, and each worker rewrites
+    every test module's asserts again (collecting: 8.7 s, 4.8 s with compiled files). A
+    PYTHONPYCACHEPREFIX would keep the checkout clean, but Python then ignores site-packages'
+    own compiled files: `import ray.serve` took 6.5 s instead of 1.9 s, and in one run the
+    Ray, Docker and bundle modules 44 s more."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None or sys.dont_write_bytecode:
+        sys.dont_write_bytecode = False
+
+
+_write_bytecode()
+
+from ggufllm import LLMService  # noqa: E402 (compiled files written from here on)
+from ggufllm.resolve import default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +44,31 @@ def service(default_gguf: Path) -> Iterator[LLMService]:
     svc.load()
     yield svc
     svc.close()
+
+
+@pytest.fixture(scope="session")
+def machine_verdicts(default_gguf: Path) -> Path:
+    """The user cache's ggufllm folder, holding this machine's CPU kernel verdict and the
+    probe mark of the default model (made now where missing)."""
+    from ggufllm.gguf_probe import _cache_dir, probe_model_file
+    from ggufllm.native.kernels import extra_buffers_for
+
+    probe_model_file(default_gguf)
+    extra_buffers_for(default_gguf)
+    return _cache_dir().parent
+
+
+def seed_cache_home(home: Path, verdicts: Path) -> Path:
+    """A fresh ``XDG_CACHE_HOME`` that already knows what ``verdicts`` knows of this CPU and
+    the default model (as a machine that ran ggufllm before): a test about something else in
+    a fresh cache (the KV key) does not run the kernel self-test and the probe load again in
+    each of its loads (~2.4 s each). Nothing else is copied: no key, no model."""
+    import shutil
+
+    for name in ("kernels", "probed"):
+        if (verdicts / name).is_dir():
+            shutil.copytree(verdicts / name, home / "ggufllm" / name, dirs_exist_ok=True)
+    return home
 
 
 def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:

@@ -30,6 +30,8 @@ import pytest
 from ggufllm import KVCacheError, KVCacheMismatchError, KVCacheUntrustedError, LLMService
 from ggufllm.engine import kvfile
 
+from .conftest import seed_cache_home
+
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0, max_tokens=4)
 # ~190 and ~250 prompt tokens: inside Gemma's window of 512, so their prefixes are kept
@@ -41,9 +43,9 @@ FIXED = len(kvfile.MAGIC) + HEAD.size
 
 
 @pytest.fixture(autouse=True)
-def key_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's user cache folder (where the KV key lives)."""
-    home = tmp_path / "cache-home"
+def key_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine_verdicts: Path) -> Path:
+    """This test's user cache folder (where the KV key lives; no key in it yet)."""
+    home = seed_cache_home(tmp_path / "cache-home", machine_verdicts)
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home
 
@@ -100,7 +102,7 @@ def signed(home: Path, header: bytes, body: bytes = b"") -> bytes:
 
 def write_key(home: Path) -> bytes:
     key = secrets.token_bytes(32)
-    key_file(home).parent.mkdir(parents=True)
+    key_file(home).parent.mkdir(parents=True, exist_ok=True)
     key_file(home).write_bytes(key)
     key_file(home).chmod(0o600)
     return key
@@ -149,10 +151,11 @@ def test_another_users_file_is_refused_unless_trusted(service, tmp_path, key_hom
     assert service.answer("When is the Zorblat festival?", DOC_A, **GREEDY).timings.n_cached >= 128
 
 
-def test_the_key_is_made_once_private_and_never_overwritten(service, tmp_path, key_home,
-                                                            monkeypatch):
+def test_the_key_is_made_once_private_and_never_overwritten(service, tmp_path, monkeypatch):
     from ggufllm.engine.kvkey import user_key
 
+    key_home = tmp_path / "empty-home"  # no ggufllm folder yet: the key makes it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(key_home))
     keys: list[bytes] = []
     start = threading.Barrier(8)
 

@@ -27,7 +27,7 @@ from .server_fixture import Running, running_server
 pytestmark = pytest.mark.slow
 
 SEED = 15
-N_CASES = 3000
+N_CASES = 1200
 LIMIT = 64 * 1024
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/answer")
 
@@ -290,7 +290,7 @@ def test_fuzzed_requests_are_never_5xx_and_errors_are_openai_shaped(server: Runn
     assert not failures, f"{len(failures)} of {N_CASES} cases failed:\n" + "\n".join(
         failures[:15])
     # the mix reaches the model as well as the validation
-    assert statuses.get(200, 0) >= 50 and sum(statuses.values()) == N_CASES
+    assert statuses.get(200, 0) >= 25 and sum(statuses.values()) == N_CASES
     _assert_healthy(server)
 
 
