@@ -17,6 +17,8 @@ from ggufllm import LLMService
 from ggufllm.resolve import default_model_path
 from ggufllm.server import ServerConfig, create_app
 
+from . import http_calls as http
+
 
 @dataclass
 class Running:
@@ -40,7 +42,7 @@ def wait_health(url: str, want: int = 200, timeout_s: float = 120.0,
     while time.monotonic() < deadline:
         assert proc is None or proc.poll() is None, f"the server exited ({proc.returncode})"
         with contextlib.suppress(httpx.TransportError):
-            last = httpx.get(f"{url}/health", timeout=5)
+            last = http.get(f"{url}/health", timeout=5)
             if last.status_code == want:
                 return last
         time.sleep(0.05)

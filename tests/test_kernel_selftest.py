@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from ggufllm import ConfigError, KernelSelfTestError, LLMService
@@ -27,6 +26,7 @@ from ggufllm.native.kernel_model import weight_types, write_kernel_model
 from ggufllm.native.kernels import FAULT_ENV, TIMEOUT_ENV, decide_extra_buffers
 from ggufllm.server.bench import free_port
 
+from . import http_calls as http
 from .server_fixture import wait_health
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_serve_answers_and_reports_the_verdict_when_the_kernels_crash(tmp_path: 
     try:
         url = f"http://127.0.0.1:{port}"
         wait_health(url, 200, timeout_s=180, proc=proc)
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        r = http.post(f"{url}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
             "temperature": 0})
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from . import http_calls as http
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -78,9 +79,8 @@ def test_type_a_question_and_see_the_answer_stream(browser: object, server: Runn
 
 
 def test_the_page_loads_nothing_from_elsewhere(server: Running) -> None:
-    import httpx
 
-    html = httpx.get(server.url + "/", timeout=10).text
+    html = http.get(server.url + "/", timeout=10).text
     assert "<script src" not in html and "<link" not in html
     assert "http://" not in html and "https://" not in html
 
@@ -91,7 +91,6 @@ def test_the_page_works_behind_the_api_key(browser: object) -> None:
     ``WWW-Authenticate: Basic``): credentials in the URL. Nothing else adds a header, so
     the page's calls carry the key only if the page sends it (the key field it shows
     when its API calls get 401, where the user types it)."""
-    import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -100,7 +99,7 @@ def test_the_page_works_behind_the_api_key(browser: object) -> None:
 
     key = "page-key"
     with running_server(config=ServerConfig(api_key=key)) as keyed:
-        bare = httpx.get(keyed.url + "/", timeout=10)
+        bare = http.get(keyed.url + "/", timeout=10)
         assert bare.status_code == 401 and bare.headers["www-authenticate"].startswith("Basic")
         d = browser
         # the credentials a user types in the browser's prompt: the browser keeps them for

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ray_affinity as workload  # noqa: E402
 
+from . import http_calls as http  # noqa: E402
+
 
 def _chat(system: str, user: str) -> bytes:
     return json.dumps({"messages": [{"role": "system", "content": system},
@@ -225,19 +227,19 @@ def cluster() -> Iterator[workload.Cluster]:
 @pytest.mark.slow
 def test_same_routes_through_the_ingress(cluster: workload.Cluster) -> None:
     base = f"{cluster.url}/affine"
-    health = httpx.get(f"{base}/health", timeout=30)
+    health = http.get(f"{base}/health", timeout=30)
     assert health.status_code == 200, health.text  # /health needs no key
     assert health.json()["status"] == "ok" and health.json()["replicas"]["running"] == 2
-    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    assert http.get(f"{base}/v1/models", timeout=30).status_code == 401
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    assert httpx.get(f"{base}/", headers=headers, timeout=30).headers["content-type"].startswith(
+    assert http.get(f"{base}/", headers=headers, timeout=30).headers["content-type"].startswith(
         "text/html")
-    assert "ggufllm_" in httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
-    r = httpx.post(f"{base}/answer", headers=headers, timeout=60,
+    assert "ggufllm_" in http.get(f"{base}/metrics", headers=headers, timeout=30).text
+    r = http.post(f"{base}/answer", headers=headers, timeout=60,
                    json={"question": "Which colour?", "context": "The door is red.",
                          "max_tokens": 3})
     assert r.status_code == 200 and r.json()["finish_reason"] in ("length", "stop")
-    bad = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=30,
+    bad = http.post(f"{base}/v1/chat/completions", headers=headers, timeout=30,
                      json={"messages": "nope"})
     assert bad.status_code == 400 and "error" in bad.json()
     stream = workload.client(base, API_KEY).chat.completions.create(
@@ -269,7 +271,7 @@ def test_killed_replica_loses_no_request(cluster: workload.Cluster) -> None:
     assert replicas.get("running", 0) >= 1
     assert result.health_after["retried"] >= 1  # the killed replica had requests in flight
     assert result.restarted_s is not None, "Ray did not bring the replica back"
-    health = httpx.get(f"{cluster.url}/affine/health", timeout=30).json()
+    health = http.get(f"{cluster.url}/affine/health", timeout=30).json()
     assert health["replicas"]["running"] == 2
 
 
@@ -278,7 +280,7 @@ def test_deleting_an_application_drains_its_requests(cluster: workload.Cluster) 
     import concurrent.futures as cf
 
     def ask() -> httpx.Response:
-        return httpx.post(f"{cluster.url}/affine/v1/chat/completions", timeout=120,
+        return http.post(f"{cluster.url}/affine/v1/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {API_KEY}"},
                           json={"messages": [{"role": "user", "content": "Tell a story."}],
                                 "max_tokens": 24})

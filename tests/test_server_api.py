@@ -15,6 +15,7 @@ import pytest
 
 from ggufllm.server import ServerConfig
 
+from . import http_calls as http
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -132,9 +133,9 @@ def test_completions_stream_and_not(server: Running, client: openai.OpenAI) -> N
 def test_answer_route_stream_equals_non_stream(server: Running) -> None:
     body = {"question": "What is the capital of France?", "context": "Paris is the capital of "
             "France.", "max_tokens": 10, "temperature": 0}
-    whole = httpx.post(f"{server.url}/answer", json=body, timeout=120).json()
+    whole = http.post(f"{server.url}/answer", json=body, timeout=120).json()
     assert set(whole) >= {"answer", "reasoning", "finish_reason", "usage"}
-    events = _sse(httpx.post(f"{server.url}/answer", json={**body, "stream": True}, timeout=120))
+    events = _sse(http.post(f"{server.url}/answer", json={**body, "stream": True}, timeout=120))
     assert "".join(e.get("answer", "") for e in events) == whole["answer"]
     assert events[-1]["finish_reason"] == whole["finish_reason"]
     assert events[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
@@ -142,7 +143,7 @@ def test_answer_route_stream_equals_non_stream(server: Running) -> None:
 
 def test_metrics_count_requests_tokens_and_ttft(server: Running, client: openai.OpenAI) -> None:
     _chat(client, server.model_id(), QUESTIONS[2])
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = http.get(f"{server.url}/metrics", timeout=10).text
     samples = _samples(text)
     assert samples['ggufllm_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
     assert samples["ggufllm_generated_tokens_total"] >= 1
@@ -188,7 +189,7 @@ def test_bad_chat_bodies_are_400_in_openai_shape(server: Running, name: str, bod
                                                  code: str | None, stream: bool) -> None:
     if stream and body.startswith(b"{") and code is None:
         body = json.dumps({**json.loads(body), "stream": True}).encode()
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+    r = http.post(f"{server.url}/v1/chat/completions", content=body,
                    headers={"content-type": "application/json"}, timeout=30)
     err = _error(r, 400)
     assert err["type"] == "invalid_request_error"
@@ -207,12 +208,12 @@ def test_bad_chat_bodies_are_400_in_openai_shape(server: Running, name: str, bod
     ("/answer", {"question": "q", "temperature": -1}),
 ])
 def test_bad_bodies_on_other_routes_are_400(server: Running, path: str, body: dict) -> None:
-    _error(httpx.post(f"{server.url}{path}", json=body, timeout=30), 400)
+    _error(http.post(f"{server.url}{path}", json=body, timeout=30), 400)
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "/etc/passwd", "../models/llm/x.gguf"])
 def test_unknown_model_is_404_and_never_a_path(server: Running, model: str) -> None:
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": model, "messages": MSG},
+    r = http.post(f"{server.url}/v1/chat/completions", json={"model": model, "messages": MSG},
                    timeout=30)
     err = _error(r, 404)
     assert err["code"] == "model_not_found" and err["param"] == "model"
@@ -226,7 +227,7 @@ def test_prompt_over_the_context_is_400_with_counts(server: Running, route: str,
     body = {"/v1/chat/completions": {"messages": [{"role": "user", "content": long_text}]},
             "/v1/completions": {"prompt": long_text},
             "/answer": {"question": "Why?", "context": long_text}}[route]
-    r = httpx.post(f"{server.url}{route}", json={**body, "stream": stream, "max_tokens": 8},
+    r = http.post(f"{server.url}{route}", json={**body, "stream": stream, "max_tokens": 8},
                    timeout=60)
     err = _error(r, 400)
     assert err["type"] == "exceed_context_size_error"
@@ -234,7 +235,7 @@ def test_prompt_over_the_context_is_400_with_counts(server: Running, route: str,
 
 
 def test_budget_over_the_context_is_400(server: Running) -> None:
-    r = httpx.post(f"{server.url}/v1/chat/completions",
+    r = http.post(f"{server.url}/v1/chat/completions",
                    json={"messages": MSG, "max_tokens": 1020, "stream": True}, timeout=60)
     assert _error(r, 400)["n_ctx"] == 1024
 
@@ -242,20 +243,20 @@ def test_budget_over_the_context_is_400(server: Running) -> None:
 def test_body_over_the_limit_is_413(server: Running) -> None:
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}).encode()
     json_type = {"content-type": "application/json"}
-    _error(httpx.post(f"{server.url}/v1/chat/completions", content=big, headers=json_type,
+    _error(http.post(f"{server.url}/v1/chat/completions", content=big, headers=json_type,
                       timeout=30), 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while read
         for i in range(0, len(big), 4096):
             yield big[i:i + 4096]
 
-    _error(httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), headers=json_type,
+    _error(http.post(f"{server.url}/v1/chat/completions", content=chunks(), headers=json_type,
                       timeout=30), 413)
 
 
 def test_unknown_route_and_wrong_method(server: Running) -> None:
-    assert _error(httpx.get(f"{server.url}/v1/nothing", timeout=10), 404)["type"]
-    _error(httpx.get(f"{server.url}/v1/chat/completions", timeout=10), 405)
+    assert _error(http.get(f"{server.url}/v1/nothing", timeout=10), 404)["type"]
+    _error(http.get(f"{server.url}/v1/chat/completions", timeout=10), 405)
 
 
 # bad requests of each kind a route can get: each must be a 4xx, none a 500
@@ -278,7 +279,7 @@ BAD_REQUESTS = [
 def _status_counts(server: Running) -> dict[str, float]:
     """``ggufllm_requests_total`` by status class ("4", "5"), /metrics itself left out."""
     counts: dict[str, float] = {}
-    for k, v in _samples(httpx.get(f"{server.url}/metrics", timeout=10).text).items():
+    for k, v in _samples(http.get(f"{server.url}/metrics", timeout=10).text).items():
         if k.startswith("ggufllm_requests_total{") and 'route="/metrics"' not in k:
             status = k.split('status="')[1][0]
             counts[status] = counts.get(status, 0) + v
@@ -289,7 +290,7 @@ def test_errors_never_5xx(server: Running) -> None:
     # what this test sends, counted as a delta: other tests' requests do not matter
     before = _status_counts(server)
     for path, body in BAD_REQUESTS:
-        r = httpx.post(f"{server.url}{path}", content=body, timeout=60,
+        r = http.post(f"{server.url}{path}", content=body, timeout=60,
                        headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (path, body[:60], r.status_code, r.text[:200])
         _error(r, r.status_code)
@@ -314,25 +315,25 @@ def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
                  ("/v1/completions", {"prompt": "The capital of France is", "stop": ["."]})]
         for path, body in short:
             for stream in (False, True):
-                r = httpx.post(f"{small.url}{path}", json={**body, "temperature": 0,
+                r = http.post(f"{small.url}{path}", json={**body, "temperature": 0,
                                "stream": stream}, timeout=120)
                 assert r.status_code == 200, (path, stream, r.text)
         # a prompt that leaves a few tokens: the answer gets exactly those
         words = "word " * 490
-        r = httpx.post(f"{small.url}/v1/completions", json={"prompt": words, "temperature": 0},
+        r = http.post(f"{small.url}/v1/completions", json={"prompt": words, "temperature": 0},
                        timeout=120)
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         assert 0 < usage["completion_tokens"] < 30 and usage["total_tokens"] == SMALL_CTX
         assert r.json()["choices"][0]["finish_reason"] == "length"
-        r = httpx.post(f"{small.url}/v1/chat/completions", timeout=120, json={
+        r = http.post(f"{small.url}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "word " * 440 + "Say something."}]})
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= SMALL_CTX, r.text
         # an explicit budget is the client's: refused when it cannot fit
-        err = _error(httpx.post(f"{small.url}/v1/chat/completions", timeout=60, json={
+        err = _error(http.post(f"{small.url}/v1/chat/completions", timeout=60, json={
             "messages": MSG, "max_tokens": SMALL_CTX + 1}), 400)
         assert err["param"] == "max_tokens"
-        err = _error(httpx.post(f"{small.url}/v1/completions", timeout=60, json={
+        err = _error(http.post(f"{small.url}/v1/completions", timeout=60, json={
             "prompt": words, "max_tokens": 100}), 400)
         assert err["type"] == "exceed_context_size_error"
 
@@ -369,7 +370,7 @@ def test_a_lone_surrogate_is_400_naming_the_field(server: Running, path: str, bo
                                                   stream: bool) -> None:
     raw = json.dumps({**body, "max_tokens": 2, "stream": stream}).encode()
     assert b"\\ud800" in raw  # sent as the JSON escape, as a client's json.dumps sends it
-    err = _error(httpx.post(f"{server.url}{path}", content=raw, timeout=60,
+    err = _error(http.post(f"{server.url}{path}", content=raw, timeout=60,
                             headers={"content-type": "application/json"}), 400)
     assert err["type"] == "invalid_request_error"
     assert err["param"] and "surrogate" in err["message"]
@@ -379,7 +380,7 @@ def test_a_lone_surrogate_is_400_naming_the_field(server: Running, path: str, bo
                                  b'{"question": "\xff"}',
                                  '{"question": "q"}'.encode("utf-16")])
 def test_a_body_that_is_not_utf8_is_400(server: Running, raw: bytes) -> None:
-    err = _error(httpx.post(f"{server.url}/answer", content=raw, timeout=60,
+    err = _error(http.post(f"{server.url}/answer", content=raw, timeout=60,
                             headers={"content-type": "application/json"}), 400)
     assert err["code"] == "invalid_json"
 
@@ -387,7 +388,7 @@ def test_a_body_that_is_not_utf8_is_400(server: Running, raw: bytes) -> None:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/answer"])
 @pytest.mark.parametrize("raw", [b"[" * 5000, b"{\"a\":" * 5000, b'{"messages": ' + b"[" * 20_000])
 def test_deep_nesting_is_400(server: Running, path: str, raw: bytes) -> None:
-    err = _error(httpx.post(f"{server.url}{path}", content=raw, timeout=60,
+    err = _error(http.post(f"{server.url}{path}", content=raw, timeout=60,
                             headers={"content-type": "application/json"}), 400)
     assert err["code"] == "invalid_json" and "nest" in err["message"]
 
@@ -398,20 +399,20 @@ def test_deep_nesting_is_400(server: Running, path: str, raw: bytes) -> None:
                                   "x" * (MAX_STOP_CHARS + 1), ["ok", 5]])
 def test_stop_strings_over_the_limits_are_400_naming_stop(server: Running, path: str,
                                                           base: dict, stop: object) -> None:
-    r = httpx.post(f"{server.url}{path}", json={**base, "stop": stop, "max_tokens": 2},
+    r = http.post(f"{server.url}{path}", json={**base, "stop": stop, "max_tokens": 2},
                    timeout=60)
     assert _error(r, 400)["param"] == "stop"
 
 
 def test_stop_strings_at_the_limits_are_accepted(server: Running) -> None:
     stops = [chr(0x4e00 + i) * MAX_STOP_CHARS for i in range(MAX_STOPS)]
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+    r = http.post(f"{server.url}/v1/chat/completions", timeout=60,
                    json={"messages": MSG, "stop": stops, "max_tokens": 2})
     assert r.status_code == 200, r.text
 
 
 def _requests_total(server: Running, route: str, status: int) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = http.get(f"{server.url}/metrics", timeout=10).text
     return _samples(text).get(f'ggufllm_requests_total{{route="{route}",status="{status}"}}', 0.0)
 
 
@@ -424,7 +425,7 @@ def test_an_unexpected_500_is_counted_and_in_openai_shape(monkeypatch: pytest.Mo
     with running_server() as own:
         assert _requests_total(own, "/v1/models", 500) == 0
         monkeypatch.setattr(own.service, "get_model_info", broken)
-        err = _error(httpx.get(f"{own.url}/v1/models", timeout=10), 500)
+        err = _error(http.get(f"{own.url}/v1/models", timeout=10), 500)
         assert err["type"] == "server_error" and "injected" not in err["message"]
         monkeypatch.undo()
         assert _requests_total(own, "/v1/models", 500) == 1
@@ -460,7 +461,7 @@ def test_a_client_that_leaves_mid_upload_is_not_an_error(server: Running) -> Non
             logger.removeHandler(records)
     errors = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
     assert not errors
-    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert http.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
 # -- helpers -------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from ggufllm.server import ServerConfig
 
+from . import http_calls as http
 from .server_fixture import running_server
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ COUNT = {"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0}
 
 
 def _gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = http.get(f"{url}/metrics", timeout=30).text
     match = re.search(rf"^{name} (\S+)$", text, re.M)
     assert match, name
     return float(match.group(1))
@@ -58,7 +59,7 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot() -> None:
             assert _gauge(server.url, "ggufllm_requests_in_flight") == 0, (
                 "the generation of a client that stopped reading was never dropped")
             # it did not run to its 1900 tokens: the only slot is free for the next client
-            r = httpx.post(f"{server.url}/v1/completions", json={**COUNT, "max_tokens": 4},
+            r = http.post(f"{server.url}/v1/completions", json={**COUNT, "max_tokens": 4},
                            timeout=60)
             assert r.status_code == 200
             generated = _gauge(server.url, "ggufllm_generated_tokens_total")
@@ -73,8 +74,8 @@ def test_cached_tokens_can_be_hidden_from_clients(report: bool) -> None:
     body = {"prompt": "The sky is blue and the grass is green. " * 20, "max_tokens": 2,
             "temperature": 0}
     with running_server(config=config) as server:
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).raise_for_status()
-        again = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        http.post(f"{server.url}/v1/completions", json=body, timeout=60).raise_for_status()
+        again = http.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert (cached > 0) is report, again["usage"]
         # the operator's own figure still counts the hit

@@ -15,6 +15,7 @@ from ggufllm import Turn
 from ggufllm.resolve import default_model_path
 from ggufllm.server import ServerConfig
 
+from . import http_calls as http
 from .near_tie import END
 from .near_tie import assert_equal_or_near_ties as near_ties
 from .server_fixture import Running, running_server
@@ -35,7 +36,7 @@ def _ask(url: str, question: str, stream: bool, max_tokens: int = 4) -> tuple[in
     """One chat request; returns (status, answer text, finish reason)."""
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": stream}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r = http.post(f"{url}/v1/chat/completions", json=body, timeout=600)
     if r.status_code != 200:
         return r.status_code, r.text, ""
     if not stream:
@@ -117,7 +118,7 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
             waiting["status"] = status
 
         events = 0
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=120) as r:
+        with http.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=120) as r:
             assert r.status_code == 200
             # kept in a variable: a dropped line iterator would close the connection at once
             lines = r.iter_lines()
@@ -133,12 +134,12 @@ def test_dropping_a_stream_frees_the_slot_within_a_second() -> None:
         assert waiting["status"] == 200
         # what is left of the long stream (about 400 tokens) would take many seconds
         assert waiting["done"] - dropped < bound_s
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = http.get(f"{url}/metrics", timeout=10).text
         assert "ggufllm_requests_in_flight 0.0" in metrics
 
         # the same for a non-streamed request whose client gives up
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json={**LONG, "stream": False},
+            http.post(f"{url}/v1/chat/completions", json={**LONG, "stream": False},
                        timeout=httpx.Timeout(60, read=1.0))
         gave_up = time.perf_counter()
         assert _ask(url, "Hi", stream=True, max_tokens=2)[0] == 200
@@ -149,7 +150,7 @@ def test_keepalive_comments_while_a_long_prompt_is_evaluated() -> None:
     with running_server(config=ServerConfig(api_key=None, keepalive_s=0.02)) as server:
         body = {"question": "What is this about?", "context": "The quick brown fox. " * 150,
                 "max_tokens": 2, "temperature": 0, "stream": True}
-        r = httpx.post(f"{server.url}/answer", json=body, timeout=300)
+        r = http.post(f"{server.url}/answer", json=body, timeout=300)
         assert r.status_code == 200
         first_data = r.text.index("data: ")
         assert ": keep-alive" in r.text[:first_data]
@@ -165,13 +166,13 @@ def test_full_queue_answers_429_and_nothing_hangs() -> None:
         queued: list[tuple[int, str]] = []
 
         def queue_one() -> None:
-            r = httpx.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 4},
+            r = http.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 4},
                            timeout=300)
             queued.append((r.status_code, r.json()["choices"][0]["text"] if r.is_success
                            else r.text))
 
         # a stream holds the only slot ...
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=300,
+        with http.stream("POST", f"{url}/v1/completions", timeout=300,
                           json={**COUNT, "max_tokens": 1500, "stream": True}) as held:
             assert held.status_code == 200
             lines = held.iter_lines()
@@ -187,7 +188,7 @@ def test_full_queue_answers_429_and_nothing_hangs() -> None:
             assert waiting() == 2, "the two requests never queued behind the held stream"
             # ... and the next one is refused at once, in OpenAI's error shape, with a hint
             for stream in (False, True):
-                r = httpx.post(f"{url}/v1/completions", timeout=30,
+                r = http.post(f"{url}/v1/completions", timeout=30,
                                json={**COUNT, "max_tokens": 4, "stream": stream})
                 assert r.status_code == 429, (stream, r.status_code, r.text[:300])
                 assert int(r.headers["Retry-After"]) > 0
@@ -199,5 +200,5 @@ def test_full_queue_answers_429_and_nothing_hangs() -> None:
             assert not t.is_alive()
         assert [status for status, _ in queued] == [200, 200], queued
         assert all(text for _, text in queued)
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        assert "ggufllm_requests_in_flight 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
+        assert http.get(f"{url}/health", timeout=10).status_code == 200
+        assert "ggufllm_requests_in_flight 0.0" in http.get(f"{url}/metrics", timeout=10).text

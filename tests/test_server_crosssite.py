@@ -17,6 +17,7 @@ from ggufllm.server import ServerConfig
 from ggufllm.server.bench import free_port
 from ggufllm.server.config import load_server_config
 
+from . import http_calls as http
 from .server_fixture import Running, running_server, wait_health
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def test_a_post_that_is_not_json_is_415(server: Running, path: str,
     import json
 
     headers = {**AUTH} if content_type is None else {**AUTH, "Content-Type": content_type}
-    r = httpx.post(f"{server.url}{path}", content=json.dumps(BODIES[path]), headers=headers,
+    r = http.post(f"{server.url}{path}", content=json.dumps(BODIES[path]), headers=headers,
                    timeout=60)
     if content_type is None:
         assert "content-type" not in r.request.headers
@@ -79,7 +80,7 @@ def test_a_post_that_is_not_json_is_415(server: Running, path: str,
 def test_json_content_types_are_accepted(server: Running, content_type: str) -> None:
     import json
 
-    r = httpx.post(f"{server.url}/v1/chat/completions", headers={**AUTH,
+    r = http.post(f"{server.url}/v1/chat/completions", headers={**AUTH,
                    "Content-Type": content_type},
                    content=json.dumps(BODIES["/v1/chat/completions"]), timeout=60)
     assert r.status_code == 200, r.text
@@ -97,7 +98,7 @@ def test_a_foreign_host_on_loopback_is_403(server: Running, host: str, method: s
                                            path: str) -> None:
     # DNS rebinding: a page at evil.example whose name now resolves to 127.0.0.1
     headers = {**AUTH, "Host": host.format(port=_port(server))}
-    r = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=60,
+    r = http.request(method, f"{server.url}{path}", headers=headers, timeout=60,
                       json=BODIES.get(path) if method == "POST" else None)
     err = _error(r, 403, "host_not_allowed")
     assert err["type"] == "permission_error"
@@ -109,15 +110,15 @@ def test_a_foreign_host_on_loopback_is_403(server: Running, host: str, method: s
                                   "app.localhost:{port}", "box.lan", "BOX.lan:{port}"])
 def test_loopback_names_and_allowed_hosts_pass(server: Running, host: str) -> None:
     headers = {**AUTH, "Host": host.format(port=_port(server))}
-    assert httpx.get(f"{server.url}/v1/models", headers=headers, timeout=60).status_code == 200
-    r = httpx.post(f"{server.url}/v1/chat/completions", headers=headers,
+    assert http.get(f"{server.url}/v1/models", headers=headers, timeout=60).status_code == 200
+    r = http.post(f"{server.url}/v1/chat/completions", headers=headers,
                    json=BODIES["/v1/chat/completions"], timeout=60)
     assert r.status_code == 200, r.text
 
 
 def test_a_star_allows_every_host() -> None:
     with running_server(config=ServerConfig(api_key=None, allowed_hosts=("*",))) as server:
-        r = httpx.get(f"{server.url}/v1/models", headers={"Host": "anything.example"},
+        r = http.get(f"{server.url}/v1/models", headers={"Host": "anything.example"},
                       timeout=60)
         assert r.status_code == 200
 
@@ -129,7 +130,7 @@ def test_a_star_allows_every_host() -> None:
                                     "http://app.example"])
 @pytest.mark.parametrize("path", sorted(BODIES))
 def test_a_post_from_a_foreign_origin_is_403(server: Running, origin: str, path: str) -> None:
-    r = httpx.post(f"{server.url}{path}", headers={**AUTH, "Origin": origin}, json=BODIES[path],
+    r = http.post(f"{server.url}{path}", headers={**AUTH, "Origin": origin}, json=BODIES[path],
                    timeout=60)
     err = _error(r, 403, "origin_not_allowed")
     assert err["type"] == "permission_error"
@@ -139,10 +140,10 @@ def test_a_post_from_a_foreign_origin_is_403(server: Running, origin: str, path:
 
 def test_the_servers_own_origin_and_allowed_origins_may_post(server: Running) -> None:
     body = BODIES["/answer"]
-    own = httpx.post(f"{server.url}/answer", headers={**AUTH, "Origin": server.url}, json=body,
+    own = http.post(f"{server.url}/answer", headers={**AUTH, "Origin": server.url}, json=body,
                      timeout=60)
     assert own.status_code == 200, own.text  # the page at / posts with its own origin
-    allowed = httpx.post(f"{server.url}/answer", headers={**AUTH, "Origin": ALLOWED}, json=body,
+    allowed = http.post(f"{server.url}/answer", headers={**AUTH, "Origin": ALLOWED}, json=body,
                          timeout=60)
     assert allowed.status_code == 200, allowed.text
     assert allowed.headers["access-control-allow-origin"] == ALLOWED
@@ -150,7 +151,7 @@ def test_the_servers_own_origin_and_allowed_origins_may_post(server: Running) ->
 
 def test_a_get_from_a_foreign_origin_is_not_readable(server: Running) -> None:
     # GETs change nothing; the browser keeps the answer from a foreign page (no CORS header)
-    r = httpx.get(f"{server.url}/v1/models", headers={**AUTH, "Origin": FOREIGN}, timeout=60)
+    r = http.get(f"{server.url}/v1/models", headers={**AUTH, "Origin": FOREIGN}, timeout=60)
     assert r.status_code == 200
     assert "access-control-allow-origin" not in r.headers
 
@@ -185,11 +186,11 @@ def test_a_preflight_from_a_refused_origin_is_403(server: Running, origin: str) 
 
 def test_an_allowed_origin_reads_errors_too(server: Running) -> None:
     # the 401 and the 415 of an allowed page carry the CORS header, so its script can read them
-    r = httpx.post(f"{server.url}/answer", headers={"Origin": ALLOWED}, json=BODIES["/answer"],
+    r = http.post(f"{server.url}/answer", headers={"Origin": ALLOWED}, json=BODIES["/answer"],
                    timeout=60)
     _error(r, 401)
     assert r.headers["access-control-allow-origin"] == ALLOWED
-    r = httpx.post(f"{server.url}/answer", headers={**AUTH, "Origin": ALLOWED,
+    r = http.post(f"{server.url}/answer", headers={**AUTH, "Origin": ALLOWED,
                    "Content-Type": "text/plain"}, content=b"{}", timeout=60)
     _error(r, 415)
     assert r.headers["access-control-allow-origin"] == ALLOWED
@@ -254,10 +255,10 @@ def test_serve_flags_allow_a_host_and_an_origin() -> None:
     try:
         wait_health(url, 200, timeout_s=180, proc=proc)
         for host in ("box.lan", f"other.lan:{port}"):
-            assert httpx.get(f"{url}/v1/models", headers={"Host": host},
+            assert http.get(f"{url}/v1/models", headers={"Host": host},
                              timeout=10).status_code == 200
-        _error(httpx.get(f"{url}/v1/models", headers={"Host": "evil.example"}, timeout=10), 403)
-        _error(httpx.post(f"{url}/answer", headers={"Origin": FOREIGN}, json=BODIES["/answer"],
+        _error(http.get(f"{url}/v1/models", headers={"Host": "evil.example"}, timeout=10), 403)
+        _error(http.post(f"{url}/answer", headers={"Origin": FOREIGN}, json=BODIES["/answer"],
                           timeout=60), 403)
         assert _preflight_url(url, ALLOWED).headers["access-control-allow-origin"] == ALLOWED
     finally:

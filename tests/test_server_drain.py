@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from ggufllm.server.bench import free_port
 
+from . import http_calls as http
 from .server_fixture import wait_health
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def _serve(*args: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _in_flight(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = http.get(f"{url}/metrics", timeout=30).text
     return float(re.search(r"^ggufllm_requests_in_flight (\S+)$", text, re.M).group(1))
 
 
@@ -60,7 +60,7 @@ def _stream_events(url: str, max_tokens: int, started: threading.Event,
     """A streamed completion; every event lands in ``out``; ``started`` is set at the first
     token."""
     body = {**COUNT, "max_tokens": max_tokens, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+    with http.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line == "data: [DONE]":
@@ -79,7 +79,7 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones() -> None:
         whole: dict[str, Any] = {}
 
         def non_streamed() -> None:
-            r = httpx.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 200},
+            r = http.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 200},
                            timeout=120)
             whole.update(status=r.status_code, body=r.json())
 
@@ -95,14 +95,14 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones() -> None:
         # draining: new work is refused with a retry hint, health says so, the port still answers
         deadline = time.monotonic() + 10
         while True:
-            r = httpx.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 2}, timeout=30)
+            r = http.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 2}, timeout=30)
             if r.status_code == 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "shutting_down"
         assert int(r.headers["Retry-After"]) > 0
-        health = httpx.get(f"{url}/health", timeout=30)
+        health = http.get(f"{url}/health", timeout=30)
         assert (health.status_code, health.json()["status"]) == (503, "draining")
         # what was running when the signal came finishes as if nothing happened
         stream.join(120)

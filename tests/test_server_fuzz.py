@@ -22,6 +22,7 @@ import pytest
 
 from ggufllm.server import ServerConfig
 
+from . import http_calls as http
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -295,8 +296,8 @@ def test_fuzzed_requests_are_never_5xx_and_errors_are_openai_shaped(server: Runn
 
 
 def _assert_healthy(server: Running) -> None:
-    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+    assert http.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    r = http.post(f"{server.url}/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip()
@@ -308,7 +309,7 @@ def _assert_healthy(server: Running) -> None:
         time.sleep(0.05)
     assert (info["running"], info["waiting"]) == (0, 0)
     samples = {}
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+    for line in http.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from ggufllm import LLMService
 
+from . import http_calls as http
 from .server_fixture import running_server
 
 pytestmark = pytest.mark.slow
@@ -25,12 +25,12 @@ def test_harmony_channels_split_the_same_way_streamed_or_not(tiny_gguf) -> None:
                          {"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 24, "temperature": 0, "reasoning_effort": "high"}
     with running_server(LLMService(tiny_gguf("q8_0"), max_length=256)) as server:
-        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+        models = http.get(f"{server.url}/v1/models", timeout=10).json()["data"]
         assert models[0]["meta"]["prompt_format"] == "harmony"
-        whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+        whole = http.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
         assert whole.status_code == 200, whole.text
         message = whole.json()["choices"][0]["message"]
-        streamed = httpx.post(f"{server.url}/v1/chat/completions",
+        streamed = http.post(f"{server.url}/v1/chat/completions",
                               json={**body, "stream": True}, timeout=300)
         assert streamed.status_code == 200
         content, reasoning = [], []

@@ -20,6 +20,7 @@ from ggufllm import LLMService
 from ggufllm.server import ServerConfig
 from ggufllm.server.bench import free_port
 
+from . import http_calls as http
 from .server_fixture import running_server, wait_health
 
 pytestmark = pytest.mark.slow
@@ -38,15 +39,15 @@ def test_health_is_503_while_loading_then_200(default_gguf: Path) -> None:
     service = LLMService(default_gguf, max_length=1024, progress=progress)
     try:
         with running_server(service, wait=False) as server:
-            r = httpx.get(f"{server.url}/health", timeout=10)
+            r = http.get(f"{server.url}/health", timeout=10)
             assert (r.status_code, r.json()) == (503, {"status": "loading"})
-            busy = httpx.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=10)
+            busy = http.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=10)
             assert busy.status_code == 503 and busy.headers["retry-after"]
             assert busy.json()["error"]["code"] == "model_loading"
-            assert httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"] == []
+            assert http.get(f"{server.url}/v1/models", timeout=10).json()["data"] == []
             release.set()
             assert wait_health(server.url, 200).json() == {"status": "ok"}
-            ok = httpx.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=120)
+            ok = http.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=120)
             assert ok.status_code == 200
         assert not service.is_loaded  # the server's shutdown freed the model
     finally:
@@ -59,7 +60,7 @@ def test_health_is_500_with_the_reason_when_the_model_is_garbage(tmp_path: Path)
     with running_server(LLMService(bad), wait=False) as server:
         r = wait_health(server.url, 500)
         assert r.json()["status"] == "error" and "broken.gguf" in r.json()["error"]
-        chat = httpx.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=10)
+        chat = http.post(f"{server.url}/v1/chat/completions", json=MSG, timeout=10)
         assert chat.status_code == 500
         assert chat.json()["error"]["code"] == "model_load_failed"
 
@@ -80,7 +81,7 @@ def test_api_key_is_required_on_every_route_but_health() -> None:
             body = {"/v1/completions": {"prompt": "Hi", "max_tokens": 2},
                     "/answer": {"question": "Hi", "max_tokens": 2}}.get(path, {**MSG,
                                                                            "max_tokens": 2})
-            return httpx.request(method, f"{server.url}{path}", headers=headers,
+            return http.request(method, f"{server.url}{path}", headers=headers,
                                  json=body if method == "POST" else None, timeout=120)
 
         for method, path in ROUTES:
@@ -101,8 +102,8 @@ def test_api_key_is_required_on_every_route_but_health() -> None:
                 r = call(method, path, headers)
                 assert r.status_code == (404 if path == "/v1/nothing" else 200), (
                     path, headers, r.status_code, r.text[:200])
-        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-        page = httpx.get(f"{server.url}/", auth=("me", key), timeout=10)
+        assert http.get(f"{server.url}/health", timeout=10).status_code == 200
+        page = http.get(f"{server.url}/", auth=("me", key), timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
 
 
@@ -129,7 +130,7 @@ def _sigterm_during_a_stream(proc: subprocess.Popen[bytes], url: str, port: int)
     body = {"question": "List the first fifty prime numbers.", "max_tokens": 500, "temperature": 0,
             "stream": True}
     lines: list[str] = []
-    with httpx.stream("POST", f"{url}/answer", json=body, timeout=120) as r:
+    with http.stream("POST", f"{url}/answer", json=body, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line:
@@ -168,7 +169,7 @@ def test_uvicorn_app_reads_the_model_from_the_environment(default_gguf: Path) ->
     try:
         url = f"http://127.0.0.1:{port}"
         wait_health(url, 200, timeout_s=180, proc=proc)
-        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        models = http.get(f"{url}/v1/models", timeout=10).json()["data"]
         assert models[0]["id"] == default_gguf.stem
         _sigterm_during_a_stream(proc, url, port)
     finally:

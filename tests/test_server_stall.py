@@ -16,6 +16,7 @@ import pytest
 
 from ggufllm.server import ServerConfig
 
+from . import http_calls as http
 from .server_fixture import Running, running_server
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_a_huge_body_stalls_neither_health_nor_a_running_stream(server: Running,
     stop = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=300) as r:
+        with http.stream("POST", f"{url}/v1/chat/completions", json=LONG, timeout=300) as r:
             if r.status_code != 200:
                 started.set()  # the assertion below says so
                 return
@@ -145,12 +146,12 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server: Runn
     engine.raw = lambda *a, **k: calls.append("raw") or raw(*a, **k)
     try:
         for path, body in _big_bodies():
-            r = httpx.post(f"{server.url}{path}", json=body, timeout=120)
+            r = http.post(f"{server.url}{path}", json=body, timeout=120)
             assert r.status_code == 400, r.text
         assert calls == []
         # just past the bound still reaches the tokenizer (and is refused by its count)
         fits = BIG[: engine.n_ctx * engine.max_token_bytes - 100]
-        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": fits, "max_tokens": 4},
+        r = http.post(f"{server.url}/v1/completions", json={"prompt": fits, "max_tokens": 4},
                        timeout=120)
         assert r.status_code == 400 and calls == ["raw"]
     finally:

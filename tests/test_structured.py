@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-import httpx
 import openai
 import pytest
 from click.testing import CliRunner
@@ -25,6 +24,7 @@ from ggufllm.errors import IncompleteAnswerError, UnsupportedSchemaError
 from ggufllm.structured import ResponseFormat
 from ggufllm.structured.schema import max_answer_tokens, schema_to_gbnf
 
+from . import http_calls as http
 from .server_fixture import running_server
 
 _STRICT = ConfigDict(extra="forbid")
@@ -163,14 +163,14 @@ def test_unsupported_keyword_is_a_400_naming_it(gemma_server: str) -> None:
         payload = {**body, **extra}
         if path == "/answer":
             del payload["messages"]
-        r = httpx.post(f"{gemma_server}{path}", json=payload, timeout=60)
+        r = http.post(f"{gemma_server}{path}", json=payload, timeout=60)
         assert r.status_code == 400, r.text
         assert "maximum" in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "response_format"
 
 
 def test_answer_route_takes_a_json_object_format(gemma_server: str) -> None:
-    r = httpx.post(f"{gemma_server}/answer", timeout=120, json={
+    r = http.post(f"{gemma_server}/answer", timeout=120, json={
         "question": "Give the capital of France as JSON.", "temperature": 0, "max_tokens": 60,
         "response_format": {"type": "json_schema", "json_schema": {
             "name": "city", "schema": City.model_json_schema()}}})
@@ -216,17 +216,17 @@ def test_gpt_oss_server_keeps_reasoning_out_of_content(tiny_gguf) -> None:
                 "name": "trip", "schema": Trip.model_json_schema(), "strict": True}}}
     with running_server(LLMService(tiny_gguf("q8_0"), max_length=512)) as server:
         for seed in (2, 5):
-            r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "seed": seed},
+            r = http.post(f"{server.url}/v1/chat/completions", json={**body, "seed": seed},
                            timeout=300)
             assert r.status_code == 200, r.text
             message = r.json()["choices"][0]["message"]
             _valid(Trip, message["content"])  # pure JSON: no reasoning in it
-        streamed = httpx.post(f"{server.url}/v1/chat/completions",
+        streamed = http.post(f"{server.url}/v1/chat/completions",
                               json={**body, "stream": True}, timeout=300)
         # reasoning_budget over HTTP (the service-level test shows the budget forcing the answer)
-        budgeted = httpx.post(f"{server.url}/v1/chat/completions", timeout=300,
+        budgeted = http.post(f"{server.url}/v1/chat/completions", timeout=300,
                               json={**body, "reasoning_budget": 0})
-        bad = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+        bad = http.post(f"{server.url}/v1/chat/completions", timeout=60,
                          json={**body, "reasoning_budget": -1})
     content = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                       for line in streamed.text.splitlines()

@@ -22,6 +22,7 @@ from ggufllm.chunks import Answer
 from ggufllm.errors import InvalidParameterError, UnsupportedSchemaError
 from ggufllm.structured.tools import tool_choice_of, tools_of
 
+from . import http_calls as http
 from .server_fixture import running_server
 
 _STRICT = ConfigDict(extra="forbid")
@@ -398,7 +399,7 @@ def test_server_tools_with_a_response_format(client) -> None:
 
 def test_server_refuses_what_it_cannot_do(server, smollm2_gguf) -> None:
     def post(body: dict) -> httpx.Response:
-        return httpx.post(f"{server}/v1/chat/completions", json={
+        return http.post(f"{server}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4} | body, timeout=60)
 
     unsupported = post({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
@@ -411,7 +412,7 @@ def test_server_refuses_what_it_cannot_do(server, smollm2_gguf) -> None:
                     "tool_choice": {"type": "function", "function": {"name": "nope"}}})
     assert unnamed.status_code == 400
     with running_server(LLMService(smollm2_gguf, max_length=512)) as other:
-        r = httpx.post(f"{other.url}/v1/chat/completions", json={
+        r = http.post(f"{other.url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "tools": _openai_tools(),
             "max_tokens": 4}, timeout=120)
     assert r.status_code == 400 and "no tool-call support" in r.json()["error"]["message"]
