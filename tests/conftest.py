@@ -50,12 +50,12 @@ def service(default_gguf: Path) -> Iterator[LLMService]:
 def machine_verdicts(default_gguf: Path) -> Path:
     """The user cache's ggufllm folder, holding this machine's CPU kernel verdict and the
     probe mark of the default model (made now where missing)."""
-    from ggufllm.gguf_probe import _cache_dir, probe_model_file
+    from ggufllm.gguf_probe import probe_model_file
     from ggufllm.native.kernels import extra_buffers_for
 
     probe_model_file(default_gguf)
     extra_buffers_for(default_gguf)
-    return _cache_dir().parent
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ggufllm"
 
 
 def seed_cache_home(home: Path, verdicts: Path) -> Path:
