@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["FastArrayWriter"]
 
 _V = gguf.GGUFValueType
-# GGUF value type -> numpy dtype (little-endian; swapped for a big-endian file)
+# GGUF value type -> numpy dtype code (the file's byte order is put before it)
 _NUMERIC = {_V.UINT8: "u1", _V.INT8: "i1", _V.UINT16: "u2", _V.INT16: "i2", _V.UINT32: "u4",
             _V.INT32: "i4", _V.UINT64: "u8", _V.INT64: "i8", _V.FLOAT32: "f4", _V.FLOAT64: "f8"}
 
@@ -40,36 +40,32 @@ class FastArrayWriter(gguf.GGUFWriter):
         """The array's element type, count and elements; None where gguf-py should decide
         (mixed or nested elements, booleans, or a type it would refuse)."""
         ltype = sub_type if sub_type is not None else _V.get_type(val[0])
-        if ltype == _V.STRING:
-            body = _strings(val, "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">")
-            if body is None:
-                return None
-        elif ltype in _NUMERIC:
-            body = self._numbers(val, ltype, inferred=sub_type is None)
-            if body is None:
-                return None
-        else:
-            return None
-        return self._pack("I", ltype) + self._pack("Q", len(val)) + body
-
-    def _numbers(self, val: Sequence[Any], ltype: gguf.GGUFValueType,
-                 inferred: bool) -> bytes | None:
-        """The numbers as ``struct`` packs them one by one, or None where it would refuse one
-        (a float for an integer type, a value out of the type's range) or gguf-py would (an
-        ``inferred`` type, from the first element, that another element does not share)."""
-        floating = ltype in (_V.FLOAT32, _V.FLOAT64)
-        allowed = (float,) if floating and inferred else (int, float) if floating else (int,)
-        if not all(isinstance(x, allowed) and not isinstance(x, bool) for x in val):
-            return None
         order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
-        try:
-            with np.errstate(over="ignore"):  # a float32 overflow is found below
-                arr = np.array(val, dtype=np.dtype(order + _NUMERIC[ltype]))
-        except OverflowError:
-            return None
-        if floating and not np.isfinite(arr).all() and np.isfinite(np.array(val, float)).all():
-            return None  # a float32 overflow, which struct refuses
-        return arr.tobytes()
+        if ltype == _V.STRING:
+            body = _strings(val, order)
+        elif ltype in _NUMERIC:
+            body = _numbers(val, order + _NUMERIC[ltype], inferred=sub_type is None)
+        else:
+            body = None
+        return None if body is None else self._pack("I", ltype) + self._pack("Q", len(val)) + body
+
+
+def _numbers(val: Sequence[Any], dtype: str, inferred: bool) -> bytes | None:
+    """The numbers as ``struct`` packs them one by one, or None where it would refuse one
+    (a float for an integer type, a value out of the type's range) or gguf-py would (an
+    ``inferred`` type, from the first element, that another element does not share)."""
+    floating = dtype[1] == "f"
+    allowed = (float,) if floating and inferred else (int, float) if floating else (int,)
+    if not all(isinstance(x, allowed) and not isinstance(x, bool) for x in val):
+        return None
+    try:
+        with np.errstate(over="ignore"):  # a float32 overflow is found below
+            arr = np.array(val, dtype=np.dtype(dtype))
+    except OverflowError:
+        return None
+    if floating and not np.isfinite(arr).all() and np.isfinite(np.array(val, float)).all():
+        return None  # a float32 overflow, which struct refuses
+    return arr.tobytes()
 
 
 def _strings(values: Sequence[Any], order: str) -> bytes | None:
