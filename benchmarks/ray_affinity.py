@@ -42,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
-# autoscaling decisions from load pushed every 0.5 s (Ray's default: 10 s)
+# load pushed every 0.5 s for autoscaling decisions where Ray reads these (Ray 2.60 defines
+# them but still pushes every AutoscalingConfig.metrics_interval_s, 10 s: a scale-up there
+# waits up to 10 s for its first figures)
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 

@@ -1,14 +1,14 @@
 """ggufllm on Ray Serve: affinity keys, the router's policy, and a real local cluster.
 
 The cluster tests start a one-node Ray cluster (2 logical CPUs, no dashboard; Serve's HTTP
-proxy on 127.0.0.1), deploy an
-application of 2 replicas of the embedded Gemma 3 270M at 1 thread each with the affine
-router, and measure through the ``openai`` client: the share of follow-up questions whose
-document was reused, a replica SIGKILLed under 16 concurrent requests, and autoscaling from
-1 to 2 replicas. They shut Serve and Ray down and check that no process of the cluster is
-left. ``benchmarks/ray_affinity.py`` runs the same workloads at full size, beside Ray's
-default router (whose share a test could only report, not assert: it may be lucky on 8
-follow-ups), and adds the throughput of 1 vs 2 replicas.
+proxy on 127.0.0.1), deploy, side by side and at once, an application of 2 replicas of the
+embedded Gemma 3 270M at 1 thread each with the affine router and an autoscaling one of 1
+replica (at most 2: the 2 CPUs hold all 4), and measure through the ``openai`` client: the
+share of follow-up questions whose document was reused, a replica SIGKILLed under 16
+concurrent requests, and autoscaling from 1 to 2 replicas. They shut Serve and Ray down and
+check that no process of the cluster is left. ``benchmarks/ray_affinity.py`` runs the same
+workloads at full size, beside Ray's default router (whose share a test could only report,
+not assert: it may be lucky on 8 follow-ups), and adds the throughput of 1 vs 2 replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,13 +211,21 @@ def test_cluster_options_need_replicas() -> None:
 API_KEY = "ray-test-key"
 
 
+def _scaling_app() -> Any:
+    """1 to 2 replicas, target 1 running request each (N_PARALLEL=1), no upscale delay."""
+    return workload.make_app(replicas=1, n_parallel=1, min_replicas=1, max_replicas=2,
+                             upscale_delay_s=0.0)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[workload.Cluster]:
     from ggufllm.server.config import load_server_config
 
     server = load_server_config(api_key=API_KEY)
     with workload.local_cluster(num_cpus=2) as c:
-        c.deploy({"affine": workload.make_app(server=server)})
+        # the scaling application loads with the other (~2 s more than it alone, against ~5 s
+        # for a deploy of its own later)
+        c.deploy({"affine": workload.make_app(server=server), "scale": _scaling_app()})
         yield c
     # on exit local_cluster shut Serve and Ray down and checked that no process of the
     # cluster's session (raylet, GCS, workers) is left
@@ -251,7 +258,8 @@ def test_same_routes_through_the_ingress(cluster: workload.Cluster) -> None:
 @pytest.mark.slow
 def test_followups_find_their_document_with_affine_routing(cluster: workload.Cluster) -> None:
     results = workload.run_affinity({"affine": f"{cluster.url}/affine"}, n_docs=4,
-                                    n_questions=3, doc_chars=800, api_key=API_KEY)
+                                    n_questions=3, doc_chars=800, max_tokens=1,
+                                    api_key=API_KEY)  # cached_tokens is the prompt's alone
     print(results["affine"].line("affine"))
     # a document's first request is cold on any router; its follow-ups are the measure (Ray's
     # default router beside it: benchmarks/ray_affinity.py, figures in docs/ray.md)
@@ -276,29 +284,43 @@ def test_killed_replica_loses_no_request(cluster: workload.Cluster) -> None:
 @pytest.mark.slow
 def test_deleting_an_application_drains_its_requests(cluster: workload.Cluster) -> None:
     import concurrent.futures as cf
+    import threading
+
+    url = f"{cluster.url}/affine/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 24}
+    in_replica = threading.Event()
 
     def ask() -> httpx.Response:
-        return http.post(f"{cluster.url}/affine/v1/chat/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {API_KEY}"},
-                          json={"messages": [{"role": "user", "content": "Tell a story."}],
-                                "max_tokens": 24})
+        return http.post(url, timeout=120, headers=headers, json=body)
+
+    def stream() -> list[str]:
+        events = []
+        with http.stream("POST", url, timeout=120, headers=headers,
+                         json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    in_replica.set()  # every event comes from the replica's app
+        return events
 
     with cf.ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(ask) for _ in range(2)]
-        time.sleep(1.0)  # in the replicas
-        for name in list(cluster.apps):
-            cluster.delete(name)  # Ray stops routing to them and waits for what runs
-        answers = [f.result(timeout=120) for f in running]
-    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    assert all(a.json()["usage"]["completion_tokens"] > 0 for a in answers)
+        whole = pool.submit(ask)  # sent first: in its replica by the time the stream is
+        streamed = pool.submit(stream)
+        assert in_replica.wait(60), streamed.result(timeout=60)
+        cluster.delete("affine")  # Ray stops routing to it and waits for what runs
+        answer, events = whole.result(timeout=120), streamed.result(timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+    # the stream that had begun ran to its end: a finish reason and [DONE], no error event
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+    finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]]
+    assert any(f in ("length", "stop") for f in finishes), events
 
 
 @pytest.mark.slow
 def test_autoscales_from_one_to_two_replicas_under_load(cluster: workload.Cluster) -> None:
-    for name in list(cluster.apps):  # (the drain test deleted them when it ran first)
-        cluster.delete(name)  # their CPUs go to the scaling app
-    cluster.deploy({"scale": workload.make_app(
-        replicas=1, n_parallel=1, min_replicas=1, max_replicas=2, upscale_delay_s=0.0)})
+    # beside the affine application (or after the drain test deleted it): 2 CPUs hold both
     assert workload.replica_states("scale") == {"RUNNING": 1}
     result = workload.run_scale(f"{cluster.url}/scale", "scale", clients_n=4, timeout_s=90)
     print(result)

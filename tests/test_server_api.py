@@ -309,8 +309,9 @@ def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
     # window leaves; only a max_tokens the client sent can be refused
     with running_server(max_length=SMALL_CTX) as small:
         assert small.service.generation_config.max_tokens > SMALL_CTX
+        # (a stop string ends an answer early: its budget was settled, or refused, before it)
         short = [("/v1/chat/completions", {"messages": [{"role": "user", "content":
-                                                          QUESTIONS[0]}]}),
+                                                          QUESTIONS[0]}], "stop": ["\n", "."]}),
                  ("/answer", {"question": QUESTIONS[0]}),
                  ("/v1/completions", {"prompt": "The capital of France is", "stop": ["."]})]
         for path, body in short:

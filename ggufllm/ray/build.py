@@ -154,6 +154,9 @@ def build_app(model: str | None = None, *, options: ClusterOptions | None = None
         max_ongoing_requests=2 * slots,
         max_queued_requests=options.max_queued_requests,
         graceful_shutdown_timeout_s=server.drain_timeout_s,
+        # a stopping replica looks every 0.2 s whether its requests have ended (Ray's default,
+        # 2 s, made every delete or downscale wait at least 2 s with nothing running)
+        graceful_shutdown_wait_loop_s=0.2,
         health_check_period_s=5.0,
         **scaling, **router)
     ingress = serve.deployment(Gateway, name=name_prefix + INGRESS_DEPLOYMENT).options(
