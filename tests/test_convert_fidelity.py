@@ -16,7 +16,14 @@ from convert import convert, load_plan, verify
 from ggufllm import ConversionError
 from ggufllm.gguf_file import read_gguf_header
 
-from .test_convert import _copy, _llama_quantize, tensors
+from .gpt_oss_fixture import REAL_DEPTH_CONFIG, write_checkpoint
+from .test_convert import (
+    _copy,
+    _llama_quantize,
+    small_vocab_config,
+    tensors,
+    write_small_vocab_tokenizer,
+)
 
 pytestmark = pytest.mark.slow  # converts tiny models, one with the real depth
 
@@ -46,18 +53,57 @@ def test_every_key_llama_cpp_reads_is_written_or_rightly_left_out(tiny_gguf, tin
 
 
 @pytest.fixture(scope="module")
-def real_depth_checkpoint(tmp_path_factory, harmony_tokenizer) -> Path:
-    from .gpt_oss_fixture import REAL_DEPTH_CONFIG, write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-24"), harmony_tokenizer,
-                            config=REAL_DEPTH_CONFIG, seed=1)
+def small_vocab_tokenizer(tmp_path_factory, harmony_tokenizer) -> Path:
+    return write_small_vocab_tokenizer(tmp_path_factory.mktemp("small-vocab"), harmony_tokenizer)
 
 
-def test_q4_k_m_recipe_on_24_layers_equals_llama_cpp_quantizer(real_depth_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def real_depth_checkpoint(tmp_path_factory, small_vocab_tokenizer) -> Path:
+    """The real depth and K-quant rows; SMALL_VOCAB tokens (the recipe does not depend
+    on the vocabulary's size)."""
+    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-24"), small_vocab_tokenizer,
+                            config=small_vocab_config(REAL_DEPTH_CONFIG), seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, small_vocab_tokenizer) -> Path:
+    """The tiny checkpoint's shapes with SMALL_VOCAB tokens."""
+    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-small"), small_vocab_tokenizer,
+                            config=small_vocab_config())
+
+
+@pytest.fixture(scope="module")
+def small_q8_0(small_checkpoint, tmp_path_factory) -> Path:
+    return convert(small_checkpoint, tmp_path_factory.mktemp("small-q8_0") / "q8_0.gguf",
+                   "q8_0").path
+
+
+def _counting_encode(monkeypatch, chunk_elements: int) -> dict[tuple[int, ...], int]:
+    """Encodes matrices of more than ``chunk_elements`` a slice of rows at a time; returns
+    the count of encode calls per shape, filled as the converter runs."""
+    from convert import quant
+
+    calls: dict[tuple[int, ...], int] = {}
+    encode = quant.encode
+
+    def counting(values: np.ndarray, qtype: Q) -> np.ndarray:
+        calls[values.shape] = calls.get(values.shape, 0) + 1
+        return encode(values, qtype)
+
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(quant, "encode", counting)
+    return calls
+
+
+def test_q4_k_m_recipe_on_24_layers_equals_llama_cpp_quantizer(real_depth_checkpoint, tmp_path,
+                                                              monkeypatch):
     """The per-layer Q4_K_M choice (more bits in the first/last eighth and every third
-    layer) and real K-quant blocks, byte for byte against llama_model_quantize."""
+    layer) and real K-quant blocks, byte for byte against llama_model_quantize; the
+    embedding and output matrices go through the row-chunked encoder, as at full size."""
     bf16 = convert(real_depth_checkpoint, tmp_path / "bf16.gguf", "bf16").path
+    calls = _counting_encode(monkeypatch, 1000 * 256)  # 4096 rows: 4 chunks of 1000, 96 left
     ours = tensors(convert(real_depth_checkpoint, tmp_path / "q4km.gguf", "q4_k_m").path)
+    assert calls[(1000, 256)] == 2 * 4 and calls[(96, 256)] == 2
     reference = tmp_path / "llama-quantize.gguf"
     _llama_quantize(bf16, reference, 15)
     theirs = tensors(reference)
@@ -72,27 +118,19 @@ def test_q4_k_m_recipe_on_24_layers_equals_llama_cpp_quantizer(real_depth_checkp
     assert ours["output.weight"][0] is Q.Q6_K and ours["blk.5.attn_q.weight"][0] is Q.Q4_K
 
 
-def test_row_chunked_encoder_equals_llama_cpp_quantizer(tiny_gguf, tiny_checkpoint, tmp_path,
+def test_row_chunked_encoder_equals_llama_cpp_quantizer(small_checkpoint, small_q8_0, tmp_path,
                                                         monkeypatch):
     """The chunked path (large matrices encoded a slice of rows at a time) writes the same
     bytes as the one-shot path and as llama.cpp's quantizer."""
-    from convert import quant
-
-    calls: dict[tuple[int, ...], int] = {}
-    encode = quant.encode
-
-    def counting(values: np.ndarray, qtype: Q) -> np.ndarray:
-        calls[values.shape[1:]] = calls.get(values.shape[1:], 0) + 1
-        return encode(values, qtype)
-
-    # 12,9M-element embedding / lm_head in chunks of 16391 rows: 13 chunks, the last partial
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", (1 << 20) + 64 * 7)
-    monkeypatch.setattr(quant, "encode", counting)
-    chunked = tensors(convert(tiny_checkpoint, tmp_path / "chunked.gguf", "q8_0").path)
-    assert calls[(64,)] >= 2 * 13  # both big matrices went through the chunks
+    one_shot = tensors(small_q8_0)
+    bf16 = convert(small_checkpoint, tmp_path / "bf16.gguf", "bf16").path
     reference = tmp_path / "llama-quantize.gguf"
-    _llama_quantize(tiny_gguf("bf16"), reference, 7)
-    assert chunked == tensors(reference) == tensors(tiny_gguf("q8_0"))
+    _llama_quantize(bf16, reference, 7)
+    # the 4096-row embedding / lm_head in chunks of 1001 rows: 5 chunks, the last partial
+    calls = _counting_encode(monkeypatch, 1001 * 64)
+    chunked = tensors(convert(small_checkpoint, tmp_path / "chunked.gguf", "q8_0").path)
+    assert calls[(1001, 64)] == 2 * 4 and calls[(92, 64)] == 2  # both big matrices
+    assert chunked == tensors(reference) == one_shot
 
 
 def _verify_cli(gguf_path: Path, reference: Path) -> subprocess.CompletedProcess:
@@ -101,31 +139,61 @@ def _verify_cli(gguf_path: Path, reference: Path) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("tensor", ["blk.1.attn_q.weight", "blk.0.attn_norm.weight",
-                                    "output.weight"])
-def test_verify_exits_1_on_one_corrupted_tensor(tiny_gguf, tiny_checkpoint, tmp_path, tensor):
-    """Q8_0 / F32 tensors are held to their type's error bound, not only MXFP4 to its codes."""
-    good = tiny_gguf("q8_0")
-    r = _verify_cli(good, tiny_checkpoint)
+CORRUPTED = ["blk.0.attn_norm.weight", "blk.1.attn_q.weight", "output.weight"]
+
+
+def test_verify_exits_1_on_each_corrupted_tensor(small_q8_0, small_checkpoint, tmp_path):
+    """Q8_0 / F32 tensors are held to their type's error bound, not only MXFP4 to its codes:
+    one Q8_0 and one F32 tensor of a layer and the output, each corrupted in one place (one
+    file and one run for all three: each tensor is checked on its own), are each reported,
+    and nothing else is."""
+    good = small_q8_0
+    r = _verify_cli(good, small_checkpoint)
     assert r.returncode == 0, r.stderr
-    info = next(t for t in read_gguf_header(good, probe=False).tensors if t.name == tensor)
     data = bytearray(good.read_bytes())
-    at = info.offset + info.n_bytes // 2
-    data[at:at + 68] = bytes(b ^ 0x5A for b in data[at:at + 68])  # 2 Q8_0 blocks, 17 floats
+    for info in read_gguf_header(good, probe=False).tensors:
+        if info.name in CORRUPTED:
+            at = info.offset + info.n_bytes // 2
+            data[at:at + 68] = bytes(b ^ 0x5A for b in data[at:at + 68])  # 2 Q8_0 blocks, 17 floats
     bad = tmp_path / "corrupt.gguf"
     bad.write_bytes(bytes(data))
-    r = _verify_cli(bad, tiny_checkpoint)
-    assert r.returncode == 1 and "1 tensor(s) differ" in r.stderr
+    r = _verify_cli(bad, small_checkpoint)
+    assert r.returncode == 1 and f"{len(CORRUPTED)} tensor(s) differ" in r.stderr
     failed = [json.loads(line) for line in r.stdout.splitlines()]
     failed = [f for f in failed if not f["rel_error"] <= f["bound"]]
-    assert [f["name"] for f in failed] == [tensor]
+    assert sorted(f["name"] for f in failed) == CORRUPTED
 
 
-def test_error_bounds_hold_on_every_type_with_a_margin(tiny_gguf, tiny_checkpoint):
+@pytest.fixture(scope="module")
+def reports(tiny_gguf, tiny_checkpoint):
+    """reports(type) -> verify's report of the tiny checkpoint's file of that type (once)."""
+    made: dict[str, list] = {}
+
+    def get(out_type: str) -> list:
+        if out_type not in made:
+            made[out_type] = list(verify(tiny_gguf(out_type), tiny_checkpoint))
+        return made[out_type]
+
+    return get
+
+
+def test_verify_reports_fidelity(reports):
+    q8 = {r.name: r for r in reports("q8_0")}
+    assert all(r.ok for r in q8.values())
+    assert q8["blk.0.ffn_gate_exps.weight"].bit_exact is True
+    assert q8["blk.0.attn_norm.weight"].rel_error == 0.0
+    assert 0 < q8["blk.0.attn_q.weight"].rel_error < 1e-2
+    assert max(r.rel_error for r in reports("f32")) == 0.0
+    q4 = {r.name: r for r in reports("q4_k_m")}
+    assert q4["blk.0.attn_output.weight"].qtype == "Q4_K"
+    assert q4["blk.0.attn_output.weight"].rel_error < 0.1
+
+
+def test_error_bounds_hold_on_every_type_with_a_margin(reports):
     """Each type's worst tensor sits between a fifth and the whole of its bound."""
     worst: dict[str, float] = {}
     for out_type in ("q8_0", "q4_k_m"):
-        for r in verify(tiny_gguf(out_type), tiny_checkpoint):
+        for r in reports(out_type):
             assert r.ok, r
             worst[r.qtype] = max(worst.get(r.qtype, 0.0), r.rel_error / r.bound if r.bound else 0)
     assert {k: v > 0.2 for k, v in worst.items() if k not in ("F32", "MXFP4")} == \

@@ -6,6 +6,7 @@ only what restores exactly is reused (``tests/test_kvcache_service.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ FACTS = [
 ]
 QUESTIONS = [("Where is it?", "Who goes there?"), ("How tall is it?", "Who climbed it?"),
              ("What does it keep?", "Who founded it?")]
+# Gemma: 28 repeats make prompts of ~700 tokens, past its window of 512 and the 128 tokens
+# of margin three_documents_in_turn asks for (each prompt token costs ~10 ms on one core)
+GEMMA_REPEATS = 28
 
 
 def document(i: int, n_repeats: int) -> str:
@@ -43,12 +47,13 @@ def ask(svc: LLMService, question: str, context: str) -> tuple[list[int], list[i
     return list(prompt.tokens), ids, answer.timings.n_cached
 
 
-def three_documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int,
-                            up_to_the_question: bool = False) -> list[tuple]:
-    """A B C, then A B C with other questions; returns (question, doc, prompt, ids, cached)
-    of the follow-ups, each of which must have reused its document past the window (with
-    ``up_to_the_question``: all of its prompt before the question)."""
-    docs = [document(i, n_repeats) for i in range(3)]
+def documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int, n_docs: int = 3,
+                      up_to_the_question: bool = False) -> list[tuple]:
+    """A B C (the first ``n_docs`` of them), then A B C with other questions; returns
+    (question, doc, prompt, ids, cached) of the follow-ups, each of which must have reused
+    its document past the window (with ``up_to_the_question``: all of its prompt before
+    the question)."""
+    docs = [document(i, n_repeats) for i in range(n_docs)]
     for i, doc in enumerate(docs):
         prompt, _, _ = ask(svc, QUESTIONS[i][0], doc)
         assert len(prompt) > n_swa + 128  # past the window: checkpoints or nothing
@@ -74,14 +79,33 @@ def check_near_cold(svc: LLMService, model: Path, follow_ups: list[tuple]) -> No
     near_ties(model, cases, "answers through the cache")
 
 
-def test_gemma_documents_in_turn_reuse_past_the_window(default_gguf: Path) -> None:
-    # one slot: each new document pushes the last one out to the RAM cache
+@pytest.fixture(scope="module")
+def gemma_one_slot(default_gguf: Path) -> Iterator[LLMService]:
+    """One slot (each new document pushes the last one out to the RAM cache), KV_REUSE=fast;
+    each test that uses it starts from an empty cache."""
     with LLMService(default_gguf, max_length=2048, n_parallel=1) as svc:
-        info = svc.get_model_info()["kv_cache"]
-        assert info["reuse"] == "fast" and info["n_swa"] == 512
-        follow_ups = three_documents_in_turn(svc, 40, 512)  # 700-1000-token documents
-        assert svc.get_model_info()["kv_cache"]["ram_tokens_restored"] > 3 * 512
-        check_near_cold(svc, default_gguf, follow_ups)
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def gemma_exact(default_gguf: Path) -> Iterator[LLMService]:
+    """As ``gemma_one_slot``, with KV_REUSE=exact."""
+    with LLMService(default_gguf, max_length=2048, n_parallel=1, kv_reuse="exact") as svc:
+        yield svc
+
+
+def test_gemma_documents_in_turn_reuse_past_the_window(gemma_one_slot: LLMService,
+                                                       default_gguf: Path) -> None:
+    # two documents: A B A B, so that each follow-up comes back from RAM (B's with A's new
+    # entry beside its own); a third document would repeat the same check
+    svc = gemma_one_slot
+    svc.clear_kv_cache()
+    info = svc.get_model_info()["kv_cache"]
+    assert info["reuse"] == "fast" and info["n_swa"] == 512
+    restored = info["ram_tokens_restored"]
+    follow_ups = documents_in_turn(svc, GEMMA_REPEATS, 512, n_docs=2)
+    assert svc.get_model_info()["kv_cache"]["ram_tokens_restored"] - restored > 2 * 512
+    check_near_cold(svc, default_gguf, follow_ups)
 
 
 @pytest.mark.slow
@@ -89,7 +113,7 @@ def test_tiny_gpt_oss_documents_in_turn_reuse_past_the_window(tiny_gguf) -> None
     model = tiny_gguf("q8_0")
     with LLMService(model, max_length=2048, n_parallel=1) as svc:  # flash attention: auto
         assert svc.get_model_info()["kv_cache"]["n_swa"] == 8
-        follow_ups = three_documents_in_turn(svc, 12, 8, up_to_the_question=True)
+        follow_ups = documents_in_turn(svc, 12, 8, up_to_the_question=True)
         check_near_cold(svc, model, follow_ups)
 
 
@@ -120,34 +144,39 @@ def test_a_rag_prompt_knows_where_its_question_begins(tiny_and_gemma, other: str
     assert prompt_of(gemma, other, doc).n_shared == 0
 
 
-def test_a_saved_cache_serves_another_service_past_the_window(default_gguf: Path,
-                                                              tmp_path: Path) -> None:
-    doc = document(0, 40)
+def test_a_saved_cache_serves_another_service_past_the_window(
+        gemma_one_slot: LLMService, gemma_exact: LLMService, default_gguf: Path,
+        tmp_path: Path) -> None:
+    doc = document(0, GEMMA_REPEATS)
     path = tmp_path / "doc.kvcache"
-    with LLMService(default_gguf, max_length=2048, n_parallel=1) as svc:
-        ask(svc, QUESTIONS[0][0], doc)
-        assert svc.save_kv_cache(path) == 1
-        # saving left the slot whole: the next question still reuses it
-        prompt, _, cached = ask(svc, QUESTIONS[0][1], doc)
-        assert cached >= len(prompt) - 4 * 64
+    svc = gemma_one_slot
+    svc.clear_kv_cache()
+    ask(svc, QUESTIONS[0][0], doc)
+    assert svc.save_kv_cache(path) == 1
+    # saving left the slot whole: the next question still reuses it
+    prompt, _, cached = ask(svc, QUESTIONS[0][1], doc)
+    assert cached >= len(prompt) - 4 * 64
     with LLMService(default_gguf, max_length=2048, n_parallel=1) as other:
         assert other.load_kv_cache(path) == 1
         prompt, ids, cached = ask(other, QUESTIONS[0][1], doc)
         assert cached >= len(prompt) - 4 * 64 and cached > 512
         check_near_cold(other, default_gguf, [(QUESTIONS[0][1], doc, prompt, ids, cached)])
     # a fast file is not for an exact engine (it holds cuts an exact one never makes)
-    with LLMService(default_gguf, max_length=2048, n_parallel=1, kv_reuse="exact") as exact:
-        with pytest.raises(KVCacheMismatchError, match="kv_reuse"):
-            exact.load_kv_cache(path)
+    with pytest.raises(KVCacheMismatchError, match="kv_reuse"):
+        gemma_exact.load_kv_cache(path)
 
 
-def test_exact_reuses_only_whole_pages_within_the_window(default_gguf: Path) -> None:
-    doc = document(1, 40)
-    with LLMService(default_gguf, max_length=2048, n_parallel=1, kv_reuse="exact") as svc:
-        ask(svc, QUESTIONS[1][0], doc)
-        ask(svc, QUESTIONS[0][0], document(0, 40))  # the first document goes to RAM ...
-        _, ids, cached = ask(svc, QUESTIONS[1][1], doc)
-        # ... but past the window with flash attention its restore is not exact: not kept
-        # (at most a page of the prompt's preamble, which both documents share, is reused)
-        assert cached <= 64
-        assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0
+def test_exact_reuses_only_whole_pages_within_the_window(gemma_exact: LLMService) -> None:
+    # 25 repeats: prompts of ~640 tokens, whose whole pages (576 or more tokens) pass the
+    # window of 512, so that KV_REUSE=exact must refuse them with flash attention on
+    doc = document(1, 25)
+    svc = gemma_exact
+    svc.clear_kv_cache()
+    prompt, _, _ = ask(svc, QUESTIONS[1][0], doc)
+    assert len(prompt) >= 576 + 64
+    ask(svc, QUESTIONS[0][0], document(0, 25))  # the first document goes to RAM ...
+    _, ids, cached = ask(svc, QUESTIONS[1][1], doc)
+    # ... but past the window with flash attention its restore is not exact: not kept
+    # (at most a page of the prompt's preamble, which both documents share, is reused)
+    assert cached <= 64
+    assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0

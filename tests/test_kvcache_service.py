@@ -15,10 +15,12 @@ import pytest
 from ggufllm import KVCacheError, KVCacheMismatchError, LLMService
 
 GREEDY = dict(temperature=0.0, max_tokens=12)
-# two documents of ~150 prompt tokens each: inside Gemma's 512-token window, so their
-# prefixes are kept in RAM with flash attention on (see restore_is_exact)
-DOC_A = " ".join(["The Zorblat festival is held every spring in the town of Quenby."] * 10)
-DOC_B = " ".join(["Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres."] * 10)
+# two documents of ~130 tokens (prompts of ~200, three whole 64-token pages): inside Gemma's
+# 512-token window, so their prefixes are kept in RAM with flash attention on (see
+# restore_is_exact)
+FACT_A = "The Zorblat festival is held every spring in the town of Quenby."
+FACT_B = "Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres."
+DOC_A, DOC_B = " ".join([FACT_A] * 8), " ".join([FACT_B] * 8)
 
 
 def tokens(svc: LLMService, question: str, context: str) -> tuple[tuple[int, ...], int]:
@@ -76,12 +78,14 @@ def test_tiny_gpt_oss_ram_restore_past_its_window_without_flash_attention(tiny_g
     attention is off (the measured exact case), and the restored answer is the cold one."""
     with LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=1, kv_reuse="exact",
                     flash_attn=False) as svc:
-        tokens(svc, "Where is the Zorblat festival held?", DOC_A)
-        tokens(svc, "How tall is Mount Ferrow?", DOC_B)
-        warm, n_cached = tokens(svc, "When is the Zorblat festival?", DOC_A)
+        # ten repeats (the tiny model's prompts cost next to nothing)
+        doc_a, doc_b = " ".join([FACT_A] * 10), " ".join([FACT_B] * 10)
+        tokens(svc, "Where is the Zorblat festival held?", doc_a)
+        tokens(svc, "How tall is Mount Ferrow?", doc_b)
+        warm, n_cached = tokens(svc, "When is the Zorblat festival?", doc_a)
         info = svc.get_model_info()["kv_cache"]
         assert info["n_swa"] == 8 and info["ram_tokens_restored"] >= 128 and n_cached >= 128
-        assert warm == cold(svc, "When is the Zorblat festival?", DOC_A)
+        assert warm == cold(svc, "When is the Zorblat festival?", doc_a)
 
 
 _CHILD = """
@@ -126,7 +130,8 @@ def test_a_cache_saved_under_other_settings_is_refused(saved, default_gguf, sett
         with pytest.raises(KVCacheMismatchError, match=field):
             svc.load_kv_cache(saved)
         assert svc.get_model_info()["kv_cache"]["ram_entries"] == 0
-        assert svc.answer("Where is Quenby?", DOC_A, **GREEDY).token_ids
+        # the service still answers (a short prompt: its one slot serves any prompt)
+        assert svc.answer("Where is Quenby?", max_tokens=4, temperature=0.0).token_ids
 
 
 def test_a_cache_of_another_model_is_refused(saved, tiny_gguf):
