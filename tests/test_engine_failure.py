@@ -23,10 +23,28 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture
 def svc(default_gguf: Path) -> Iterator[LLMService]:
+    """A service of its own, for the tests that make its engine fail."""
     service = LLMService(default_gguf, max_length=512, n_parallel=2)
     service.load()
     yield service
     service.close()
+
+
+@pytest.fixture
+def patched_decode(service: LLMService, monkeypatch: pytest.MonkeyPatch):
+    """patched_decode(fn) makes fn(batch, real_decode) the engine's llama_decode for this test
+    (on the module's shared service: a failed batch does not fail the engine). Returns the
+    service, its cache cleared: the prompts are evaluated as on a fresh one."""
+    ctx = service._engine.scheduler._ctx
+    real = ctx.decode
+
+    def patch(fn) -> LLMService:
+        monkeypatch.setattr(ctx, "decode", lambda batch: fn(batch, real))
+        service.clear_kv_cache()
+        return service
+
+    yield patch
+    assert service.health.failures == 0 and service._engine.scheduler._ctx is ctx
 
 
 def _wait(predicate, timeout_s: float = 120.0) -> None:
@@ -81,18 +99,17 @@ def test_reloads_are_bounded_then_calls_fail_until_load(svc, monkeypatch: pytest
     assert "Paris" in svc.generate_answer(QUESTION, temperature=0, max_tokens=8)
 
 
-def test_a_failed_decode_fails_its_request_and_leaves_no_stale_cells(svc):
-    engine = svc._engine
-    ctx = engine.scheduler._ctx
-    real = ctx.decode
+def test_a_failed_decode_fails_its_request_and_leaves_no_stale_cells(patched_decode):
     calls = {"n": 0}
 
-    def decode_then_fail(batch):  # the cells get stored, then the call "fails"
+    def decode_then_fail(batch, real):  # the cells get stored, then the call "fails"
         calls["n"] += 1
         rc = real(batch)
         return -3 if calls["n"] == 1 else rc
 
-    ctx.decode = decode_then_fail
+    svc = patched_decode(decode_then_fail)
+    engine = svc._engine
+    ctx = engine.scheduler._ctx
     with pytest.raises(DecodeFailedError) as caught:
         svc.generate_answer(QUESTION, temperature=0, max_tokens=8)
     assert caught.value.code == -3
@@ -105,18 +122,16 @@ def test_a_failed_decode_fails_its_request_and_leaves_no_stale_cells(svc):
     assert svc.health.failures == 0  # a failed batch is not a failed engine
 
 
-def test_out_of_kv_cells_fails_only_the_newest_request_of_the_batch(svc):
-    ctx = svc._engine.scheduler._ctx
-    real = ctx.decode
+def test_out_of_kv_cells_fails_only_the_newest_request_of_the_batch(patched_decode):
     state = {"failed": False}
 
-    def full_once(batch):
+    def full_once(batch, real):
         if not state["failed"] and len({batch._seq[i][0] for i in range(batch.n)}) == 2:
             state["failed"] = True
             return 1  # llama.cpp: no free KV cells (nothing stored)
         return real(batch)
 
-    ctx.decode = full_once
+    svc = patched_decode(full_once)
     results: dict[str, object] = {}
     barrier = threading.Barrier(2)
 

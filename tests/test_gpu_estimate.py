@@ -9,6 +9,7 @@ sliding-window layers 5 of 6) and the tiny gpt-oss fixture (MoE, MXFP4 experts).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp.llama_cpp as lib
@@ -23,13 +24,19 @@ TOLERANCE = 0.10
 KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
 
 
-def load_and_report(path: Path, *, n_ctx: int, n_parallel: int, kv_cache_type: str,
-                    swa_full: bool, n_ubatch: int, kv_unified: bool = True,
-                    n_cpu_moe: int = 0) -> LoadReport:
-    """Loads the model and a context as configured; returns what llama.cpp logged."""
+def load_model(path: Path, n_cpu_moe: int = 0) -> tuple[NativeModel, LoadReport]:
+    """Loads the model on the CPU; returns it and what llama.cpp logged (its weights)."""
     logging.getLogger("ggufllm.llama_cpp").setLevel(logging.ERROR)
     with observe_load() as report:
         model = NativeModel(str(path), n_gpu_layers=0, n_cpu_moe=n_cpu_moe)
+    return model, report
+
+
+def context_report(model: NativeModel, *, n_ctx: int, n_parallel: int, kv_cache_type: str,
+                   swa_full: bool, n_ubatch: int, kv_unified: bool = True) -> LoadReport:
+    """Creates a context on ``model`` as configured; returns what llama.cpp logged (its KV
+    cache and compute buffers)."""
+    with observe_load() as report:
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx * n_parallel
         params.n_seq_max = n_parallel
@@ -41,8 +48,23 @@ def load_and_report(path: Path, *, n_ctx: int, n_parallel: int, kv_cache_type: s
         ctx = lib.llama_init_from_model(model.ptr, params)
         assert ctx
     lib.llama_free(ctx)
-    model.close()
     return report
+
+
+# One load per model for the module: the weights do not depend on the context's settings,
+# and each configuration's KV cache and compute buffers come from a context of its own.
+@pytest.fixture(scope="module")
+def default_model(default_gguf) -> Iterator[tuple[NativeModel, LoadReport]]:
+    model, report = load_model(default_gguf)
+    yield model, report
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_gguf) -> Iterator[tuple[NativeModel, LoadReport]]:
+    model, report = load_model(tiny_gguf("q8_0"), n_cpu_moe=1)
+    yield model, report
+    model.close()
 
 
 def assert_close(estimated: int, reported_mib: float, what: str) -> None:
@@ -62,10 +84,11 @@ IDS = ["4k-f16-swa_full", "4x1k-q8_0-window", "3x1000-f16-window-per-sequence"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
-def test_estimate_matches_llama_cpp_for_the_default_model(default_gguf, cfg):
-    report = load_and_report(default_gguf, **cfg)
+def test_estimate_matches_llama_cpp_for_the_default_model(default_gguf, default_model, cfg):
+    model, weights = default_model
+    report = context_report(model, **cfg)
     est = estimate_memory(default_gguf, **cfg)
-    assert_close(est.host_weights, sum(report.model_buffers.values()), "weights")
+    assert_close(est.host_weights, sum(weights.model_buffers.values()), "weights")
     assert_close(est.host_kv, sum(report.kv_buffers.values()), "KV cache")
     assert_close(est.host_compute, sum(report.compute_buffers.values()), "compute")
     assert est.device_total == 0
@@ -76,11 +99,11 @@ TINY_CONFIGS = [CONFIGS[0], dict(CONFIGS[1], kv_cache_type="f16"), CONFIGS[2]]
 
 
 @pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=IDS)
-def test_estimate_matches_llama_cpp_for_tiny_gpt_oss(tiny_gguf, cfg):
-    path = tiny_gguf("q8_0")
-    report = load_and_report(path, **cfg, n_cpu_moe=1)
-    est = estimate_memory(path, **cfg, n_cpu_moe=1)
-    assert_close(est.host_weights, sum(report.model_buffers.values()), "weights")
+def test_estimate_matches_llama_cpp_for_tiny_gpt_oss(tiny_gguf, tiny_model, cfg):
+    model, weights = tiny_model
+    report = context_report(model, **cfg)
+    est = estimate_memory(tiny_gguf("q8_0"), **cfg, n_cpu_moe=1)
+    assert_close(est.host_weights, sum(weights.model_buffers.values()), "weights")
     assert_close(est.host_kv, sum(report.kv_buffers.values()), "KV cache")
     assert_close(est.host_compute, sum(report.compute_buffers.values()), "compute")
 
@@ -98,7 +121,7 @@ def test_window_cache_is_smaller_than_the_full_pool(tiny_gguf):
 
 def test_offload_arithmetic_follows_llama_cpp_layer_order(tiny_gguf):
     """token_embd stays on the CPU; the last layers and the output go to the GPU first."""
-    summary = read_gguf_header(tiny_gguf("q8_0"))
+    summary = read_gguf_header(tiny_gguf("q8_0"), probe=False)
     size = {t.name: t.n_bytes for t in summary.tensors}
     cpu = frozenset()  # no repack term: the split alone
     everything = estimate_memory(summary, n_gpu_layers=-1, cpu_features=cpu)

@@ -4,6 +4,7 @@ auto placement fits a device of a given size, and get_model_info reports what ll
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import llama_cpp.llama_cpp as lib
 import pytest
@@ -39,11 +40,37 @@ def test_n_cpu_moe_overrides_reach_llama_cpp(tiny_gguf):
     assert report.overrides.values() and all(v.startswith("CPU") for v in report.overrides.values())
 
 
-def test_cpu_moe_overrides_every_expert_tensor(tiny_gguf):
+@pytest.fixture(scope="module")
+def cpu_moe_service(tiny_gguf) -> Iterator[LLMService]:
+    """The tiny gpt-oss loaded by the service with ``cpu_moe`` (one load, two tests)."""
+    with LLMService(tiny_gguf("q8_0"), max_length=256, n_parallel=1, cpu_moe=True) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def plain_load(tiny_gguf) -> tuple[LoadReport, list[logging.LogRecord], int]:
+    """A load without overrides under a logger set to ERROR: what observe_load saw, the
+    records the logger passed on to its handlers meanwhile, and the logger's level after
+    (one load, two tests)."""
+    native = logging.getLogger("ggufllm.llama_cpp")
+    native.setLevel(logging.ERROR)
+    passed: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.NOTSET)
+    handler.emit = passed.append  # type: ignore[method-assign]
+    native.addHandler(handler)
+    try:
+        report = loaded_report(tiny_gguf("q8_0"))
+    finally:
+        native.removeHandler(handler)
+    return report, passed, native.level
+
+
+def test_cpu_moe_overrides_every_expert_tensor(tiny_gguf, cpu_moe_service, plain_load):
     path = tiny_gguf("q8_0")
-    report = loaded_report(path, cpu_moe=True)
+    report = cpu_moe_service._load_report
+    assert report is not None
     assert set(report.overrides) == expert_names(path) and len(report.overrides) == 12
-    assert loaded_report(path).overrides == {}
+    assert plain_load[0].overrides == {}
 
 
 def test_patterns_are_llama_cpp_n_cpu_moe_patterns():
@@ -53,13 +80,10 @@ def test_patterns_are_llama_cpp_n_cpu_moe_patterns():
     assert expert_patterns(False, 0) == []
 
 
-def test_observe_load_passes_on_only_what_the_logger_let_through(default_gguf, caplog):
-    native = logging.getLogger("ggufllm.llama_cpp")
-    native.setLevel(logging.ERROR)
-    with caplog.at_level(logging.ERROR, logger="ggufllm.llama_cpp"):
-        report = loaded_report(default_gguf)
-    assert report.model_buffers and not [r for r in caplog.records if r.levelno < logging.ERROR]
-    assert native.level == logging.ERROR
+def test_observe_load_passes_on_only_what_the_logger_let_through(plain_load):
+    report, passed, level = plain_load
+    assert report.model_buffers and not [r for r in passed if r.levelno < logging.ERROR]
+    assert level == logging.ERROR
 
 
 @pytest.mark.skipif(bool(lib.llama_supports_gpu_offload()), reason="CPU build behaviour")
@@ -98,9 +122,8 @@ def test_settings_take_auto_and_numbers(monkeypatch):
         load_settings()
 
 
-def test_model_info_reports_what_llama_cpp_placed(tiny_gguf):
-    with LLMService(tiny_gguf("q8_0"), max_length=256, n_parallel=1, cpu_moe=True) as svc:
-        info = svc.get_model_info()
+def test_model_info_reports_what_llama_cpp_placed(cpu_moe_service):
+    info = cpu_moe_service.get_model_info()
     assert info["expert_tensors_on_cpu"] == 12  # from llama.cpp's log, one line per tensor
     assert info["n_gpu_layers"] == 0 and info["layers_on_gpu"] == 0
     assert info["gpu_memory_used_mib"] == 0
