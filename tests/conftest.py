@@ -107,6 +107,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, harmony_tokenizer:
 
 
 @pytest.fixture(scope="session")
+def small_vocab_tokenizer(tmp_path_factory: pytest.TempPathFactory,
+                          harmony_tokenizer: Path) -> Path:
+    """o200k_harmony cut to its first SMALL_VOCAB tokens (``gpt_oss_fixture``)."""
+    from .gpt_oss_fixture import write_small_vocab_tokenizer
+
+    return made_once(tmp_path_factory, "o200k_harmony-small",
+                     lambda folder: write_small_vocab_tokenizer(folder, harmony_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory,
+                     small_vocab_tokenizer: Path) -> Path:
+    """The tiny checkpoint's shapes and seed with SMALL_VOCAB tokens: for a test the
+    vocabulary's size cannot change (its conversion skips most of the vocabulary's cost)."""
+    from .gpt_oss_fixture import small_vocab_config, write_checkpoint
+
+    return made_once(tmp_path_factory, "gpt-oss-small-vocab", lambda folder: write_checkpoint(
+        folder, small_vocab_tokenizer, config=small_vocab_config()))
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     """tiny_gguf(type, experts="mxfp4") -> path of the converted file (made once)."""
     from convert import convert

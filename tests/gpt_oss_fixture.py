@@ -195,3 +195,35 @@ def write_checkpoint(folder: Path, tokenizer_from: Path | None = None, *,
         {"metadata": {"total_size": sum(a.nbytes for _, a in tensors.values())},
          "weight_map": weight_map}))
     return folder
+
+
+# Converting the tiny checkpoint costs mostly its 201,088-token vocabulary (parsing and
+# writing 647k strings) and the two matrices with a row per token. A test of something
+# the vocabulary's size cannot change (atomic output, the per-layer recipe, the encoders,
+# logits) runs on the first SMALL_VOCAB tokens of the same tokenizer instead.
+SMALL_VOCAB = 4096
+
+
+def write_small_vocab_tokenizer(folder: Path, harmony_tokenizer: Path,
+                                n_vocab: int = SMALL_VOCAB) -> Path:
+    """o200k_harmony cut to its first ``n_vocab`` tokens and the merges among them (still a
+    byte-level BPE: the 256 byte tokens come first), without the special tokens."""
+    data = json.loads((harmony_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data["model"]
+    vocab = {text: i for text, i in model["vocab"].items() if i < n_vocab}
+    model["vocab"] = vocab
+    model["merges"] = [m for m in model["merges"]
+                       if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    data["added_tokens"] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_bytes(
+        (harmony_tokenizer / "tokenizer_config.json").read_bytes())
+    return folder
+
+
+def small_vocab_config(config: dict = TINY_CONFIG, n_vocab: int = SMALL_VOCAB) -> dict:
+    """``config`` with ``n_vocab`` tokens (no special token id beyond them: transformers
+    checks that its padding id is a row of the embedding)."""
+    return json.loads(json.dumps(config)) | {"vocab_size": n_vocab, "pad_token_id": None,
+                                             "eos_token_id": None}

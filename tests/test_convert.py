@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
 
 from convert import convert, load_plan
 from convert.quant import mxfp4_from_hf, n_bytes
 from ggufllm import ConversionError, LLMService, OutputExistsError
 from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header, tensor_array
-
-from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
 
 pytestmark = pytest.mark.slow  # converts and loads models: ~1 minute for the module
 
@@ -36,47 +35,6 @@ TYPES = ["q8_0", "q4_k_m", "bf16", "f16", "f32"]
 def tensors(path: Path) -> dict[str, tuple[Q, bytes]]:
     s = read_gguf_header(path, probe=False)
     return {t.name: (t.ggml_type, np.asarray(tensor_array(s, t)).tobytes()) for t in s.tensors}
-
-
-# -- a checkpoint with a small vocabulary ----------------------------------------------
-# Converting the tiny checkpoint costs mostly its 201,088-token vocabulary (parsing and
-# writing 647k strings) and the two matrices with a row per token. A test of something
-# the vocabulary's size cannot change (atomic output, the per-layer recipe, the encoders,
-# logits) runs on the first SMALL_VOCAB tokens of the same tokenizer instead.
-SMALL_VOCAB = 4096
-
-
-def write_small_vocab_tokenizer(folder: Path, harmony_tokenizer: Path,
-                                n_vocab: int = SMALL_VOCAB) -> Path:
-    """o200k_harmony cut to its first ``n_vocab`` tokens and the merges among them (still a
-    byte-level BPE: the 256 byte tokens come first), without the special tokens."""
-    data = json.loads((harmony_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
-    model = data["model"]
-    vocab = {text: i for text, i in model["vocab"].items() if i < n_vocab}
-    model["vocab"] = vocab
-    model["merges"] = [m for m in model["merges"]
-                       if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
-    data["added_tokens"] = []
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_bytes(
-        (harmony_tokenizer / "tokenizer_config.json").read_bytes())
-    return folder
-
-
-def small_vocab_config(config: dict = TINY_CONFIG, n_vocab: int = SMALL_VOCAB) -> dict:
-    """``config`` with ``n_vocab`` tokens (no special token id beyond them: transformers
-    checks that its padding id is a row of the embedding)."""
-    return json.loads(json.dumps(config)) | {"vocab_size": n_vocab, "pad_token_id": None,
-                                             "eos_token_id": None}
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory, harmony_tokenizer) -> Path:
-    """The tiny checkpoint's shapes and seed with SMALL_VOCAB tokens."""
-    folder = tmp_path_factory.mktemp("gpt-oss-small-vocab")
-    tokenizer = write_small_vocab_tokenizer(folder / "tokenizer", harmony_tokenizer)
-    return write_checkpoint(folder / "checkpoint", tokenizer, config=small_vocab_config())
 
 
 @pytest.fixture(scope="module")
@@ -230,37 +188,11 @@ def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
     assert lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
 def kv_entries(path: Path) -> dict[str, bytes]:
     """Every metadata key of a GGUF file with its value's bytes as stored (type included),
-    whatever the order of the keys."""
-    data = path.read_bytes()
-    (n_kv,) = struct.unpack_from("<Q", data, 16)
-    pos, out = 24, {}
-
-    def skip(vtype: int, pos: int) -> int:
-        if vtype == _STRING:
-            return pos + 8 + struct.unpack_from("<Q", data, pos)[0]
-        if vtype == _ARRAY:
-            etype, count = struct.unpack_from("<IQ", data, pos)
-            pos += 12
-            if etype != _STRING and etype != _ARRAY:
-                return pos + count * _SCALAR_BYTES[etype]
-            for _ in range(count):
-                pos = skip(etype, pos)
-            return pos
-        return pos + _SCALAR_BYTES[vtype]
-
-    for _ in range(n_kv):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        key = data[pos + 8:pos + 8 + n].decode()
-        start = pos + 8 + n
-        pos = skip(struct.unpack_from("<I", data, start)[0], start + 4)
-        out[key] = data[start:pos]
-    return out
+    whatever the order of the keys (gguf-py's reader, not ours: an independent parse)."""
+    return {name: b"".join(part.tobytes() for part in field.parts)
+            for name, field in GGUFReader(path).fields.items() if not name.startswith("GGUF.")}
 
 
 @pytest.mark.parametrize("out_type,ftype", [("q8_0", 7), ("q4_k_m", 15)])
@@ -358,7 +290,6 @@ def _corrupt_shard(d: Path, mutate) -> None:
 @pytest.mark.parametrize("case", ["bad_json", "huge_header", "offset_past_end", "overlap",
                                   "bad_dtype", "truncated"])
 def test_corrupt_safetensors_are_refused(tiny_checkpoint, tmp_path, case):
-    import struct
 
     d = _copy(tiny_checkpoint, tmp_path / "c")
 

@@ -16,14 +16,8 @@ from convert import convert, load_plan, verify
 from ggufllm import ConversionError
 from ggufllm.gguf_file import read_gguf_header
 
-from .gpt_oss_fixture import REAL_DEPTH_CONFIG, write_checkpoint
-from .test_convert import (
-    _copy,
-    _llama_quantize,
-    small_vocab_config,
-    tensors,
-    write_small_vocab_tokenizer,
-)
+from .gpt_oss_fixture import REAL_DEPTH_CONFIG, small_vocab_config, write_checkpoint
+from .test_convert import _copy, _llama_quantize, tensors
 
 pytestmark = pytest.mark.slow  # converts tiny models, one with the real depth
 
@@ -53,23 +47,11 @@ def test_every_key_llama_cpp_reads_is_written_or_rightly_left_out(tiny_gguf, tin
 
 
 @pytest.fixture(scope="module")
-def small_vocab_tokenizer(tmp_path_factory, harmony_tokenizer) -> Path:
-    return write_small_vocab_tokenizer(tmp_path_factory.mktemp("small-vocab"), harmony_tokenizer)
-
-
-@pytest.fixture(scope="module")
 def real_depth_checkpoint(tmp_path_factory, small_vocab_tokenizer) -> Path:
     """The real depth and K-quant rows; SMALL_VOCAB tokens (the recipe does not depend
     on the vocabulary's size)."""
     return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-24"), small_vocab_tokenizer,
                             config=small_vocab_config(REAL_DEPTH_CONFIG), seed=1)
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory, small_vocab_tokenizer) -> Path:
-    """The tiny checkpoint's shapes with SMALL_VOCAB tokens."""
-    return write_checkpoint(tmp_path_factory.mktemp("gpt-oss-small"), small_vocab_tokenizer,
-                            config=small_vocab_config())
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,12 @@ import pytest
 from convert import convert
 from convert.logits import llama_logits, reference_logits
 
-from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
-from .test_convert import small_vocab_config, write_small_vocab_tokenizer
+from .gpt_oss_fixture import (
+    TINY_CONFIG,
+    small_vocab_config,
+    write_checkpoint,
+    write_small_vocab_tokenizer,
+)
 
 pytestmark = pytest.mark.slow  # converts and loads models: ~20 s for the module
 
