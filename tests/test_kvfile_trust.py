@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp.llama_cpp as lib
@@ -209,9 +210,17 @@ def ask(model: Path, cache: Path, question: str, doc: str, *extra: str,
     return r
 
 
-def test_ask_leaves_the_file_alone_when_its_load_failed(default_gguf, tmp_path):
+@pytest.fixture(scope="module")
+def ask_twin(default_gguf) -> Iterator[LLMService]:
+    """A service as ``ggufllm ask --ctx 1024`` opens it: it writes the files the tests of
+    ``ask`` start from (two CLI runs fewer; ``ask`` writing its file is test_cli's)."""
+    with LLMService(default_gguf, max_length=1024, n_parallel=4) as svc:
+        yield svc
+
+
+def test_ask_leaves_the_file_alone_when_its_load_failed(default_gguf, ask_twin, tmp_path):
     cache = tmp_path / "doc.kv"
-    ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "1024")
+    save(ask_twin, cache, (Q_A, DOC_A))  # one ask takes (the test below: a file it loads)
     before = cache.read_bytes()
     r = ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "2048")  # made for another --ctx
     assert "n_ctx" in r.stderr and "left unchanged" in r.stderr
@@ -221,10 +230,9 @@ def test_ask_leaves_the_file_alone_when_its_load_failed(default_gguf, tmp_path):
     assert "left unchanged" in r.stderr and cache.read_bytes() == b"garbage"
 
 
-def test_ask_does_not_write_back_a_file_the_ram_budget_trimmed(default_gguf, tmp_path):
+def test_ask_does_not_write_back_a_file_the_ram_budget_trimmed(default_gguf, ask_twin, tmp_path):
     cache = tmp_path / "docs.kv"
-    ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "1024")
-    ask(default_gguf, cache, Q_B, DOC_B, "--ctx", "1024")
+    save(ask_twin, cache, (Q_A, DOC_A), (Q_B, DOC_B))
     before = cache.read_bytes()
     assert len(Parsed.of(before).entries) == 2  # ~3.5 and ~5.9 MB
     r = ask(default_gguf, cache, "Who goes there?", DOC_A, "--ctx", "1024",

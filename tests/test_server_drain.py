@@ -75,11 +75,11 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones() -> None:
     try:
         events: list[dict[str, Any]] = []
         started = threading.Event()
-        stream = threading.Thread(target=_stream_events, args=(url, 200, started, events))
+        stream = threading.Thread(target=_stream_events, args=(url, 100, started, events))
         whole: dict[str, Any] = {}
 
         def non_streamed() -> None:
-            r = http.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 200},
+            r = http.post(f"{url}/v1/completions", json={**COUNT, "max_tokens": 100},
                            timeout=120)
             whole.update(status=r.status_code, body=r.json())
 
