@@ -127,21 +127,34 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory,
         folder, small_vocab_tokenizer, config=small_vocab_config()))
 
 
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
-    """tiny_gguf(type, experts="mxfp4") -> path of the converted file (made once)."""
+def converted(factory: pytest.TempPathFactory, checkpoint: Path,
+              prefix: str) -> Callable[..., Path]:
+    """get(type, experts="mxfp4") -> ``checkpoint`` converted to that type (made once for
+    the whole run)."""
     from convert import convert
 
     made: dict[str, Path] = {}
 
     def get(out_type: str, experts: str = "mxfp4") -> Path:
-        name = f"tiny-{out_type}-{experts}"
+        name = f"{prefix}-{out_type}-{experts}"
         if name not in made:
-            made[name] = made_once(tmp_path_factory, name, lambda folder: convert(
-                tiny_checkpoint, folder / f"{name}.gguf", out_type, experts)) / f"{name}.gguf"
+            made[name] = made_once(factory, name, lambda folder: convert(
+                checkpoint, folder / f"{name}.gguf", out_type, experts)) / f"{name}.gguf"
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    """tiny_gguf(type, experts="mxfp4") -> path of the converted file (made once)."""
+    return converted(tmp_path_factory, tiny_checkpoint, "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_gguf(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: Path):
+    """small_gguf(type, experts="mxfp4") -> the small-vocabulary twin converted (made once)."""
+    return converted(tmp_path_factory, small_checkpoint, "small")
 
 
 @pytest.fixture(scope="session")

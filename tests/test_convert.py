@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,22 +34,6 @@ TYPES = ["q8_0", "q4_k_m", "bf16", "f16", "f32"]
 def tensors(path: Path) -> dict[str, tuple[Q, bytes]]:
     s = read_gguf_header(path, probe=False)
     return {t.name: (t.ggml_type, np.asarray(tensor_array(s, t)).tobytes()) for t in s.tensors}
-
-
-@pytest.fixture(scope="module")
-def small_gguf(small_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
-    """small_gguf(type) -> the small-vocabulary checkpoint converted to that type (made once
-    in this module)."""
-    folder = tmp_path_factory.mktemp("gpt-oss-small-vocab-gguf")
-    made: dict[str, Path] = {}
-
-    def get(out_type: str) -> Path:
-        if out_type not in made:
-            made[out_type] = convert(small_checkpoint, folder / f"{out_type}.gguf",
-                                     out_type).path
-        return made[out_type]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -54,12 +54,6 @@ def real_depth_checkpoint(tmp_path_factory, small_vocab_tokenizer) -> Path:
                             config=small_vocab_config(REAL_DEPTH_CONFIG), seed=1)
 
 
-@pytest.fixture(scope="module")
-def small_q8_0(small_checkpoint, tmp_path_factory) -> Path:
-    return convert(small_checkpoint, tmp_path_factory.mktemp("small-q8_0") / "q8_0.gguf",
-                   "q8_0").path
-
-
 def _counting_encode(monkeypatch, chunk_elements: int) -> dict[tuple[int, ...], int]:
     """Encodes matrices of more than ``chunk_elements`` a slice of rows at a time; returns
     the count of encode calls per shape, filled as the converter runs."""
@@ -100,14 +94,13 @@ def test_q4_k_m_recipe_on_24_layers_equals_llama_cpp_quantizer(real_depth_checkp
     assert ours["output.weight"][0] is Q.Q6_K and ours["blk.5.attn_q.weight"][0] is Q.Q4_K
 
 
-def test_row_chunked_encoder_equals_llama_cpp_quantizer(small_checkpoint, small_q8_0, tmp_path,
+def test_row_chunked_encoder_equals_llama_cpp_quantizer(small_checkpoint, small_gguf, tmp_path,
                                                         monkeypatch):
     """The chunked path (large matrices encoded a slice of rows at a time) writes the same
     bytes as the one-shot path and as llama.cpp's quantizer."""
-    one_shot = tensors(small_q8_0)
-    bf16 = convert(small_checkpoint, tmp_path / "bf16.gguf", "bf16").path
+    one_shot = tensors(small_gguf("q8_0"))
     reference = tmp_path / "llama-quantize.gguf"
-    _llama_quantize(bf16, reference, 7)
+    _llama_quantize(small_gguf("bf16"), reference, 7)
     # the 4096-row embedding / lm_head in chunks of 1001 rows: 5 chunks, the last partial
     calls = _counting_encode(monkeypatch, 1001 * 64)
     chunked = tensors(convert(small_checkpoint, tmp_path / "chunked.gguf", "q8_0").path)
@@ -124,12 +117,12 @@ def _verify_cli(gguf_path: Path, reference: Path) -> subprocess.CompletedProcess
 CORRUPTED = ["blk.0.attn_norm.weight", "blk.1.attn_q.weight", "output.weight"]
 
 
-def test_verify_exits_1_on_each_corrupted_tensor(small_q8_0, small_checkpoint, tmp_path):
+def test_verify_exits_1_on_each_corrupted_tensor(small_gguf, small_checkpoint, tmp_path):
     """Q8_0 / F32 tensors are held to their type's error bound, not only MXFP4 to its codes:
     one Q8_0 and one F32 tensor of a layer and the output, each corrupted in one place (one
     file and one run for all three: each tensor is checked on its own), are each reported,
     and nothing else is."""
-    good = small_q8_0
+    good = small_gguf("q8_0")
     r = _verify_cli(good, small_checkpoint)
     assert r.returncode == 0, r.stderr
     data = bytearray(good.read_bytes())

@@ -47,13 +47,13 @@ def ask(svc: LLMService, question: str, context: str) -> tuple[list[int], list[i
     return list(prompt.tokens), ids, answer.timings.n_cached
 
 
-def documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int, n_docs: int = 3,
+def documents_in_turn(svc: LLMService, n_repeats: int, n_swa: int,
                       up_to_the_question: bool = False) -> list[tuple]:
-    """A B C (the first ``n_docs`` of them), then A B C with other questions; returns
+    """A B C, then A B C with other questions; returns
     (question, doc, prompt, ids, cached) of the follow-ups, each of which must have reused
     its document past the window (with ``up_to_the_question``: all of its prompt before
     the question)."""
-    docs = [document(i, n_repeats) for i in range(n_docs)]
+    docs = [document(i, n_repeats) for i in range(len(FACTS))]
     for i, doc in enumerate(docs):
         prompt, _, _ = ask(svc, QUESTIONS[i][0], doc)
         assert len(prompt) > n_swa + 128  # past the window: checkpoints or nothing

@@ -220,7 +220,7 @@ def ask_twin(default_gguf) -> Iterator[LLMService]:
 
 def test_ask_leaves_the_file_alone_when_its_load_failed(default_gguf, ask_twin, tmp_path):
     cache = tmp_path / "doc.kv"
-    save(ask_twin, cache, (Q_A, DOC_A))  # one ask takes (the test below: a file it loads)
+    save(ask_twin, cache, (Q_A, DOC_A))  # as `ask` writes it (the next test: `ask` loads it)
     before = cache.read_bytes()
     r = ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "2048")  # made for another --ctx
     assert "n_ctx" in r.stderr and "left unchanged" in r.stderr
