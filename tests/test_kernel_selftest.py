@@ -39,7 +39,9 @@ def fault(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_p
     """Injects ``request.param`` into the self-test child, with a cache of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(FAULT_ENV, request.param)
-    monkeypatch.setenv(TIMEOUT_ENV, "3")
+    # a hang is reported whenever the timeout ends it (an idle wait: 1 s); the other faults
+    # must end on their own first
+    monkeypatch.setenv(TIMEOUT_ENV, "1" if request.param == "hang" else "3")
     return str(request.param)
 
 

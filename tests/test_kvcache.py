@@ -32,7 +32,7 @@ from ggufllm.engine.slots import Slot as EngineSlot
 from ggufllm.gguf_file import read_gguf_header
 from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 
-from .gpt_oss_fixture import TINY_CONFIG, write_checkpoint
+from .gpt_oss_fixture import TINY_CONFIG, small_vocab_config, write_checkpoint
 from .kv_context import KVSizeLog, RawContext, random_prompt
 
 MiB = 1 << 20
@@ -292,17 +292,19 @@ def test_gpt_oss_20b_kv_arithmetic():
 
 
 @pytest.mark.slow
-def test_gpt_oss_20b_attention_shape_matches_llama_cpp(tmp_path, harmony_tokenizer):
+def test_gpt_oss_20b_attention_shape_matches_llama_cpp(tmp_path, small_vocab_tokenizer):
     """A checkpoint with gpt-oss-20b's attention (24 layers, 8 KV heads x 64, window 128,
     even layers sliding) and tiny everything else: llama.cpp allocates what the
-    arithmetic for gpt-oss-20b says."""
+    arithmetic for gpt-oss-20b says. (The vocabulary's size changes no KV cell: the
+    small-vocabulary tokenizer spares converting and loading 201k tokens.)"""
     from convert import convert
 
     cfg = json.loads(json.dumps(TINY_CONFIG))
     cfg |= {"num_hidden_layers": 24, "num_key_value_heads": 8, "head_dim": 64,
             "num_attention_heads": 8, "sliding_window": 128,
             "layer_types": ["sliding_attention", "full_attention"] * 12}
-    ckpt = write_checkpoint(tmp_path / "ck", harmony_tokenizer, config=cfg)
+    ckpt = write_checkpoint(tmp_path / "ck", small_vocab_tokenizer,
+                            config=small_vocab_config(cfg))
     path = convert(ckpt, tmp_path / "m.gguf", "q8_0", "mxfp4").path
     layout = KVLayout.from_gguf(read_gguf_header(path))
     assert layout == KVLayout.gpt_oss_20b()

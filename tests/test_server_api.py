@@ -301,11 +301,11 @@ def test_errors_never_5xx(server: Running) -> None:
 
 # -- a window smaller than DEFAULT_MAX_TOKENS ----------------------------------------
 
-SMALL_CTX = 512
+SMALL_CTX = 256
 
 
 def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
-    # DEFAULT_MAX_TOKENS (1000) does not fit a 512-token window: it is capped to what the
+    # DEFAULT_MAX_TOKENS (1000) does not fit a 256-token window: it is capped to what the
     # window leaves; only a max_tokens the client sent can be refused
     with running_server(max_length=SMALL_CTX) as small:
         assert small.service.generation_config.max_tokens > SMALL_CTX
@@ -320,7 +320,7 @@ def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
                                "stream": stream}, timeout=120)
                 assert r.status_code == 200, (path, stream, r.text)
         # a prompt that leaves a few tokens: the answer gets exactly those
-        words = "word " * 490
+        words = "word " * 234
         r = http.post(f"{small.url}/v1/completions", json={"prompt": words, "temperature": 0},
                        timeout=120)
         assert r.status_code == 200, r.text
@@ -328,7 +328,7 @@ def test_a_ctx_below_the_default_budget_answers_without_max_tokens() -> None:
         assert 0 < usage["completion_tokens"] < 30 and usage["total_tokens"] == SMALL_CTX
         assert r.json()["choices"][0]["finish_reason"] == "length"
         r = http.post(f"{small.url}/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": "word " * 440 + "Say something."}]})
+            "messages": [{"role": "user", "content": "word " * 200 + "Say something."}]})
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= SMALL_CTX, r.text
         # an explicit budget is the client's: refused when it cannot fit
         err = _error(http.post(f"{small.url}/v1/chat/completions", timeout=60, json={

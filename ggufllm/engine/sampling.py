@@ -8,7 +8,10 @@ as llama.cpp's ``common_sampler`` applies it: the chain samples first and the gr
 that one token; only a refused token makes the grammar mask the whole vocabulary and the
 chain sample again. That is the masked distribution exactly (a refused draw is redrawn from
 the allowed tokens in proportion), at the cost of a full mask only when needed: llama.cpp
-decodes every token's text to mask 262k candidates, several milliseconds a token.
+decodes every token's text to mask 262k candidates, 20-30 ms a token on one core. A refused
+draw masks the best candidates first (top-k needs only its k allowed ones), and a mask of
+the whole vocabulary skips the tokens that probes of their first characters rule out
+(:mod:`.prefixes`): 5-7x less at a JSON value's punctuation.
 
 Only sampled tokens reach the grammar (``accept``), never the prompt; the penalties see the
 prompt's last tokens too.
@@ -28,6 +31,7 @@ import numpy as np
 
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError
+from .prefixes import Utf8State, named_tokens, prefix_index
 
 if TYPE_CHECKING:
     from ..harmony import HarmonyTokens
@@ -145,6 +149,7 @@ class Sampler:
                  banned_in_call: Sequence[int] | None = None) -> None:
         self._grammar = None
         self._bans = False  # tokens are banned inside the answer (masks below)
+        self._vocab = vocab
         self._ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._penalized = cfg.repeat_penalty != 1.0
         for part in _chain_parts(cfg, n_vocab):
@@ -156,6 +161,9 @@ class Sampler:
         try:
             self._grammar = _grammar_sampler(vocab, grammar)
             self._bans = bool(banned_in_answer)
+            # probes rule groups of tokens out of a whole-vocabulary mask (.prefixes)
+            self._named = named_tokens(grammar.gbnf)
+            self._utf8 = Utf8State()
         except BaseException:
             self.close()
             raise
@@ -197,6 +205,7 @@ class Sampler:
         if self._grammar is None:  # it refused every token: dropped (see _constrained)
             return token
         lib.llama_sampler_accept(self._grammar, token)
+        self._utf8.feed(self._vocab.piece(token))  # type: ignore[union-attr]
         if self._penalized:  # otherwise the chain keeps no history: nothing to tell it
             lib.llama_sampler_accept(self._ptr, token)
         if self._guide is not None:
@@ -258,7 +267,7 @@ class Sampler:
         order: np.ndarray | None = None
         for size in (*(c for c in _CHUNKS if c < n and self._need < c), n):
             if size >= n:
-                ids = self._ids
+                ids = self._whole_vocabulary()
             else:
                 if order is None or len(order) < size:
                     part = np.argpartition(logits, n - size)[n - size:]
@@ -276,6 +285,25 @@ class Sampler:
             return None
         lib.llama_sampler_apply(self._ptr, ctypes.byref(self._cur))
         return int(self._data[self._cur.selected].id)
+
+    def _whole_vocabulary(self) -> np.ndarray:
+        """The candidates of a whole-vocabulary mask: every token, less the groups whose
+        probes the grammar refuses where that proves their tokens refused (:mod:`.prefixes`)."""
+        if self._named is None or not self._utf8.between_sequences:
+            return self._ids
+        vocab = self._vocab
+        assert vocab is not None
+        index = prefix_index(vocab.ptr, self._n_vocab, lambda: (*vocab.eogs(), *vocab.controls()))
+        if index is None:
+            return self._ids
+        keep = index.candidates(self._allows, self._named)
+        return self._ids if keep is None else self._ids[keep]
+
+    def _allows(self, ids: np.ndarray) -> np.ndarray:
+        """The grammar's verdict on each of ``ids`` in its present state."""
+        self._fill(ids, np.zeros(len(ids), dtype=np.float32))
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(self._cur))
+        return np.isfinite(self._view["logit"][:len(ids)])
 
     def _fill(self, ids: np.ndarray, logits: np.ndarray) -> None:
         k = len(ids)
