@@ -115,3 +115,32 @@ def test_a_lazy_grammar_triggered_after_split_characters(tiny_vocab) -> None:
     before = model.tokenize("Voilà 東京 🙂: ", add_special=False, parse_special=False)
     after = model.tokenize(ANSWER, add_special=False, parse_special=False)
     assert _walk(model, spec, before + after)
+
+
+def test_seeded_answers_are_the_same_with_and_without_probes(tiny_gguf, monkeypatch) -> None:
+    """The random-weight gpt-oss fixture has its first draw refused at nearly every
+    punctuation step: the same seeds give the same tokens whether those steps mask the whole
+    vocabulary or the probes' candidates."""
+    from ggufllm import LLMService
+
+    schema = {"type": "object", "required": ["city", "n"], "properties": {
+        "city": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}}
+    probed = []
+    candidates = prefixes.PrefixIndex.candidates
+
+    def counted(self, *args):  # type: ignore[no-untyped-def]
+        keep = candidates(self, *args)
+        probed.append(keep is not None)
+        return keep
+
+    monkeypatch.setattr(prefixes.PrefixIndex, "candidates", counted)
+    answers = {}
+    with LLMService(tiny_gguf("q8_0"), max_length=512, n_parallel=1) as svc:
+        for build_after in (10**9, 0):
+            monkeypatch.setattr(prefixes, "BUILD_AFTER", build_after)
+            answers[build_after] = [
+                svc.answer("Describe a city.", response_format=schema, temperature=1.0,
+                           seed=seed, max_tokens=80, reasoning_budget=4).token_ids
+                for seed in (1, 2)]
+    assert answers[0] == answers[10**9]
+    assert sum(probed) >= 5, probed  # the probed side did use probes

@@ -14,8 +14,9 @@ Where that reasoning does not hold, tokens stay candidates: end-of-generation an
 tokens, tokens whose text does not start with complete UTF-8 sequences, tokens the grammar
 names by id (``<[id]>``, matched by id, not by text) — and the whole vocabulary when the
 grammar names a token by its text, or when the text written so far ends inside a UTF-8
-sequence (:class:`Utf8State`), where llama.cpp matches a probe's first bytes as the rest of
-that sequence.
+sequence (:class:`Utf8State`): there the next bytes complete that sequence, which is not the
+start-of-text reasoning above (llama.cpp then refuses a probe and its tokens alike, but the
+probes do not rely on how it treats an open sequence).
 """
 
 from __future__ import annotations
