@@ -221,7 +221,8 @@ def _build(vocab: object, n_vocab: int, always: Iterable[int]) -> PrefixIndex:
 # Building an index reads every token's text through llama.cpp (~0.5-1 s for 200-260k
 # tokens), about as long as 30 whole-vocabulary masks: a vocabulary gets one once it has
 # needed that many (a model that rarely draws a refused token never pays for it; one that
-# keeps doing so pays at most twice what it would have with an index from the start).
+# keeps doing so pays at most twice what it would have with an index from the start). The
+# engine's thread builds it: requests in flight pause for that second, once per process.
 BUILD_AFTER = 32
 
 # per vocabulary, known by its size and the texts of a spread of its tokens
