@@ -36,13 +36,13 @@ def measure(path: str) -> None:
     model = NativeModel(path, vocab_only=True)
     vocab = VocabView(model.vocab)
     prefixes.BUILD_AFTER = 0
+    t = time.perf_counter()
+    vocab.prepare()  # as the engine does before queueing a constrained request
+    build = time.perf_counter() - t
     sampler = Sampler(GenerationConfig(temperature=1.0), model.n_vocab, vocab=vocab,
                       grammar=GrammarSpec(schema_to_gbnf(SCHEMA)))
     every = np.arange(model.n_vocab, dtype=np.int32)
     try:
-        t = time.perf_counter()
-        sampler._whole_vocabulary()
-        build = time.perf_counter() - t
         steps: dict[str, list[tuple[float, float]]] = {"punctuation": [], "string": []}
         for i, token in enumerate(model.tokenize(ANSWER, add_special=False,
                                                  parse_special=False)):
@@ -58,7 +58,7 @@ def measure(path: str) -> None:
             steps[kind].append((sides["full"][0], sides["probed"][0]))
             lib.llama_sampler_accept(sampler._grammar, token)
             sampler._utf8.feed(vocab.piece(token))
-        print(f"{path}: {model.n_vocab} tokens, index built in {build * 1000:.0f} ms")
+        print(f"{path}: {model.n_vocab} tokens, control tokens and index read in {build * 1000:.0f} ms")
         for kind, times in steps.items():
             if times:
                 full = statistics.median(a for a, _ in times) * 1000

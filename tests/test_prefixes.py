@@ -35,6 +35,7 @@ def test_named_tokens_are_read_outside_literals_classes_and_comments() -> None:
         200005, 7}
     assert named_tokens('root ::= "\\"<" [\\]<] "x"') == frozenset()
     assert named_tokens("root ::= <|start|> x") is None  # a token named by its text
+    assert named_tokens('root ::= "a" # c\r x ::= <foo>\n') is None  # \r ends a comment
 
 
 def test_utf8_state_follows_llama_cpps_decoder() -> None:
@@ -44,10 +45,11 @@ def test_utf8_state_follows_llama_cpps_decoder() -> None:
                            ("東".encode()[:2], False), ("東".encode()[2:] + b"x", True)]:
         state.feed(piece)
         assert state.between_sequences is between, piece
-    state.feed(b"\x80")  # not a lead byte: llama.cpp's state is no longer followed
-    assert not state.between_sequences
-    state.feed(b"a")
-    assert not state.between_sequences
+    state.feed("é".encode()[:1])
+    state.feed(b"a")  # not a continuation byte: invalid, and the next token starts afresh
+    assert state.between_sequences
+    state.feed(b"\x80")  # not a lead byte: the same
+    assert state.between_sequences
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +70,20 @@ def _walk(model: NativeModel, grammar: str | GrammarSpec, tokens: list[int]) -> 
     the candidate counts of the steps where probes were used."""
     cfg = GenerationConfig(temperature=1.0, top_k=50)
     spec = grammar if isinstance(grammar, GrammarSpec) else GrammarSpec(grammar)
+    VocabView(model.vocab).prepare()  # as the engine does before queueing the request
     sampler = Sampler(cfg, model.n_vocab, vocab=VocabView(model.vocab), grammar=spec)
     everything = np.arange(model.n_vocab, dtype=np.int32)
     used = []
     try:
-        for token in tokens:
+        for token in [*tokens, None]:  # None: after the last token (the grammar may end)
             allowed = everything[sampler._allows(everything)]
             candidates = sampler._whole_vocabulary()
             if len(candidates) < model.n_vocab:
                 used.append(len(candidates))
             assert np.isin(allowed, candidates).all(), (
                 [model.piece(int(t), True) for t in allowed[~np.isin(allowed, candidates)]][:8])
+            if token is None:
+                break
             assert token in allowed, model.piece(token, True)
             lib.llama_sampler_accept(sampler._grammar, token)
             sampler._utf8.feed(VocabView(model.vocab).piece(token))
@@ -125,17 +130,24 @@ def test_seeded_answers_are_the_same_with_and_without_probes(tiny_gguf, monkeypa
 
     schema = {"type": "object", "required": ["city", "n"], "properties": {
         "city": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}}
-    probed = []
-    candidates = prefixes.PrefixIndex.candidates
+    import threading
+
+    probed, builders = [], []
+    candidates, build = prefixes.PrefixIndex.candidates, prefixes.build_index
 
     def counted(self, *args):  # type: ignore[no-untyped-def]
         keep = candidates(self, *args)
         probed.append(keep is not None)
         return keep
 
+    def recorded(*args):  # type: ignore[no-untyped-def]
+        builders.append(threading.current_thread().name)
+        return build(*args)
+
     monkeypatch.setattr(prefixes.PrefixIndex, "candidates", counted)
+    monkeypatch.setattr(prefixes, "build_index", recorded)
     answers = {}
-    with LLMService(tiny_gguf("q8_0"), max_length=512, n_parallel=1) as svc:
+    with LLMService(tiny_gguf("q8_0"), max_length=512, n_parallel=1) as svc:  # a fresh load
         for build_after in (10**9, 0):
             monkeypatch.setattr(prefixes, "BUILD_AFTER", build_after)
             answers[build_after] = [
@@ -144,3 +156,75 @@ def test_seeded_answers_are_the_same_with_and_without_probes(tiny_gguf, monkeypa
                 for seed in (1, 2)]
     assert answers[0] == answers[10**9]
     assert sum(probed) >= 5, probed  # the probed side did use probes
+    # built on the caller's thread before its request was queued, never on the decoding one
+    assert builders == [threading.current_thread().name]
+
+
+def test_a_token_named_by_id_is_never_a_probe(gemma_vocab) -> None:
+    """``!<[ab]>`` allows every token but "ab": asked as a probe, "ab"'s refusal would rule
+    out "able", "about"... which the grammar allows."""
+    model = gemma_vocab
+    ab = [t for t in model.tokenize("ab", add_special=False, parse_special=False)]
+    assert len(ab) == 1 and model.piece(ab[0], True) == b"ab"
+    a = model.tokenize("a", add_special=False, parse_special=False)
+    _walk(model, f'root ::= "a" !<[{ab[0]}]>', a)
+
+
+def _fake_pieces() -> list[bytes]:
+    emoji = "🙂🦩".encode()  # two 4-byte code points: an 8-byte key
+    return [b"a", b"ab", b"abc", b"b", b"\x00x", b"", b"\x80a", b"\xc0\x80z", "é".encode(),
+            "éa".encode(), "é".encode() + b"\x00", emoji[:4], emoji, emoji + b"!", b"ab",
+            "東".encode()[:2], b"<|end|>"]
+
+
+@pytest.mark.parametrize("alphabet", ["a", "ab", "é🙂", "🙂🦩!", "b<|end>", ""])
+def test_an_index_keeps_every_token_a_prefix_closed_rule_allows(alphabet: str) -> None:
+    """On made-up texts (NUL bytes, an empty text, stray continuation and overlong bytes, an
+    8-byte key, a duplicate, a cut character): a rule that allows a text exactly when every
+    code point is in ``alphabet`` (so it allows each prefix of what it allows, as a grammar
+    does) keeps every token it allows among the candidates."""
+    from ggufllm.engine.prefixes import build_index
+
+    pieces = _fake_pieces()
+    end = len(pieces) - 1  # "<|end|>": a control token, always a candidate
+
+    def rule(piece: bytes) -> bool:
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return bool(text) and "\x00" not in text and all(c in alphabet for c in text)
+
+    index = build_index(pieces, [end])
+    for groups, probes in ((index.first, index.first_probe), (index.second, index.second_probe)):
+        for token, group in enumerate(groups):  # a group's tokens start with its probe's text
+            if group >= 0 and probes[group] >= 0:
+                assert pieces[token].startswith(pieces[probes[group]]), (token, group)
+    allows = lambda ids: np.array([rule(pieces[i]) for i in ids], dtype=bool)  # noqa: E731
+    keep = index.candidates(allows, frozenset())
+    if keep is None:  # probes stepped aside: every token is a candidate
+        return
+    kept = {i for i in range(len(pieces)) if keep[i]}
+    assert {i for i, p in enumerate(pieces) if rule(p)} <= kept, [pieces[i] for i in kept]
+    assert end in kept
+
+
+def test_a_vocabulary_without_two_code_point_tokens_builds() -> None:
+    from ggufllm.engine.prefixes import build_index
+
+    for pieces in ([b"a", b"b", b"c"], [b"", b"\x80"], []):
+        index = build_index(pieces, [])
+        keep = index.candidates(lambda ids: np.zeros(len(ids), dtype=bool), frozenset())
+        assert keep is None or len(keep) == len(pieces)
+
+
+def test_what_a_vocabulary_remembers_is_forgotten_when_its_model_closes(default_gguf) -> None:
+    from ggufllm.engine import vocab_memo
+
+    model = NativeModel(str(default_gguf), vocab_only=True)
+    vocab = model.vocab
+    assert vocab_memo.remember(vocab, "x", lambda: 1) == 1
+    assert vocab_memo.remember(vocab, "x", lambda: 2) == 1
+    model.close()
+    assert vocab_memo.remember(vocab, "x", lambda: 3) == 3  # another model may live here now
+    vocab_memo.forget(vocab)

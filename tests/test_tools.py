@@ -451,7 +451,9 @@ def test_the_vocabulary_scan_runs_on_the_callers_thread(tiny_service, monkeypatc
         threads.append(threading.current_thread().name)
         return scan(self)
 
-    monkeypatch.setattr(sampling, "_controls", {})
+    from ggufllm.engine import vocab_memo
+
+    monkeypatch.setattr(vocab_memo, "_values", {})  # nothing known of the vocabulary yet
     monkeypatch.setattr(sampling.VocabView, "_scan", recorded)
     answer = tiny_service.chat(ASK, tools=FUNCTIONS, tool_choice="required", seed=0, **BUDGET)
     assert answer.tool_calls

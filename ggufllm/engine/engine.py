@@ -331,10 +331,10 @@ class Engine:
         with self._native() as model:
             reader = self.reader(prompt)
             if cfg.response_format is not None or (cfg.tools and cfg.tool_choice != "none"):
-                # the grammar's first read of the vocabulary (its control tokens, ~0.5 s on
-                # o200k) happens here, on the caller's thread, not on the one that decodes
-                # every other request
-                VocabView(model.vocab, model.ptr).controls()
+                # the grammar's slow reads of the vocabulary (its control tokens, ~0.5 s on
+                # o200k; the probes' index once wanted, ~1 s) happen here, on the caller's
+                # thread, not on the one that decodes every other request
+                VocabView(model.vocab, model.ptr).prepare()
         request = Request(prompt.tokens, cfg, reader, sink, on_prompt_progress, cancel,
                           n_shared=prompt.n_shared)
         self.scheduler.submit(request)

@@ -20,6 +20,7 @@ from ..errors import ConfigError, LoadCancelledError, ModelLoadError
 from ..kvlayout import KV_TYPES
 from ..native.kernels import KernelVerdict, decide_extra_buffers
 from ..native.runtime import default_threads, ensure_backend
+from .vocab_memo import forget
 
 __all__ = ["NativeModel", "NativeContext", "Batch", "Sampler"]
 
@@ -102,6 +103,7 @@ class NativeModel:
 
     def close(self) -> None:
         if self._ptr:
+            forget(self.vocab)  # what was computed for this vocabulary dies with it
             lib.llama_model_free(self._ptr)
             self._ptr = None
 

@@ -24,13 +24,16 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-__all__ = ["PrefixIndex", "Utf8State", "named_tokens", "prefix_index"]
+from .vocab_memo import known, remember
+
+__all__ = ["PrefixIndex", "Utf8State", "build_index", "build_wanted_index", "named_tokens",
+           "prefix_index"]
 
 # UTF-8 sequence length by a lead byte's high nibble, as llama.cpp's decoder reads it
 # (0: not a lead byte); the bytes after a lead byte are taken as its continuation unchecked
@@ -39,27 +42,28 @@ _LENGTH = (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 2, 2, 3, 4)
 
 class Utf8State:
     """Whether the text a grammar has matched so far ends between UTF-8 sequences, followed
-    as llama.cpp's decoder follows it (``decode_utf8``) over each accepted token's text."""
+    as llama.cpp's decoder follows it (``decode_utf8``) over each accepted token's text: a
+    sequence left open waits for the next token's bytes; after an invalid one, the next token
+    decodes afresh."""
 
     def __init__(self) -> None:
-        self._remain = 0
-        self._broken = False  # an invalid sequence: llama.cpp's state is no longer followed
+        self._remain = 0  # continuation bytes still expected; -1: an invalid sequence
 
     @property
     def between_sequences(self) -> bool:
-        return self._remain == 0 and not self._broken
+        return self._remain <= 0
 
     def feed(self, piece: bytes) -> None:
         remain, pos = self._remain, 0
         while pos < len(piece) and piece[pos] != 0 and remain > 0:
             if piece[pos] >> 6 != 2:
-                self._broken = True
+                self._remain = -1
                 return
             pos, remain = pos + 1, remain - 1
         while pos < len(piece) and piece[pos] != 0:
             remain = _LENGTH[piece[pos] >> 4] - 1
             if remain < 0:
-                self._broken = True
+                self._remain = -1
                 return
             pos += 1
             while pos < len(piece) and piece[pos] != 0 and remain > 0:
@@ -76,9 +80,9 @@ def named_tokens(gbnf: str) -> frozenset[int] | None:
     text, ids, i = gbnf.encode(), set(), 0
     while i < len(text):
         c = text[i:i + 1]
-        if c == b"#":  # a comment, to the end of the line
-            i = text.find(b"\n", i)
-            i = len(text) if i < 0 else i + 1
+        if c == b"#":  # a comment, to the end of the line (llama.cpp: \r or \n)
+            ends = [j for j in (text.find(b"\n", i), text.find(b"\r", i)) if j >= 0]
+            i = min(ends) + 1 if ends else len(text)
         elif c in (b'"', b"["):  # a literal or a character class: skip to its end
             close, i = (b'"' if c == b'"' else b"]"), i + 1
             while i < len(text) and text[i:i + 1] != close:
@@ -127,25 +131,26 @@ class PrefixIndex:
             allows: the grammar's verdict on some tokens (a boolean per token given).
             named: tokens the grammar names by id: candidates, and never probes.
         """
-        named_ids = np.fromiter(named, dtype=np.int32, count=len(named))
+        named_ids = np.fromiter(named, dtype=np.int64, count=len(named))
         sample = self.first_probe[self.alphanumeric]
         sample = sample[(sample >= 0) & ~np.isin(sample, named_ids)]
         if len(sample) and np.count_nonzero(allows(sample)) * 4 >= len(sample) * 3:
             return None
 
         def verdicts(probes: np.ndarray, asked: np.ndarray) -> np.ndarray:
-            ok = np.ones(len(probes), dtype=bool)  # a group with no probe is never ruled out
+            """Each group's verdict, then True for group -1 (an ungrouped token)."""
+            ok = np.ones(len(probes) + 1, dtype=bool)  # no probe: never ruled out
             asked = asked & (probes >= 0) & ~np.isin(probes, named_ids)
             if asked.any():
-                ok[asked] = allows(probes[asked])
+                ok[:-1][asked] = allows(probes[asked])
             return ok
 
         first_ok = verdicts(self.first_probe, np.ones(len(self.first_probe), dtype=bool))
-        keep = np.where(self.first >= 0, first_ok[self.first], True)
+        keep = first_ok[self.first]
         if np.count_nonzero(keep) > len(keep) // 2:
             return None
         second_ok = verdicts(self.second_probe, first_ok[self.second_parent])
-        keep &= np.where(self.second >= 0, second_ok[self.second], True)
+        keep &= second_ok[self.second]
         keep[self.always] = True
         keep[named_ids[named_ids < len(keep)]] = True
         return keep
@@ -167,8 +172,9 @@ def _pieces(vocab: object, n_vocab: int, tokens: Iterable[int] | None = None) ->
     return out
 
 
-def _build(vocab: object, n_vocab: int, always: Iterable[int]) -> PrefixIndex:
-    pieces = _pieces(vocab, n_vocab)
+def build_index(pieces: Sequence[bytes], always: Iterable[int]) -> PrefixIndex:
+    """The index of a vocabulary whose tokens' texts are ``pieces``."""
+    n_vocab = len(pieces)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=n_vocab)
     data = np.frombuffer(b"".join(pieces) + bytes(8), dtype=np.uint8)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
@@ -209,56 +215,54 @@ def _build(vocab: object, n_vocab: int, always: Iterable[int]) -> PrefixIndex:
     paired = np.flatnonzero(second >= 0)
     parent[second[paired]] = first[paired]
     # a two-code-point group without a probe rules nothing out: its tokens are not grouped
-    second = np.where((second >= 0) & (second_probe[np.maximum(second, 0)] >= 0), second, -1)
+    second = np.where(np.append(second_probe, -1)[second] >= 0, second, -1)
     single = np.flatnonzero((lengths == 1) & (one == 1))
     alnum = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
                           dtype=np.uint8)
     letters = np.unique(first[single[np.isin(data[starts[single]], alnum)]])
-    return PrefixIndex(first, first_probe, second.astype(np.int32), second_probe, parent,
-                       always_ids.astype(np.int32), letters.astype(np.int32))
+    arrays = [first, first_probe, second.astype(np.int32), second_probe, parent,
+              always_ids.astype(np.int32), letters.astype(np.int32)]
+    for a in arrays:  # shared by every sampler of the vocabulary
+        a.setflags(write=False)
+    return PrefixIndex(*arrays)
 
 
 # Building an index reads every token's text through llama.cpp (~0.5-1 s for 200-260k
 # tokens), about as long as 30 whole-vocabulary masks: a vocabulary gets one once it has
 # needed that many (a model that rarely draws a refused token never pays for it; one that
-# keeps doing so pays at most twice what it would have with an index from the start). The
-# engine's thread builds it: requests in flight pause for that second, once per process.
+# keeps doing so pays at most twice what it would have with an index from the start).
 BUILD_AFTER = 32
 
-# per vocabulary, known by its size and the texts of a spread of its tokens
-_indexes: dict[tuple[int, tuple[bytes, ...]], PrefixIndex] = {}
-# whole-vocabulary masks so far, per vocabulary address and size
-_masks: dict[tuple[int | None, int], int] = {}
-_KEPT = 4
-_lock = threading.Lock()
+_count_lock = threading.Lock()
 
 
-def _fingerprint(vocab: object, n_vocab: int) -> tuple[int, tuple[bytes, ...]]:
-    step = max(1, n_vocab // 256)
-    return n_vocab, tuple(_pieces(vocab, n_vocab, range(0, n_vocab, step)))
+def _masks(vocab: object) -> list[int]:
+    return remember(vocab, "whole-vocabulary masks", lambda: [0])
 
 
-def prefix_index(vocab: object, n_vocab: int,
-                 always: Callable[[], Iterable[int]]) -> PrefixIndex | None:
-    """The vocabulary's index for a whole-vocabulary mask about to be made, or None while
-    the vocabulary has needed fewer than :data:`BUILD_AFTER` such masks in this process.
-    Built once per process and vocabulary: a model loaded again finds it.
+def prefix_index(vocab: object) -> PrefixIndex | None:
+    """The vocabulary's index for a whole-vocabulary mask about to be made (counted), or None
+    while none was built. Never builds one: the thread that decodes every request calls it.
+
+    Args:
+        vocab: the ``llama_vocab`` pointer.
+    """
+    masks = _masks(vocab)
+    with _count_lock:
+        masks[0] += 1
+    return known(vocab, "prefix index")
+
+
+def build_wanted_index(vocab: object, n_vocab: int,
+                       always: Callable[[], Iterable[int]]) -> None:
+    """Builds the vocabulary's index once it has needed :data:`BUILD_AFTER` whole-vocabulary
+    masks (once per model load, :mod:`.vocab_memo`). Called on a request's own thread before
+    the request is queued, as the vocabulary's first scan is, never on the decoding thread.
 
     Args:
         vocab: the ``llama_vocab`` pointer.
         n_vocab: its size.
         always: the tokens that stay candidates (end of generation, control tokens).
     """
-    address = (ctypes.cast(vocab, ctypes.c_void_p).value, n_vocab)
-    with _lock:
-        _masks[address] = seen = _masks.get(address, 0) + 1
-    if seen <= BUILD_AFTER:
-        return None
-    key = _fingerprint(vocab, n_vocab)  # ~0.3 ms: the address may hold another model now
-    with _lock:
-        index = _indexes.get(key)
-        if index is None:
-            index = _indexes[key] = _build(vocab, n_vocab, always())
-            while len(_indexes) > _KEPT:  # the oldest first (a few MB each)
-                del _indexes[next(iter(_indexes))]
-    return index
+    if _masks(vocab)[0] >= BUILD_AFTER:
+        remember(vocab, "prefix index", lambda: build_index(_pieces(vocab, n_vocab), always()))

@@ -11,7 +11,7 @@ the allowed tokens in proportion), at the cost of a full mask only when needed: 
 decodes every token's text to mask 262k candidates, 20-30 ms a token on one core. A refused
 draw masks the best candidates first (top-k needs only its k allowed ones), and a mask of
 the whole vocabulary skips the tokens that probes of their first characters rule out
-(:mod:`.prefixes`): 5-7x less at a JSON value's punctuation.
+(:mod:`.prefixes`): 7-9x less at a JSON value's punctuation.
 
 Only sampled tokens reach the grammar (``accept``), never the prompt; the penalties see the
 prompt's last tokens too.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,8 @@ import numpy as np
 
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError
-from .prefixes import Utf8State, named_tokens, prefix_index
+from .prefixes import Utf8State, build_wanted_index, named_tokens, prefix_index
+from .vocab_memo import remember
 
 if TYPE_CHECKING:
     from ..harmony import HarmonyTokens
@@ -72,6 +72,9 @@ class VocabView:
     def piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
         n = lib.llama_token_to_piece(self.ptr, token, buf, 256, 0, True)
+        if n < 0:  # longer than the buffer: -n is its length
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self.ptr, token, buf, -n, 0, True)
         return buf.raw[:max(n, 0)]
 
     def architecture(self) -> str | None:
@@ -103,25 +106,25 @@ class VocabView:
         """The tokens that end generation."""
         return self._scan()[1]
 
+    def prepare(self) -> None:
+        """What a grammar needs of the vocabulary and is slow to make (its control tokens,
+        ~0.5 s on o200k; the probes' index once wanted, :mod:`.prefixes`): made on the
+        caller's thread before a constrained request is queued, not on the decoding one."""
+        self.controls()
+        build_wanted_index(self.ptr, self.n_vocab, lambda: (*self.eogs(), *self.controls()))
+
     def _scan(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        key = (ctypes.cast(self.ptr, ctypes.c_void_p).value, self.n_vocab)
-        with _controls_lock:
-            found = _controls.get(key)
-            if found is None:
-                mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
-                controls, eogs = [], []
-                for t in range(self.n_vocab):
-                    if lib.llama_vocab_is_eog(self.ptr, t):
-                        eogs.append(t)
-                    elif lib.llama_vocab_get_attr(self.ptr, t) & mask:
-                        controls.append(t)
-                found = _controls[key] = (tuple(controls), tuple(eogs))
-        return found
+        def scan() -> tuple[tuple[int, ...], tuple[int, ...]]:
+            mask = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+            controls, eogs = [], []
+            for t in range(self.n_vocab):
+                if lib.llama_vocab_is_eog(self.ptr, t):
+                    eogs.append(t)
+                elif lib.llama_vocab_get_attr(self.ptr, t) & mask:
+                    controls.append(t)
+            return tuple(controls), tuple(eogs)
 
-
-# per vocabulary (address, size); a reloaded model at the same address has the same vocabulary
-_controls: dict[tuple[Any, int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
-_controls_lock = threading.Lock()
+        return remember(self.ptr, "controls", scan)
 
 
 class Sampler:
@@ -261,7 +264,8 @@ class Sampler:
 
         With top-k (or greedy) and no penalties, only the best candidates are masked, in
         growing chunks until ``top_k`` allowed ones are among them: those are the top-k of the
-        allowed tokens, so the draw is the one a mask of the whole vocabulary would give.
+        allowed tokens, so the draw is the one a mask of the whole vocabulary would give (up
+        to exact logit ties, whose order llama.cpp's sorts leave open; so for the probes).
         """
         n = self._n_vocab
         order: np.ndarray | None = None
@@ -291,9 +295,8 @@ class Sampler:
         probes the grammar refuses where that proves their tokens refused (:mod:`.prefixes`)."""
         if self._named is None or not self._utf8.between_sequences:
             return self._ids
-        vocab = self._vocab
-        assert vocab is not None
-        index = prefix_index(vocab.ptr, self._n_vocab, lambda: (*vocab.eogs(), *vocab.controls()))
+        assert self._vocab is not None
+        index = prefix_index(self._vocab.ptr)
         if index is None:
             return self._ids
         keep = index.candidates(self._allows, self._named)
