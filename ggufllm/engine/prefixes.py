@@ -33,7 +33,7 @@ import numpy as np
 from .vocab_memo import known, remember
 
 __all__ = ["PrefixIndex", "Utf8State", "build_index", "build_wanted_index", "named_tokens",
-           "prefix_index"]
+           "pieces", "prefix_index"]
 
 # UTF-8 sequence length by a lead byte's high nibble, as llama.cpp's decoder reads it
 # (0: not a lead byte); the bytes after a lead byte are taken as its continuation unchecked
@@ -109,7 +109,6 @@ class PrefixIndex:
         second: each token's two-code-point group; -1: none (shorter, or no probe).
         second_probe: each such group's probe.
         second_parent: each such group's first-code-point group.
-        always: tokens that are always candidates (end of generation, control tokens).
         alphanumeric: the first-code-point groups of the letters and digits (ASCII): a
             quick look at whether most characters are allowed here.
     """
@@ -119,7 +118,6 @@ class PrefixIndex:
     second: np.ndarray
     second_probe: np.ndarray
     second_parent: np.ndarray
-    always: np.ndarray
     alphanumeric: np.ndarray
 
     def candidates(self, allows: Callable[[np.ndarray], np.ndarray],
@@ -150,18 +148,17 @@ class PrefixIndex:
         if np.count_nonzero(keep) > len(keep) // 2:
             return None
         second_ok = verdicts(self.second_probe, first_ok[self.second_parent])
-        keep &= second_ok[self.second]
-        keep[self.always] = True
+        keep &= second_ok[self.second]  # end-of-generation and control tokens: ungrouped
         keep[named_ids[named_ids < len(keep)]] = True
         return keep
 
 
-def _pieces(vocab: object, n_vocab: int, tokens: Iterable[int] | None = None) -> list[bytes]:
+def pieces(vocab: object, tokens: Iterable[int]) -> list[bytes]:
     """Each token's text as llama.cpp's grammar reads it (``token_to_piece``, special)."""
     size = 256
     buf = ctypes.create_string_buffer(size)
     out = []
-    for token in range(n_vocab) if tokens is None else tokens:
+    for token in tokens:
         n = lib.llama_token_to_piece(vocab, token, buf, size, 0, True)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
@@ -172,11 +169,11 @@ def _pieces(vocab: object, n_vocab: int, tokens: Iterable[int] | None = None) ->
     return out
 
 
-def build_index(pieces: Sequence[bytes], always: Iterable[int]) -> PrefixIndex:
-    """The index of a vocabulary whose tokens' texts are ``pieces``."""
-    n_vocab = len(pieces)
-    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=n_vocab)
-    data = np.frombuffer(b"".join(pieces) + bytes(8), dtype=np.uint8)
+def build_index(texts: Sequence[bytes], always: Iterable[int]) -> PrefixIndex:
+    """The index of a vocabulary whose tokens' texts are ``texts``."""
+    n_vocab = len(texts)
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n_vocab)
+    data = np.frombuffer(b"".join(texts) + bytes(8), dtype=np.uint8)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     size_of = np.array(_LENGTH, dtype=np.int64)
 
@@ -221,7 +218,7 @@ def build_index(pieces: Sequence[bytes], always: Iterable[int]) -> PrefixIndex:
                           dtype=np.uint8)
     letters = np.unique(first[single[np.isin(data[starts[single]], alnum)]])
     arrays = [first, first_probe, second.astype(np.int32), second_probe, parent,
-              always_ids.astype(np.int32), letters.astype(np.int32)]
+              letters.astype(np.int32)]
     for a in arrays:  # shared by every sampler of the vocabulary
         a.setflags(write=False)
     return PrefixIndex(*arrays)
@@ -265,4 +262,4 @@ def build_wanted_index(vocab: object, n_vocab: int,
         always: the tokens that stay candidates (end of generation, control tokens).
     """
     if _masks(vocab)[0] >= BUILD_AFTER:
-        remember(vocab, "prefix index", lambda: build_index(_pieces(vocab, n_vocab), always()))
+        remember(vocab, "prefix index", lambda: build_index(pieces(vocab, range(n_vocab)), always()))

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import GenerationConfig
 from ..errors import InvalidParameterError
-from .prefixes import Utf8State, build_wanted_index, named_tokens, prefix_index
+from .prefixes import Utf8State, build_wanted_index, named_tokens, pieces, prefix_index
 from .vocab_memo import remember
 
 if TYPE_CHECKING:
@@ -70,12 +70,7 @@ class VocabView:
         return list(buf[:max(n, 0)])
 
     def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = lib.llama_token_to_piece(self.ptr, token, buf, 256, 0, True)
-        if n < 0:  # longer than the buffer: -n is its length
-            buf = ctypes.create_string_buffer(-n)
-            n = lib.llama_token_to_piece(self.ptr, token, buf, -n, 0, True)
-        return buf.raw[:max(n, 0)]
+        return pieces(self.ptr, (token,))[0]
 
     def architecture(self) -> str | None:
         if self._model is None:
