@@ -7,13 +7,20 @@ window cache), and llama.cpp's kernels are deterministic (tests/test_engine_inva
 that holds on every CPU. Where the cells lie elsewhere (two documents in the pool, a
 window-sized cache, a prefix shared with a running request), only rounding differs, and
 the answer equals the cold one or leaves it at a near tie (tests/near_tie.py).
+
+Gemma 3 270M, the default model, holds the promises about its answers: a cache hit equals
+the cold answer, a quantized cache answers (and one without flash attention is refused),
+the repetition penalty sees the prompt. The tiny gpt-oss fixture (random weights, a window
+of 8 tokens; a prompt costs next to nothing) holds a cache hit past its window, and the
+engine's mechanics, whatever the model: two slots, a prefix shared with a running request,
+the overflow policies, seeds and top-k, the cache's size. Its answers are arbitrary
+tokens, so only equalities, counts and errors are asserted on them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,10 +28,14 @@ from ggufllm import ConfigError, ContextLengthExceededError, LLMService, Turn
 from ggufllm.engine.fit import RagQuestion
 from ggufllm.kvlayout import KVLayout, kv_cache_bytes
 
+from .kv_context import KVSizeLog
 from .near_tie import assert_equal_or_near_ties as near_ties
 from .test_service import wait_idle
 
 GREEDY = dict(temperature=0.0, max_tokens=24)
+# how an answer of the tiny model may end: by an end token of its own (random weights may
+# pick <|call|>, a tool call), or by its budget
+FINISHED = ("stop", "tool_call", "length")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,13 +46,17 @@ def _exact_reuse() -> Iterator[None]:
         mp.setenv("KV_REUSE", "exact")
         yield
 
-DOC_A = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
-         "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
-         "cartwheel. Today visitors race wooden boats, eat plum cake and crown a Bread Queen, "
-         "and the brass band plays until midnight on the old stone bridge. ") * 3
-DOC_B = ("Mount Perrin is a volcano on the island of Tessaly. It last erupted in 1911, and its "
-         "crater holds a green lake where flamingos nest. Farmers on its slopes grow coffee and "
-         "lemons, and a narrow railway climbs to the rim every morning at seven. ") * 3
+FESTIVAL = ("The Zorblat festival is held every spring in the town of Quenby, on the river "
+            "Wendle. It began in 1872 when the miller Ada Fenwick baked a loaf the size of a "
+            "cartwheel. Today visitors race wooden boats, eat plum cake and crown a Bread "
+            "Queen, and the brass band plays until midnight on the old stone bridge. ")
+VOLCANO = ("Mount Perrin is a volcano on the island of Tessaly. It last erupted in 1911, and "
+           "its crater holds a green lake where flamingos nest. Farmers on its slopes grow "
+           "coffee and lemons, and a narrow railway climbs to the rim every morning at seven. ")
+DOC_A, DOC_B = FESTIVAL * 3, VOLCANO * 3  # ~330 prompt tokens each on gpt-oss
+# Gemma: prompts of ~210 tokens, whose ~200 shared ones make three whole 64-token pages
+# (each prompt token costs ~5 ms on one core)
+GEMMA_DOC = FESTIVAL * 2
 QUESTIONS_A = ["Where is the festival held?", "Who baked the first loaf?"]
 
 
@@ -52,101 +67,120 @@ def cold(svc: LLMService, question: str, context: str | None, **params) -> tuple
     return answer.token_ids
 
 
+@pytest.fixture(scope="module")
+def tiny_and_kv_sizes(tiny_gguf) -> Iterator[tuple[LLMService, list[float]]]:
+    """The tiny gpt-oss fixture in two slots, shared by the mechanics tests below, and the
+    sizes (MiB) of the KV caches llama.cpp logged while it loaded."""
+    log = logging.getLogger("ggufllm.llama_cpp")
+    handler, level = KVSizeLog(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    svc = LLMService(tiny_gguf("q8_0"), max_length=1024, n_parallel=2)
+    try:
+        svc.load()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert svc.get_model_info()["kv_cache"]["reuse"] == "exact"  # set before it loaded
+    yield svc, [mib for mib, _, _ in handler.sizes]
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_and_kv_sizes) -> LLMService:
+    return tiny_and_kv_sizes[0]
+
+
 def test_cache_hit_equals_cold_answer(service):
-    expected = {q: cold(service, q, DOC_A) for q in QUESTIONS_A}
-    # the slot now holds the last cold run's prompt: each question in turn reuses DOC_A
+    expected = {q: cold(service, q, GEMMA_DOC) for q in QUESTIONS_A}
+    # the slot now holds the last cold run's prompt: each question in turn reuses GEMMA_DOC
     # from the one asked before it (the first from the cold run of the last)
     for q in QUESTIONS_A:
-        warm = service.answer(q, DOC_A, **GREEDY)
+        warm = service.answer(q, GEMMA_DOC, **GREEDY)
         assert warm.timings.n_cached >= 128
         assert warm.token_ids == expected[q]
 
 
-def test_cache_hit_after_a_slot_switch(default_gguf):
+def test_cache_hit_after_a_slot_switch(tiny, tiny_gguf):
     """Two documents in two slots of one pool. Token equality with the cold answer is not
     promised here: ggml-cpu's attention kernels split their work by cell index (tiles for
     prompt rows, thread chunks for one-row decodes past 512 cells), so an answer depends on
     where its cells lie in the shared pool, which another cached document changes (docs/python.md,
-    "Exactness"; measured here: A's answer equal, B's first token not). What holds: each
-    answer equals the cold one or leaves it at a near tie (tests/near_tie.py)."""
-    svc = LLMService(default_gguf, max_length=1024, n_parallel=2)
+    "Exactness"; measured on Gemma 3 270M: A's answer equal, B's first token not). What
+    holds: each answer equals the cold one or leaves it at a near tie (tests/near_tie.py)."""
+    svc = tiny
     questions = [("Who baked the first loaf?", DOC_A), ("When did it last erupt?", DOC_B)]
-    try:
-        expected = [cold(svc, q, doc) for q, doc in questions]
-        # the pool holds DOC_B from its cold run; DOC_A goes to the other slot
-        svc.answer("What is this text about?", DOC_A, **GREEDY)
-        a, b = (svc.answer(q, doc, **GREEDY) for q, doc in questions)
-        assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
-        assert a.text and b.text and {a.finish_reason, b.finish_reason} <= {"stop", "length"}
-        kv = svc.get_model_info()["kv_cache"]
-        assert kv["prefixes_in_slots"] == 2 and kv["hits"] >= 2
-        cases = []
-        for (q, doc), answer, alone in zip(questions, (a, b), expected, strict=True):
-            prompt = svc._prepare([], dict(GREEDY), None, svc._rag(q, doc))[1].tokens
-            assert len(prompt) == answer.timings.n_prompt
-            cases.append((prompt, alone, answer.token_ids))
-        near_ties(default_gguf, cases)
-    finally:
-        svc.close()
+    expected = [cold(svc, q, doc) for q, doc in questions]
+    hits = svc.get_model_info()["kv_cache"]["hits"]
+    # the pool holds DOC_B from its cold run; DOC_A goes to the other slot
+    svc.answer("What is this text about?", DOC_A, **GREEDY)
+    a, b = (svc.answer(q, doc, **GREEDY) for q, doc in questions)
+    assert a.timings.n_cached >= 128 and b.timings.n_cached >= 128
+    assert a.timings.n_generated and b.timings.n_generated
+    assert {a.finish_reason, b.finish_reason} <= set(FINISHED)
+    kv = svc.get_model_info()["kv_cache"]
+    assert kv["prefixes_in_slots"] == 2 and kv["hits"] - hits >= 2
+    cases = []
+    for (q, doc), answer, alone in zip(questions, (a, b), expected, strict=True):
+        prompt = svc._prepare([], dict(GREEDY), None, svc._rag(q, doc))[1].tokens
+        assert len(prompt) == answer.timings.n_prompt
+        cases.append((prompt, alone, answer.token_ids))
+    near_ties(tiny_gguf("q8_0"), cases)
 
 
 SHARED_Q = "Who baked the first loaf?"
 
 
 @pytest.fixture(scope="module")
-def shared_with_running(service):
+def shared_with_running(tiny):
     """A question over DOC_A asked while a request over DOC_A is still generating, as the
     two tests below look at it: (its cold answer, the answer beside the running request,
     the tokens the slots hold once both ended, the kv_cache info then)."""
-    expected = cold(service, SHARED_Q, DOC_A)
-    service.clear_kv_cache()
-    running = service.stream("What is this text about?", DOC_A, temperature=0.0,
-                             max_tokens=200)
+    expected = cold(tiny, SHARED_Q, DOC_A)
+    tiny.clear_kv_cache()
+    # a budget of most of the window: it runs for ~2 s on the tiny model
+    running = tiny.stream("What is this text about?", DOC_A, temperature=0.0,
+                          max_tokens=600)
     next(running)  # its prompt is in the cache; it is still generating
-    shared = service.answer(SHARED_Q, DOC_A, **GREEDY)
+    shared = tiny.answer(SHARED_Q, DOC_A, **GREEDY)
+    assert [s.busy for s in tiny._engine.slots.slots].count(True) == 1  # still running
     running.close()
-    wait_idle(service)
-    held = sum(len(s.tokens) for s in service._engine.slots.slots)
-    return expected, shared, held, service.get_model_info()["kv_cache"]
+    wait_idle(tiny)
+    held = sum(len(s.tokens) for s in tiny._engine.slots.slots)
+    return expected, shared, held, tiny.get_model_info()["kv_cache"]
 
 
-def test_prefix_held_by_a_running_request_is_shared(service, shared_with_running,
-                                                    default_gguf):
+def test_prefix_held_by_a_running_request_is_shared(tiny, shared_with_running, tiny_gguf):
     expected, shared, _, _ = shared_with_running
     assert shared.timings.n_cached >= 128  # copied from the busy slot (llama_memory_seq_cp)
     # the question's tokens share a batch with the running request's decode row: equal
     # (as measured in every run so far) or apart at a near tie
-    prompt = service._prepare([], dict(GREEDY), None, service._rag(SHARED_Q, DOC_A))[1].tokens
-    near_ties(default_gguf, [(prompt, expected, shared.token_ids)])
+    prompt = tiny._prepare([], dict(GREEDY), None, tiny._rag(SHARED_Q, DOC_A))[1].tokens
+    near_ties(tiny_gguf("q8_0"), [(prompt, expected, shared.token_ids)])
 
 
-def test_tokens_in_use_counts_a_shared_prefix_once(service, shared_with_running):
+def test_tokens_in_use_counts_a_shared_prefix_once(tiny, shared_with_running):
     _, shared, held, kv = shared_with_running
     assert shared.timings.n_cached >= 128
     assert kv["tokens_in_use"] == held - shared.timings.n_cached
-    service.clear_kv_cache()
-    assert service.get_model_info()["kv_cache"]["tokens_in_use"] == 0
+    tiny.clear_kv_cache()
+    assert tiny.get_model_info()["kv_cache"]["tokens_in_use"] == 0
 
 
-def test_tiny_gpt_oss_cache_hit_equals_cold_answer(tiny_gguf):
+def test_tiny_gpt_oss_cache_hit_equals_cold_answer(tiny):
     """gpt-oss's sliding-window layers: a prompt much longer than the window."""
-    path = tiny_gguf("q8_0")
-    svc = LLMService(path, max_length=1024, n_parallel=2)
-    try:
-        svc.load()
-        n_swa = svc.get_model_info()["kv_cache"]["n_swa"]
-        assert 0 < n_swa < 200
-        doc = DOC_A + DOC_B
-        params = dict(temperature=0.0, max_tokens=16)
-        expected = cold(svc, "Who baked the first loaf?", doc, **params)
-        svc.clear_kv_cache()
-        first = svc.answer("What is this about?", doc, **params)
-        assert first.timings.n_prompt > 3 * n_swa
-        warm = svc.answer("Who baked the first loaf?", doc, **params)
-        assert warm.timings.n_cached >= 2 * n_swa
-        assert warm.token_ids == expected
-    finally:
-        svc.close()
+    svc = tiny
+    n_swa = svc.get_model_info()["kv_cache"]["n_swa"]
+    assert 0 < n_swa < 200
+    doc = DOC_A + DOC_B
+    params = dict(temperature=0.0, max_tokens=16)
+    expected = cold(svc, "Who baked the first loaf?", doc, **params)
+    svc.clear_kv_cache()
+    first = svc.answer("What is this about?", doc, **params)
+    assert first.timings.n_prompt > 3 * n_swa
+    warm = svc.answer("Who baked the first loaf?", doc, **params)
+    assert warm.timings.n_cached >= 2 * n_swa
+    assert warm.token_ids == expected
 
 
 def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf):
@@ -189,13 +223,14 @@ def test_tiny_gpt_oss_window_sized_cache_never_reuses_a_dropped_window(tiny_gguf
 # -- overflow -------------------------------------------------------------------
 
 
-# a window a short prompt overflows: 128 tokens (an answer that fills it decodes ~70 tokens)
-TIGHT = 128
+# a window a short prompt overflows, on the tiny model: 160 tokens (gpt-oss's system and
+# developer messages take ~100 of them; an answer that fills it decodes ~55 tokens)
+TIGHT = 160
 
 
 @pytest.fixture(scope="module")
-def tight(default_gguf: Path) -> Iterator[LLMService]:
-    svc = LLMService(default_gguf, max_length=TIGHT, n_parallel=1)
+def tight(tiny_gguf) -> Iterator[LLMService]:
+    svc = LLMService(tiny_gguf("q8_0"), max_length=TIGHT, n_parallel=1)
     svc.load()
     yield svc
     svc.close()
@@ -212,7 +247,7 @@ def test_overflow_at_the_window_edge(tight, delta):
     budget = tight.get_model_info()["n_ctx"] - n_prompt + delta  # prompt + budget = n_ctx + delta
     if delta <= 0:
         answer = tight.answer("Tell me a long story.", temperature=0.0, max_tokens=budget)
-        assert answer.finish_reason in ("stop", "length")
+        assert answer.finish_reason in FINISHED
         assert answer.timings.n_generated <= budget
     else:
         with pytest.raises(ContextLengthExceededError) as err:
@@ -236,11 +271,11 @@ def test_shrink_max_tokens_lowers_the_budget(tight, caplog):
     if answer.finish_reason == "length":
         assert answer.timings.n_generated == room
     else:  # where this CPU's greedy answer ends by itself first, the warning alone shows it
-        assert answer.finish_reason == "stop" and answer.timings.n_generated < room, answer
+        assert answer.finish_reason in FINISHED and answer.timings.n_generated < room, answer
 
 
 def test_truncate_context_keeps_the_question(tight, caplog):
-    context = DOC_A * 4  # ~600 tokens for a 128-token window
+    context = DOC_A  # ~230 tokens for a 160-token window
     tight.clear_kv_cache()  # the first answer is a cold one
     with pytest.raises(ContextLengthExceededError):
         tight.answer("Where is the festival held?", context, **GREEDY)
@@ -270,25 +305,18 @@ def test_drop_oldest_turns_keeps_a_long_chat_alive(tight):
     with pytest.raises(ContextLengthExceededError):
         list(tight.chat_stream(turns, **GREEDY))
     chunks = list(tight.chat_stream(turns, overflow="drop_oldest_turns", **GREEDY))
-    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].finish_reason in FINISHED
 
 
 # -- cache types and memory -------------------------------------------------------------
 
 
-def test_kv_bytes_match_llama_cpp(default_gguf, caplog):
-    with caplog.at_level(logging.DEBUG, logger="ggufllm.llama_cpp"):
-        svc = LLMService(default_gguf, max_length=512, n_parallel=2)
-        svc.load()
-    try:
-        info = svc.get_model_info()["kv_cache"]
-        sizes = [float(r.getMessage().split("size =")[1].split("MiB")[0])
-                 for r in caplog.records if "llama_kv_cache: size =" in r.getMessage()]
-        assert sizes, "llama.cpp did not log its KV cache size"
-        assert info["bytes"] == pytest.approx(sum(sizes) * 2**20, rel=1e-3)
-        assert info["n_ctx_pool"] == 1024 and info["n_parallel"] == 2
-    finally:
-        svc.close()
+def test_kv_bytes_match_llama_cpp(tiny_and_kv_sizes):
+    svc, sizes = tiny_and_kv_sizes
+    info = svc.get_model_info()["kv_cache"]
+    assert sizes, "llama.cpp did not log its KV cache size"
+    assert info["bytes"] == pytest.approx(sum(sizes) * 2**20, rel=1e-3)
+    assert info["n_ctx_pool"] == 2048 and info["n_parallel"] == 2
 
 
 def test_kv_bytes_of_each_cache_mode():
@@ -322,28 +350,29 @@ def test_quantized_kv_cache_without_flash_attention_is_a_clear_error(default_ggu
 # -- sampling ---------------------------------------------------------------------------
 
 
-def test_seed_reproduces_a_sampled_answer(service):
+def test_seed_reproduces_a_sampled_answer(tiny):
     params = dict(temperature=1.0, top_k=0, top_p=1.0, max_tokens=12)
     q = "Tell me a story."
-    a = service.answer(q, seed=1234, **params).token_ids
-    assert service.answer(q, seed=1234, **params).token_ids == a
-    assert any(service.answer(q, seed=s, **params).token_ids != a for s in (1, 2, 3))
+    a = tiny.answer(q, seed=1234, **params).token_ids
+    assert tiny.answer(q, seed=1234, **params).token_ids == a
+    assert any(tiny.answer(q, seed=s, **params).token_ids != a for s in (1, 2, 3))
 
 
-def test_top_k_one_equals_greedy(service):
+def test_top_k_one_equals_greedy(tiny):
     # both cold from an empty pool: what other slots hold moves logits (docs/python.md, "Exactness")
     q = "Why is the sky blue?"
-    greedy = cold(service, q, None)
-    service.clear_kv_cache()
-    assert service.answer(q, temperature=0.8, top_k=1, seed=7, max_tokens=24).token_ids == greedy
+    greedy = cold(tiny, q, None)
+    tiny.clear_kv_cache()
+    assert tiny.answer(q, temperature=0.8, top_k=1, seed=7, max_tokens=24).token_ids == greedy
 
 
 def test_repeat_penalty_sees_the_prompt(service):
+    # Gemma: a random-weight model's first answer token is next to never in its prompt
     context = "The capital of France is Paris."
     plain = service.answer("What is the capital of France?", context, **GREEDY)
     first = plain.token_ids[0]
     assert "Paris" in plain.text
     # the first answer token is in the prompt: a strong penalty must avoid it
     penalized = service.answer("What is the capital of France?", context, repeat_penalty=10.0,
-                               **GREEDY)
+                               temperature=0.0, max_tokens=1)
     assert penalized.token_ids[0] != first

@@ -89,7 +89,7 @@ EXACT_CASES = [
     ("tiny", 260, False, False),   # past the window of 8, window across a 256-cell chunk
     ("tiny", 1000, False, True),   # two prompt batches, another sequence in the cache
     ("tiny", 8, None, False),      # nothing masked yet
-    ("gemma", 400, None, False),   # under Gemma's window of 512, flash attention on
+    ("gemma", 260, None, False),   # under Gemma's window of 512 (past 256 cells), flash on
     ("gemma", 600, False, False),  # past the window, flash attention off
 ]
 
@@ -150,18 +150,28 @@ def test_failed_restore_leaves_the_sequence_empty(tiny):
 
 
 def test_ram_cache_restores_the_best_prefix_into_another_slot(gemma):
-    """Two documents asked about in turn: the prefix of each is restored from RAM into
-    slot 1 and cut back to what the new prompt shares; the logits equal a cold cache
-    fed the same batches into the same cells (under Gemma's window: nothing is masked;
-    documents of 260 tokens, past 256 cells)."""
-    doc_a, doc_b = random_prompt(260, 3), random_prompt(260, 4)
+    """Two documents asked about in turn, each prefix kept in RAM: the one a new prompt
+    shares is restored into slot 1 and cut back to what the prompt shares; the logits
+    equal a cold cache fed the same batches into the same cells (under Gemma's window:
+    nothing is masked; a document of 260 tokens, past 256 cells; the other one only
+    competes in the lookup, and is short)."""
+    doc_a, doc_b = random_prompt(260, 3), random_prompt(60, 4)
     q1, q2 = random_prompt(20, 5), random_prompt(25, 6)
     cache = PrefixCache(64 * MiB, n_swa=512, flash_attn=None)
     with RawContext(gemma, n_ctx=2048, n_seq=2) as ctx:
-        for doc in (doc_a, doc_b):
-            ctx.clear()
-            ctx.decode(doc + q1, 0, 0)
-            assert cache.put(doc + q1, seq_state_get(ctx.ptr, 0))
+        # cold: doc_a + q1 in one batch in slot 0, kept; then handed to slot 1 (a copy of
+        # the cells' sequence ids: the cells, and so the logits, are where they were, as if
+        # it had been evaluated there), cut back to doc_a, and q2 after it
+        ctx.decode(doc_a + q1, 0, 0)
+        assert cache.put(doc_a + q1, seq_state_get(ctx.ptr, 0))
+        lib.llama_memory_seq_cp(ctx.mem, 0, 1, -1, -1)
+        assert lib.llama_memory_seq_rm(ctx.mem, 0, -1, -1)
+        assert ctx.pos_range(0) == (-1, -1) and ctx.pos_range(1) == (0, 279)
+        assert lib.llama_memory_seq_rm(ctx.mem, 1, 260, -1)
+        cold = ctx.decode(q2, 260, 1)
+        ctx.clear()
+        ctx.decode(doc_b + q1, 0, 0)
+        assert cache.put(doc_b + q1, seq_state_get(ctx.ptr, 0))
         prompt = doc_a + q2
         ctx.clear()
         entry, n_keep = cache.lookup(prompt)
@@ -169,11 +179,6 @@ def test_ram_cache_restores_the_best_prefix_into_another_slot(gemma):
         assert seq_state_set(ctx.ptr, 1, entry.state, len(entry.tokens))
         assert lib.llama_memory_seq_rm(ctx.mem, 1, n_keep, -1)
         warm = ctx.decode(prompt[n_keep:], n_keep, 1)
-        # cold: the prefix evaluated in the batch it was saved from, cut back the same way
-        ctx.clear()
-        ctx.decode(doc_a + q1, 0, 1)
-        assert lib.llama_memory_seq_rm(ctx.mem, 1, n_keep, -1)
-        cold = ctx.decode(prompt[n_keep:], n_keep, 1)
     assert np.array_equal(warm, cold)
     stats = cache.stats()
     assert (stats.entries, stats.hits, stats.misses) == (2, 1, 0)

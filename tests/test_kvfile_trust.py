@@ -6,6 +6,16 @@ tell whether the two belong together: a file must be written by this user's gguf
 lose entries silently, two saves must not mix, the file is private to its owner, a
 hostile header is a KVCacheError, and an eviction that cannot fit the RAM cache takes
 no snapshot.
+
+None of this depends on what the model says, so the tests run the tiny gpt-oss fixture
+(``tiny_gguf("q8_0")``: a real gpt-oss file, random weights, the real o200k_harmony
+tokenizer, harmony prompts): it decodes a prompt ~20 times faster than the default
+Gemma. One service over it serves the module (a test of other settings loads its own),
+and the children that run ``ggufllm ask`` load it with ``--model``. Its answers are
+random tokens, so only counts, equalities and errors are checked. Its sliding window is
+8 tokens: every document here is past it, so the saved entries carry window checkpoints
+(the format's full layout). Its state is ~270 bytes a token, so the RAM-budget tests
+use documents of a few thousand tokens to pass 1 MB.
 """
 
 from __future__ import annotations
@@ -35,18 +45,59 @@ from .conftest import seed_cache_home
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0, max_tokens=4)
-# ~190 and ~250 prompt tokens: inside Gemma's window of 512, so their prefixes are kept
-DOC_A = " ".join(["The Zorblat festival is held every spring in the town of Quenby."] * 10)
-DOC_B = " ".join(["Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres."] * 13)
+FACT_A = "The Zorblat festival is held every spring in the town of Quenby."
+FACT_B = "Mount Ferrow is the tallest peak of the Ulm range, at 4,210 metres."
+# prompts of ~290 and ~370 tokens (entries of ~0.1 MB)
+DOC_A, DOC_B = " ".join([FACT_A] * 10), " ".join([FACT_B] * 13)
 Q_A, Q_B = "Where is the Zorblat festival held?", "How tall is Mount Ferrow?"
+# ~2,100 and ~2,500 tokens: entries of ~0.56 and ~0.67 MB, each within a 1 MB RAM budget
+# and not both; together, a prefix of ~4,600 tokens whose state alone passes 1 MB
+LONG_A, LONG_B = " ".join([FACT_A] * 110), " ".join([FACT_B] * 120)
+HUGE = LONG_A + " " + LONG_B
+CTX = 6144  # every service's max_length (`ggufllm ask --ctx`): HUGE fits it
+MB = 1 << 20
 HEAD = struct.Struct("<IQ")
 FIXED = len(kvfile.MAGIC) + HEAD.size
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf) -> Path:
+    """The tiny gpt-oss GGUF (Q8_0; made once for the run)."""
+    return tiny_gguf("q8_0")
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory: pytest.TempPathFactory, machine_verdicts: Path,
+             tiny: Path) -> Path:
+    """The machine's verdicts and the tiny model's (its probe mark and CPU kernel verdict):
+    each test's fresh cache home loads it without a probe load and a self-test (~2.4 s)."""
+    from ggufllm.gguf_probe import probe_model_file
+    from ggufllm.native.kernels import extra_buffers_for
+
+    home = seed_cache_home(tmp_path_factory.mktemp("verdicts"), machine_verdicts)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setenv("XDG_CACHE_HOME", str(home))
+        probe_model_file(tiny)
+        extra_buffers_for(tiny)
+    return home / "ggufllm"
+
+
+@pytest.fixture(scope="module")
+def service(tiny: Path, verdicts: Path) -> Iterator[LLMService]:
+    """The tiny model as ``ggufllm ask -m TINY --ctx CTX`` opens it (four slots): it also
+    writes the files the tests of ``ask`` start from."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setenv("XDG_CACHE_HOME", str(verdicts.parent))
+        svc = LLMService(tiny, max_length=CTX)
+        svc.load()
+    yield svc
+    svc.close()
+
+
 @pytest.fixture(autouse=True)
-def key_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine_verdicts: Path) -> Path:
+def key_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verdicts: Path) -> Path:
     """This test's user cache folder (where the KV key lives; no key in it yet)."""
-    home = seed_cache_home(tmp_path / "cache-home", machine_verdicts)
+    home = seed_cache_home(tmp_path / "cache-home", verdicts)
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home
 
@@ -63,13 +114,16 @@ def save(svc: LLMService, path: Path, *questions: tuple[str, str]) -> None:
     assert svc.save_kv_cache(path) == len(questions)
 
 
+Checkpoints = list[tuple[int, bytes]]  # (position, window state)
+
+
 @dataclasses.dataclass
 class Parsed:
     """A file taken apart the way anyone can: the format is public."""
 
     version: int
     header: dict
-    entries: list[tuple[bytes, bytes]]  # (int32 tokens, state)
+    entries: list[tuple[bytes, bytes, Checkpoints]]  # (int32 tokens, state, checkpoints)
     trailer: bytes  # the sha256 of the rest, then whatever follows it
 
     @classmethod
@@ -77,20 +131,29 @@ class Parsed:
         version, n_header = HEAD.unpack_from(data, len(kvfile.MAGIC))
         header = json.loads(data[FIXED:FIXED + n_header])
         pos, entries = FIXED + n_header, []
-        for n_tokens, n_state, checkpoints in header["entries"]:
-            assert checkpoints == []  # these documents fit the window: no checkpoints
+        for n_tokens, n_state, layout in header["entries"]:
+            assert layout  # past the window of 8: every entry has window checkpoints
             end = pos + 4 * n_tokens
-            entries.append((data[pos:end], data[end:end + n_state]))
-            pos = end + n_state
+            tokens, state, pos = data[pos:end], data[end:end + n_state], end + n_state
+            checkpoints = []
+            for position, n_bytes in layout:
+                checkpoints.append((position, data[pos:pos + n_bytes]))
+                pos += n_bytes
+            entries.append((tokens, state, checkpoints))
         return cls(version, header, entries, data[pos:])
 
-    def forged(self, entries: list[tuple[bytes, bytes]]) -> bytes:
+    def sizes(self) -> list[int]:
+        """What each entry costs the RAM cache (tokens, state and checkpoints), in order."""
+        return [len(t) + len(s) + sum(len(c) for _, c in cps) for t, s, cps in self.entries]
+
+    def forged(self, entries: list[tuple[bytes, bytes, Checkpoints]]) -> bytes:
         """The file with other entries and a recomputed sha256; the rest of the trailer
         (what a forger cannot recompute) is left as it was."""
-        header = json.dumps({"identity": self.header["identity"],
-                             "entries": [[len(t) // 4, len(s), []] for t, s in entries]}).encode()
+        header = json.dumps({"identity": self.header["identity"], "entries": [
+            [len(t) // 4, len(s), [[p, len(c)] for p, c in cps]] for t, s, cps in entries]
+        }).encode()
         body = (kvfile.MAGIC + HEAD.pack(self.version, len(header)) + header
-                + b"".join(t + s for t, s in entries))
+                + b"".join(t + s + b"".join(c for _, c in cps) for t, s, cps in entries))
         return body + hashlib.sha256(body).digest() + self.trailer[32:]
 
 
@@ -101,8 +164,8 @@ def signed(home: Path, header: bytes, body: bytes = b"") -> bytes:
     return data + hashlib.sha256(data).digest() + hmac.new(key, data, hashlib.sha256).digest()
 
 
-def write_key(home: Path) -> bytes:
-    key = secrets.token_bytes(32)
+def write_key(home: Path, key: bytes | None = None) -> bytes:
+    key = secrets.token_bytes(32) if key is None else key
     key_file(home).parent.mkdir(parents=True, exist_ok=True)
     key_file(home).write_bytes(key)
     key_file(home).chmod(0o600)
@@ -118,10 +181,11 @@ def test_a_file_pairing_one_documents_state_with_anothers_tokens_is_refused(serv
     path = tmp_path / "two.kv"
     save(service, path, (Q_A, DOC_A), (Q_B, DOC_B))
     parsed = Parsed.of(path.read_bytes())
-    (a_tokens, a_state), (b_tokens, _) = sorted(parsed.entries, key=lambda e: len(e[0]))
+    (a_tokens, a_state, a_checkpoints), (b_tokens, _, _) = sorted(parsed.entries,
+                                                                  key=lambda e: len(e[0]))
     assert len(a_tokens) >= 128 * 4 and len(b_tokens) > len(a_tokens)  # DOC_B is longer
-    forged = tmp_path / "forged.kv"
-    forged.write_bytes(parsed.forged([(b_tokens[:len(a_tokens)], a_state)]))
+    forged = tmp_path / "forged.kv"  # A's state and window checkpoints, B's tokens
+    forged.write_bytes(parsed.forged([(b_tokens[:len(a_tokens)], a_state, a_checkpoints)]))
 
     service.clear_kv_cache()
     with pytest.raises(KVCacheUntrustedError, match="trusted=True") as info:
@@ -211,57 +275,75 @@ def ask(model: Path, cache: Path, question: str, doc: str, *extra: str,
 
 
 @pytest.fixture(scope="module")
-def ask_twin(default_gguf) -> Iterator[LLMService]:
-    """A service as ``ggufllm ask --ctx 1024`` opens it: it writes the files the tests of
-    ``ask`` start from (two CLI runs fewer; ``ask`` writing its file is test_cli's)."""
-    with LLMService(default_gguf, max_length=1024, n_parallel=4) as svc:
-        yield svc
+def two_long(service: LLMService, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A file of the prefixes of LONG_A and LONG_B, each within a RAM budget of 1 MB and
+    not both, written once by ``service``; and the key that signed it."""
+    home = tmp_path_factory.mktemp("writer")
+    path = home / "two.kv"
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setenv("XDG_CACHE_HOME", str(home))
+        save(service, path, (Q_A, LONG_A), (Q_B, LONG_B))
+    return path, key_file(home).read_bytes()
 
 
-def test_ask_leaves_the_file_alone_when_its_load_failed(default_gguf, ask_twin, tmp_path):
+def two_long_of_this_user(two_long: tuple[Path, bytes], home: Path, path: Path) -> Parsed:
+    """``two_long`` copied to ``path``, written by this test's user: its key is the one that
+    signed it."""
+    write_key(home, two_long[1])
+    path.write_bytes(two_long[0].read_bytes())
+    parsed = Parsed.of(path.read_bytes())
+    sizes = parsed.sizes()
+    assert len(sizes) == 2 and max(sizes) < MB < sum(sizes)  # each fits 1 MB, not both
+    return parsed
+
+
+def test_ask_leaves_the_file_alone_when_its_load_failed(tiny, service, tmp_path):
     cache = tmp_path / "doc.kv"
-    save(ask_twin, cache, (Q_A, DOC_A))  # as `ask` writes it (the next test: `ask` loads it)
+    save(service, cache, (Q_A, DOC_A))  # as `ask --ctx CTX` writes it (`ask` writing it: test_cli)
     before = cache.read_bytes()
-    r = ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "2048")  # made for another --ctx
+    r = ask(tiny, cache, Q_A, DOC_A, "--ctx", str(CTX // 2))  # made for another --ctx
     assert "n_ctx" in r.stderr and "left unchanged" in r.stderr
     assert cache.read_bytes() == before
     cache.write_bytes(b"garbage")
-    r = ask(default_gguf, cache, Q_A, DOC_A, "--ctx", "1024")
+    r = ask(tiny, cache, Q_A, DOC_A, "--ctx", str(CTX))
     assert "left unchanged" in r.stderr and cache.read_bytes() == b"garbage"
 
 
-def test_ask_does_not_write_back_a_file_the_ram_budget_trimmed(default_gguf, ask_twin, tmp_path):
+def test_ask_does_not_write_back_a_file_the_ram_budget_trimmed(tiny, two_long, key_home,
+                                                              tmp_path):
     cache = tmp_path / "docs.kv"
-    save(ask_twin, cache, (Q_A, DOC_A), (Q_B, DOC_B))
+    two_long_of_this_user(two_long, key_home, cache)  # as `ask --ctx CTX` writes it
     before = cache.read_bytes()
-    assert len(Parsed.of(before).entries) == 2  # ~3.5 and ~5.9 MB
-    r = ask(default_gguf, cache, "Who goes there?", DOC_A, "--ctx", "1024",
-            env={"KV_CACHE_RAM_MB": "7"})
+    r = ask(tiny, cache, "Who goes there?", LONG_A, "--ctx", str(CTX),
+            env={"KV_CACHE_RAM_MB": "1"})
     assert "KV_CACHE_RAM_MB" in r.stderr and "left unchanged" in r.stderr
     assert cache.read_bytes() == before
 
 
-def test_a_save_without_a_ram_cache_writes_what_the_slots_hold(default_gguf, tmp_path):
+def test_a_save_without_a_ram_cache_writes_what_the_slots_hold(tiny, service, tmp_path):
     path = tmp_path / "slots.kv"
-    with LLMService(default_gguf, max_length=1024, n_parallel=1, kv_cache_ram_mb=0) as svc:
+    with LLMService(tiny, max_length=CTX, kv_cache_ram_mb=0) as svc:  # `service`'s identity
         svc.answer(Q_A, DOC_A, **GREEDY)
         assert svc.save_kv_cache(path) == 1
-    with LLMService(default_gguf, max_length=1024, n_parallel=1) as svc:
-        assert svc.load_kv_cache(path) == 1
-        assert svc.answer("When is the Zorblat festival?", DOC_A, **GREEDY).timings.n_cached >= 128
+    service.clear_kv_cache()
+    assert service.load_kv_cache(path) == 1
+    assert service.answer("When is the Zorblat festival?", DOC_A, **GREEDY).timings.n_cached >= 128
 
 
-def test_load_counts_only_what_it_kept_and_copies_only_that(default_gguf, tmp_path):
-    """A 7 MB budget holds the newest of two prefixes (~3.5 and ~5.9 MB). The load says
+def test_load_counts_only_what_it_kept_and_copies_only_that(tiny, two_long, key_home, tmp_path):
+    """A 1 MB budget holds the newest of two prefixes (~0.56 and ~0.67 MB). The load says
     so, and copies out of the file only what it keeps (Python allocations stay below
     the file's size: before, it read the file and then copied each state out of it)."""
     path = tmp_path / "two.kv"
-    with LLMService(default_gguf, max_length=1024, n_parallel=2) as svc:
-        save(svc, path, (Q_A, DOC_A), (Q_B, DOC_B))
-    sizes = [len(t) + len(s) for t, s in Parsed.of(path.read_bytes()).entries]
-    assert sizes[-1] < 7 << 20 < sum(sizes)
+    parsed = two_long_of_this_user(two_long, key_home, path)
+    assert parsed.sizes()[-1] < MB  # the newest fits
+    # the file lists the least recently used first, whichever slots `service`'s earlier
+    # tests left A and B in: B, asked last, is the newest (LONG_B is the longer prompt)
+    (first, _, _), (newest, _, _) = parsed.entries
+    assert len(newest) > len(first)
+    question, doc = Q_B, LONG_B
     size = path.stat().st_size
-    with LLMService(default_gguf, max_length=1024, n_parallel=2, kv_cache_ram_mb=7) as svc:
+    with LLMService(tiny, max_length=CTX, kv_cache_ram_mb=1) as svc:  # `service`'s identity
         svc.load()
         tracemalloc.start()
         try:
@@ -272,7 +354,7 @@ def test_load_counts_only_what_it_kept_and_copies_only_that(default_gguf, tmp_pa
         info = svc.get_model_info()["kv_cache"]
         assert kept == info["ram_entries"] == 1 and info["ram_load_skipped"] == 1
         assert peak < 0.75 * size
-        assert svc.answer(Q_B, DOC_B, **GREEDY).timings.n_cached >= 128  # the newest was kept
+        assert svc.answer(question, doc, **GREEDY).timings.n_cached >= 128  # the newest was kept
 
 
 # -- (c) two saves, and who can read the file ----------------------------------------------
@@ -363,25 +445,31 @@ def test_a_hostile_header_is_a_kv_cache_error(service, tmp_path, key_home, heade
 # -- (e) eviction -----------------------------------------------------------------------------
 
 
-def test_an_eviction_too_big_for_the_ram_budget_takes_no_snapshot(default_gguf, monkeypatch):
-    snapshots = []
-    real = lib.llama_state_seq_get_data_ext
+def test_an_eviction_too_big_for_the_ram_budget_takes_no_snapshot(tiny, monkeypatch):
+    sizes, snapshots = [], []
+    real_size, real = lib.llama_state_seq_get_size_ext, lib.llama_state_seq_get_data_ext
+
+    def measured(*args):
+        sizes.append(real_size(*args))
+        return sizes[-1]
 
     def counted(*args):
         snapshots.append(args[-2])
         return real(*args)
 
+    monkeypatch.setattr(lib, "llama_state_seq_get_size_ext", measured)
     monkeypatch.setattr(lib, "llama_state_seq_get_data_ext", counted)
-    with LLMService(default_gguf, max_length=1024, n_parallel=1, kv_cache_ram_mb=1) as svc:
-        svc.answer(Q_A, DOC_A, **GREEDY)
-        svc.answer(Q_B, DOC_B, **GREEDY)  # evicts A's ~3.5 MB prefix: it cannot fit 1 MB
+    with LLMService(tiny, max_length=CTX, n_parallel=1, kv_cache_ram_mb=1) as svc:
+        svc.answer(Q_A, HUGE, **GREEDY)
+        svc.answer(Q_B, DOC_B, **GREEDY)  # evicts the ~1.2 MB prefix: it cannot fit 1 MB
         info = svc.get_model_info()["kv_cache"]
+    assert max(sizes) > MB  # the eviction measured it
     assert info["ram_entries"] == 0 and snapshots == []
 
 
 def test_an_eviction_snapshots_the_slot_once(service):
     service.clear_kv_cache()
-    service.answer(Q_A, DOC_A, **GREEDY)
+    service.answer(Q_A, HUGE, **GREEDY)
     engine = service._engine
     slot = next(s for s in engine.slots.slots if s.n_exact >= 128)
     tracemalloc.start()
@@ -391,4 +479,4 @@ def test_an_eviction_snapshots_the_slot_once(service):
     finally:
         tracemalloc.stop()
     (entry,) = engine.kv_store.cache.entries()
-    assert len(entry.state) > 1 << 20 and peak < 1.25 * len(entry.state)
+    assert len(entry.state) > MB and peak < 1.25 * len(entry.state)

@@ -280,9 +280,10 @@ class Engine:
         if self._closed:
             raise ServiceClosedError("the model was closed")
         # the slots' states are copied between two steps (whatever KV_CACHE_RAM_MB); the
-        # file is written here
+        # file is written here, least recently used first (a smaller budget that loads it
+        # keeps the newest), whatever slot each prefix happens to sit in
         held = self.scheduler.call(lambda: self.kv_store.snapshot_slots(
-            [s for s in self.slots.slots if not s.busy]))
+            sorted((s for s in self.slots.slots if not s.busy), key=lambda s: s.last_used)))
         return self.kv_store.save(path, held)
 
     def load_kv_cache(self, path: str, *, trusted: bool = False) -> int:
