@@ -158,6 +158,13 @@ def small_gguf(tmp_path_factory: pytest.TempPathFactory, small_checkpoint: Path)
 
 
 @pytest.fixture(scope="session")
+def tiny_path(tiny_gguf) -> Path:
+    """The tiny gpt-oss Q8_0 file: the cheap real model of the tests whose guarantee does
+    not depend on the model (random weights: assert equalities and counts, never text)."""
+    return tiny_gguf("q8_0")
+
+
+@pytest.fixture(scope="session")
 def tiny_vocab(tiny_gguf) -> Iterator[object]:
     """The tiny Q8_0 gpt-oss file's vocabulary alone (o200k_harmony: ~1 s to load), loaded
     once per worker for the tests that tokenize or build grammars on it."""

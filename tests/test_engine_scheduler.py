@@ -58,11 +58,6 @@ def small(default_gguf: Path) -> Iterator[LLMService]:
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tiny_gguf) -> Path:
-    return tiny_gguf("q8_0")
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_path: Path) -> Iterator[LLMService]:
     """The tiny gpt-oss fixture with the default 4 slots, shared by the module."""
     svc = LLMService(tiny_path, max_length=1024)

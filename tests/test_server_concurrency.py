@@ -61,11 +61,6 @@ def _ask(url: str, question: str, stream: bool, max_tokens: int = 4) -> tuple[in
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tiny_gguf) -> Path:
-    return tiny_gguf("q8_0")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_path: Path) -> Iterator[Running]:
     """The tiny gpt-oss fixture served (the default 4 slots)."""
     with running_server(LLMService(tiny_path, max_length=1024)) as running:

@@ -51,11 +51,6 @@ QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2+2
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tiny_gguf) -> Path:
-    return tiny_gguf("q8_0")
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_path: Path) -> Iterator[LLMService]:
     """The tiny gpt-oss fixture, loaded once for the module's mechanics tests (as ``service``
     is for the default model: 1024 tokens, the default 4 slots)."""
