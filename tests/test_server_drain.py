@@ -1,7 +1,7 @@
 """SIGTERM drains: new requests get 503, running ones finish, what outlives the drain ends
 with the ``shutting_down`` error; a second signal stops at once. A real ``ggufllm serve``
 (on the default model; the requests that run through a whole drain on the tiny gpt-oss
-fixture, ``tiny_gguf``: random weights whose greedy answer to COUNT runs to its length,
+fixture, ``tiny_gguf``: random weights whose greedy answer to COUNT runs to its length here,
 decoded ~6 times cheaper)."""
 
 from __future__ import annotations
@@ -117,11 +117,14 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones(tiny_gguf) ->
         assert not any("error" in e for e in events), events[-3:]
         finals = [c["finish_reason"] for e in events[:-1] for c in e.get("choices", [])
                   if c.get("finish_reason")]
-        # run to their full length (the drain cut neither short)
-        assert finals == ["length"], events[-3:]
+        # ended as answers end (the drain cut neither): at their length here, or at an end
+        # token a random-weight model may draw on another CPU's kernels
+        assert finals in (["length"], ["stop"]), events[-3:]
         assert whole["status"] == 200, whole
-        assert whole["body"]["choices"][0]["finish_reason"] == "length", whole
-        assert whole["body"]["usage"]["completion_tokens"] == TOKENS, whole
+        ended = whole["body"]["choices"][0]["finish_reason"]
+        generated = whole["body"]["usage"]["completion_tokens"]
+        assert ended in ("length", "stop") and 0 < generated <= TOKENS, whole
+        assert (ended == "length") == (generated == TOKENS), whole
         # then the server stops by itself, long before the drain timeout
         assert _exited(proc)
     finally:
