@@ -56,15 +56,18 @@ else
   "$PY" benchmarks/gpu_check.py write --size small --out "$MODEL"
   BENCH_ARGS=(--decode 16)
 fi
+# the concurrency run: 1/4/8 requests of 64 tokens on the GPU; 1/2 of 4 tokens in the CPU
+# mode, which checks that the script runs, not the figures
+CONC_ARGS=$([ "$MODE" = gpu ] && echo "--levels 1,4,8 --tokens 64" || echo "--levels 1,2 --tokens 4")
 
 stamp "measuring"
 "$PY" benchmarks/gpu_check.py bench --model "$MODEL" "${BENCH_ARGS[@]}" --json "$WORK/results.json"
 if [ -n "${OUT:-}" ]; then cp "$WORK/results.json" "$OUT/gpu_check.json"; fi
 
 if [ -f benchmarks/concurrency.py ]; then
-  stamp "concurrency at 1/4/8 requests (benchmarks/concurrency.py)"
+  stamp "concurrency (benchmarks/concurrency.py $CONC_ARGS)"
   N_GPU_LAYERS=$([ "$MODE" = gpu ] && echo -1 || echo 0) \
-    "$PY" benchmarks/concurrency.py --model "$MODEL" --concurrency 1 4 8 \
+    "$PY" benchmarks/concurrency.py --model "$MODEL" $CONC_ARGS \
     || echo "concurrency: benchmarks/concurrency.py failed (see above)"
 else
   echo "concurrency: skipped (benchmarks/concurrency.py does not exist yet)"

@@ -252,11 +252,12 @@ class KillResult:
 
 
 def run_kill(base: str, app: str, n: int = 16, max_tokens: int = 16, kill_after_s: float = 1.5,
-             streams: int = 2, restart_timeout_s: float = 90.0,
-             api_key: str | None = None) -> KillResult:
-    """``n`` concurrent non-streamed requests (and ``streams`` streams); SIGKILL of one replica
-    process after ``kill_after_s``; then waits for Ray's state to show the replicas running
-    again."""
+             streams: int = 2, stream_tokens: int = 200, restart_timeout_s: float = 90.0,
+             api_key: str | None = None, kill_after_answers: int = 0) -> KillResult:
+    """``n`` concurrent non-streamed requests (and ``streams`` streams of ``stream_tokens``);
+    SIGKILL of one replica process after ``kill_after_s`` (or, with ``kill_after_answers``,
+    once that many answers came: the replicas are still full then on a CPU of any speed);
+    then waits for Ray's state to show the replicas running again."""
     import httpx
 
     c = client(base, api_key)
@@ -273,7 +274,7 @@ def run_kill(base: str, app: str, n: int = 16, max_tokens: int = 16, kill_after_
 
     def stream(i: int) -> str:
         body = {"messages": [{"role": "user", "content": f"Write a long story about ship {i}."}],
-                "max_tokens": 200, "stream": True}
+                "max_tokens": stream_tokens, "stream": True}
         ended = "cut"
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120,
                           headers=headers) as r:
@@ -287,7 +288,13 @@ def run_kill(base: str, app: str, n: int = 16, max_tokens: int = 16, kill_after_
     with cf.ThreadPoolExecutor(n + streams) as pool:
         futures = [pool.submit(ask, i) for i in range(n)]
         stream_futures = [pool.submit(stream, i) for i in range(streams)]
-        time.sleep(kill_after_s)
+        if kill_after_answers:
+            deadline = time.monotonic() + 300
+            while (sum(f.done() for f in futures) < kill_after_answers
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+        else:
+            time.sleep(kill_after_s)
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
         answered = sum(1 for f in futures if f.result(timeout=300) is not None)

@@ -25,11 +25,12 @@ def ggufllm(*args: str, input: str | bytes | None = None, cwd: Path | None = Non
 
 
 def test_ask_answers_with_the_default_model(tmp_path: Path):
-    # --ctx 512 is below the built-in default budget (DEFAULT_MAX_TOKENS 1000): the budget
-    # is capped to what the window leaves, and the answer still comes (the budget set in
-    # the environment: test_a_ctx_below_the_default_budget_still_answers)
+    # --ctx 512 is below the default budget (DEFAULT_MAX_TOKENS, 1000 built in, 2000 set in
+    # the environment here): a budget not typed is capped to what the window leaves, and the
+    # answer still comes (only a typed --max-tokens that cannot fit is refused:
+    # test_known_failures_print_one_line)
     r = ggufllm("ask", "What is the capital of France?", "--temperature", "0", "--ctx", "512",
-                cwd=tmp_path)
+                cwd=tmp_path, env={"DEFAULT_MAX_TOKENS": "2000"})
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     # one notice line, on stderr, saying what was loaded and how to convert gpt-oss
@@ -81,16 +82,6 @@ def test_known_failures_print_one_line(args, needle, tmp_path: Path):
     assert needle in r.stderr
 
 
-def test_a_ctx_below_the_default_budget_still_answers(default_gguf: Path):
-    # the default budget (DEFAULT_MAX_TOKENS) is capped to what the window leaves; only a
-    # --max-tokens typed is refused when it cannot fit (the built-in default's budget, 1000,
-    # under --ctx 512: test_ask_answers_with_the_default_model)
-    r = ggufllm("ask", "What is the capital of France?", "--ctx", "512", "--temperature", "0",
-                "--model", str(default_gguf), env={"DEFAULT_MAX_TOKENS": "2000"})
-    assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
-
-
 def test_an_answer_the_window_cut_says_so_not_the_budget(default_gguf: Path):
     # a base model counting on: the capped default budget ends where the window ends
     r = ggufllm("ask", "Count from one to a thousand: one, two, three,", "--ctx", "128",
@@ -139,16 +130,29 @@ def test_reasoning_goes_to_stderr_and_the_answer_to_stdout(capsys):
     assert out == "Paris\n" and err == ""
 
 
-def test_a_piped_question_with_stats_and_a_flag_over_a_bad_environment(default_gguf: Path):
-    # DEFAULT_TEMPERATURE is invalid, but --temperature replaces it: no error
-    r = ggufllm("ask", "-", "--model", str(default_gguf), "--temperature", "0", "--stats", "-q",
-                input="Who wrote Hamlet?\n", env={"DEFAULT_TEMPERATURE": "hot"})
-    assert r.returncode == 0, r.stderr
-    assert "Shakespeare" in r.stdout
+@pytest.fixture(scope="module")
+def hamlet_piped(default_gguf: Path) -> subprocess.CompletedProcess:
+    """``ask -`` with the question piped in, --stats, -q, a flag over a bad environment
+    (DEFAULT_TEMPERATURE is invalid, but --temperature replaces it): run once, read by the
+    two tests below."""
+    return ggufllm("ask", "-", "--model", str(default_gguf), "--temperature", "0", "--stats",
+                   "-q", input="Who wrote Hamlet?\n", env={"DEFAULT_TEMPERATURE": "hot"})
+
+
+def _stats(r: subprocess.CompletedProcess) -> re.Match:
     lines = r.stderr.strip().splitlines()  # -q: no notice; --stats: one line
     assert len(lines) == 1, r.stderr
     m = re.match(r"ttft (\d+\.\d+) s · prompt (\d+) tokens \((\d+) cached, (\d+) evaluated", lines[0])
-    assert m and int(m[2]) == int(m[3]) + int(m[4]) > 0 and "tok/s" in lines[0]
+    assert m and "tok/s" in lines[0], lines[0]
+    return m
+
+
+def test_a_piped_question_with_stats_and_a_flag_over_a_bad_environment(hamlet_piped):
+    r = hamlet_piped
+    assert r.returncode == 0, r.stderr  # no error: --temperature replaced the bad value
+    assert "Shakespeare" in r.stdout
+    m = _stats(r)
+    assert int(m[2]) == int(m[3]) + int(m[4]) > 0
 
 
 def test_an_answer_cut_by_max_tokens_says_so(default_gguf: Path):
@@ -235,14 +239,12 @@ def test_short_help_shows_an_example(command: str):
         assert "[default: 0.7]" in " ".join(r.stdout.split())  # --temperature shows its default
 
 
-def test_system_really_sets_the_instructions(default_gguf: Path):
-    def n_prompt(*extra: str) -> int:
-        r = ggufllm("ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--json",
-                    "--max-tokens", "4", *extra)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["timings"]["n_prompt"]
-
-    assert n_prompt("--system", "Answer in one short sentence, in French.") > n_prompt()
+def test_system_really_sets_the_instructions(default_gguf: Path, hamlet_piped):
+    r = ggufllm("ask", "Who wrote Hamlet?", "--model", str(default_gguf), "--json",
+                "--max-tokens", "4", "--system", "Answer in one short sentence, in French.")
+    assert r.returncode == 0, r.stderr
+    # the same question without --system (piped: the trailing newline is not the question's)
+    assert json.loads(r.stdout)["timings"]["n_prompt"] > int(_stats(hamlet_piped)[2])
 
 
 def test_kv_cache_file_is_saved_and_reused_by_the_next_run(default_gguf: Path, tmp_path: Path):

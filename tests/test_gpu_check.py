@@ -24,7 +24,11 @@ def test_gpu_check_cpu_mode_runs_end_to_end(tmp_path: Path):
                            str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "concurrency:" in proc.stdout
+    # benchmarks/concurrency.py ran (the CPU mode's 1 and 2 requests: a row each), not
+    # just its heading
+    rows = {line.split()[0] for line in proc.stdout.splitlines() if "/s" in line
+            and line.split()[0].isdigit()}
+    assert rows == {"1", "2"} and "concurrency.py failed" not in proc.stdout, proc.stdout
     model = tmp_path / "work" / "gpt-oss-small-synthetic.gguf"
     summary = read_gguf_header(model)
     assert summary.architecture == "gpt-oss" and summary.array_lengths["tokenizer.ggml.tokens"] == 201088

@@ -2,10 +2,10 @@
 
 The cluster tests start a one-node Ray cluster (2 logical CPUs, no dashboard; Serve's HTTP
 proxy on 127.0.0.1), deploy, side by side and at once, an application of 2 replicas of the
-embedded Gemma 3 270M at 1 thread each with the affine router and an autoscaling one of 1
-replica (at most 2: the 2 CPUs hold all 4), and measure through the ``openai`` client: the
-share of follow-up questions whose document was reused, a replica SIGKILLed under 16
-concurrent requests, and autoscaling from 1 to 2 replicas. They shut Serve and Ray down and
+tiny gpt-oss fixture at 1 thread each with the affine router and an autoscaling one of 1
+replica of the embedded Gemma 3 270M (at most 2: the 2 CPUs hold all 4), and measure through
+the ``openai`` client: the share of follow-up questions whose document was reused, a replica
+SIGKILLed under 8 concurrent requests, and autoscaling from 1 to 2 replicas. They shut Serve and Ray down and
 check that no process of the cluster is left. ``benchmarks/ray_affinity.py`` runs the same
 workloads at full size, beside Ray's default router (whose share a test could only report,
 not assert: it may be lucky on 8 follow-ups), and adds the throughput of 1 vs 2 replicas.
@@ -218,14 +218,18 @@ def _scaling_app() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[workload.Cluster]:
+def cluster(tiny_path: Path) -> Iterator[workload.Cluster]:
     from ggufllm.server.config import load_server_config
 
     server = load_server_config(api_key=API_KEY)
     with workload.local_cluster(num_cpus=2) as c:
         # the scaling application loads with the other (~2 s more than it alone, against ~5 s
-        # for a deploy of its own later)
-        c.deploy({"affine": workload.make_app(server=server), "scale": _scaling_app()})
+        # for a deploy of its own later). The affine one serves the tiny gpt-oss fixture: its
+        # tests measure routing, retries and drains, whatever the model (a document's prompt
+        # costs ~20x less than on Gemma); the scaling one, the embedded default model that
+        # each replica finds for itself
+        c.deploy({"affine": workload.make_app(model=str(tiny_path), server=server),
+                  "scale": _scaling_app()})
         yield c
     # on exit local_cluster shut Serve and Ray down and checked that no process of the
     # cluster's session (raylet, GCS, workers) is left
@@ -268,10 +272,14 @@ def test_followups_find_their_document_with_affine_routing(cluster: workload.Clu
 
 @pytest.mark.slow
 def test_killed_replica_loses_no_request(cluster: workload.Cluster) -> None:
-    result = workload.run_kill(f"{cluster.url}/affine", "affine", n=16, max_tokens=12,
-                               restart_timeout_s=60, api_key=API_KEY)
+    # smaller than the benchmark's run (16 requests, streams of 200 tokens, the kill 1.5 s
+    # in): 8 requests and the kill once the first is answered, when the 4 slots are still
+    # full on a CPU of any speed; a stream must end, with [DONE] or with the error event
+    result = workload.run_kill(f"{cluster.url}/affine", "affine", n=8, max_tokens=12,
+                               stream_tokens=48, kill_after_answers=1, restart_timeout_s=60,
+                               api_key=API_KEY)
     print(result)
-    assert result.answered == 16
+    assert result.answered == 8
     assert all(end in ("done", "error") for end in result.streams)  # ended, never hung
     replicas = result.health_after["replicas"]
     assert replicas.get("running", 0) >= 1
