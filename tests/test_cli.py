@@ -261,10 +261,8 @@ def test_kv_cache_file_is_saved_and_reused_by_the_next_run(default_gguf: Path, t
     assert a["timings"]["n_cached"] == 0
     assert b["timings"]["n_cached"] > 0  # the prompt's pages came back from the file
     assert b["answer"] == a["answer"]
-    cache.write_bytes(b"garbage")  # a bad file is a notice, never a failure
-    third = ggufllm(*args)
-    assert third.returncode == 0 and "notice:" in third.stderr
-    assert json.loads(third.stdout)["answer"] == a["answer"]
+    # a bad file is a notice, never a failure, and is left as it was:
+    # test_kvfile_trust.py::test_ask_leaves_the_file_alone_when_its_load_failed
 
 
 def test_a_mistyped_option_is_one_error_line():
