@@ -1,4 +1,5 @@
-"""The ggufllm command, run as a user runs it (a real subprocess)."""
+"""The ggufllm command, run as a user runs it (a real subprocess; the runs that load no model
+are forked from one warm interpreter, each a process of its own: ``tests/cli_runs.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .cli_runs import Run, ggufllm_runs
 from .gguf_corpus import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +64,7 @@ def test_no_stream_prints_the_same_answer(default_gguf: Path):
     assert stopped.stdout.strip() == streamed.stdout[: streamed.stdout.index("Shakespeare")].strip()
 
 
-@pytest.mark.parametrize("args,needle", [
+KNOWN_FAILURES = [
     (["ask", "q", "--model", "/no/such/model.gguf"], "no file at '/no/such/model.gguf'"),
     (["ask", "q", "--temperature", "nan"], "--temperature: "),
     (["ask", "q", "--max-tokens", "0"], "--max-tokens: "),
@@ -72,9 +74,32 @@ def test_no_stream_prints_the_same_answer(default_gguf: Path):
     (["ask", "q", "--max-tokens", "5000"], "--max-tokens 5000 leaves no room"),
     (["ask", "q", "--ctx", "512", "--max-tokens", "512"], "--max-tokens 512 leaves no room"),
     (["ask", "q", "--context", "a", "--context-file", "-"], "not both"),
-])
-def test_known_failures_print_one_line(args, needle, tmp_path: Path):
-    r = ggufllm(*args, "-q", cwd=tmp_path)
+]
+HELPED = ["ask", "chat", "models", "info", "convert", "verify"]
+MISTYPED = [
+    (["ask", "--temprature", "0.2", "q"],
+     "error: No such option '--temprature'. Did you mean '--temperature'? "
+     "(see 'ggufllm ask -h')"),
+    (["ask", "--temperature", "abc", "q"],
+     "error: Invalid value for '--temperature' / '-t': 'abc' is not a valid float "
+     "(see 'ggufllm ask -h')"),
+    (["askk", "q"], "error: No such command 'askk'. Did you mean 'ask'? (see 'ggufllm -h')"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Run]:
+    """The runs that load no model, each a process of its own (``tests/cli_runs.py``), in a
+    folder with no models/llm: ``ggufllm ARGS`` -> what it left. (Failures that a real
+    interpreter start prints alone: test_corrupt_model_is_one_line and the others here.)"""
+    cases = ([(*args, "-q") for args, _ in KNOWN_FAILURES] + [(c, "-h") for c in HELPED]
+             + [tuple(args) for args, _ in MISTYPED])
+    return {r.args: r for r in ggufllm_runs(cases, tmp_path_factory.mktemp("runs"))}
+
+
+@pytest.mark.parametrize("args,needle", KNOWN_FAILURES)
+def test_known_failures_print_one_line(args, needle, runs):
+    r = runs[(*args, "-q")]
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     # one line: checked before a model loads (-q silences the embedded-model notice)
@@ -231,9 +256,9 @@ def test_info_without_a_path_describes_what_ask_would_use(models_dir: Path):
     assert facts["path"].endswith("gemma-3-270m-q4_k_m.gguf") and facts["quantization"] == "Q4_K_M"
 
 
-@pytest.mark.parametrize("command", ["ask", "chat", "models", "info", "convert", "verify"])
-def test_short_help_shows_an_example(command: str):
-    r = ggufllm(command, "-h")
+@pytest.mark.parametrize("command", HELPED)
+def test_short_help_shows_an_example(command: str, runs):
+    r = runs[(command, "-h")]
     assert r.returncode == 0 and "Example" in r.stdout
     if command in ("ask", "chat"):
         assert "[default: 0.7]" in " ".join(r.stdout.split())  # --temperature shows its default
@@ -265,17 +290,9 @@ def test_kv_cache_file_is_saved_and_reused_by_the_next_run(default_gguf: Path, t
     # test_kvfile_trust.py::test_ask_leaves_the_file_alone_when_its_load_failed
 
 
-def test_a_mistyped_option_is_one_error_line():
-    for args, wanted in (
-            (["ask", "--temprature", "0.2", "q"],
-             "error: No such option '--temprature'. Did you mean '--temperature'? "
-             "(see 'ggufllm ask -h')"),
-            (["ask", "--temperature", "abc", "q"],
-             "error: Invalid value for '--temperature' / '-t': 'abc' is not a valid float "
-             "(see 'ggufllm ask -h')"),
-            (["askk", "q"], "error: No such command 'askk'. Did you mean 'ask'? "
-                            "(see 'ggufllm -h')")):
-        r = ggufllm(*args)
+def test_a_mistyped_option_is_one_error_line(runs):
+    for args, wanted in MISTYPED:
+        r = runs[tuple(args)]
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines() == [wanted]
         assert r.stdout == ""
