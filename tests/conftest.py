@@ -247,15 +247,14 @@ def all_cores() -> Iterator[int]:
 # collected first, longest first: with ``-n`` each worker takes the next module when it is
 # free, so the short modules fill the gaps at the end instead of one long module running
 # alone there (longest-first; the order of the rest is pytest's).
-_LONG_FIRST = ("test_ray.py",  # 78
-               "test_cli.py", "test_convert.py", "test_bundle.py", "test_docker.py",  # 45-31
-               "test_service.py", "test_kv_reuse.py", "test_kernel_selftest.py",  # 28-25
-               "test_structured.py", "test_readme.py", "test_tools.py",  # 20-17
-               "test_kvcache.py", "test_chat_repl.py", "test_cli_tools.py",  # 14
-               "test_server_drain.py", "test_kvfile_trust.py", "test_server_api.py",  # 12
-               "test_server_lifecycle.py", "test_engine_cache.py", "test_prefixes.py",  # 11
-               "test_server_clients.py", "test_kvcache_service.py", "test_gguf_check.py",  # 10
-               "test_server_stall.py", "test_page_browser.py")  # 9
+_LONG_FIRST = ("test_ray.py", "test_bundle.py", "test_cli.py",  # 54-30
+               "test_service.py", "test_docker.py", "test_kernel_selftest.py",  # 29-25
+               "test_structured.py", "test_kv_reuse.py", "test_tools.py",  # 21-19
+               "test_readme.py", "test_kvcache.py", "test_chat_repl.py",  # 18-14
+               "test_convert.py", "test_cli_tools.py", "test_kvfile_trust.py",  # 14-13
+               "test_server_api.py", "test_server_lifecycle.py", "test_engine_cache.py",  # 13-11
+               "test_prefixes.py", "test_gguf_check.py", "test_kvcache_service.py",  # 11-10
+               "test_server_stall.py", "test_page_browser.py", "test_server_drain.py")  # 10-9
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
