@@ -292,7 +292,7 @@ def run_kill(base: str, app: str, n: int = 16, max_tokens: int = 16, kill_after_
             deadline = time.monotonic() + 300
             while (sum(f.done() for f in futures) < kill_after_answers
                    and time.monotonic() < deadline):
-                time.sleep(0.01)
+                time.sleep(0.002)
         else:
             time.sleep(kill_after_s)
         victim = before[0]

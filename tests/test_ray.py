@@ -5,10 +5,11 @@ proxy on 127.0.0.1), deploy, side by side and at once, an application of 2 repli
 tiny gpt-oss fixture at 1 thread each with the affine router and an autoscaling one of 1
 replica of the embedded Gemma 3 270M (at most 2: the 2 CPUs hold all 4), and measure through
 the ``openai`` client: the share of follow-up questions whose document was reused, a replica
-SIGKILLed under 8 concurrent requests, and autoscaling from 1 to 2 replicas. They shut Serve and Ray down and
-check that no process of the cluster is left. ``benchmarks/ray_affinity.py`` runs the same
-workloads at full size, beside Ray's default router (whose share a test could only report,
-not assert: it may be lucky on 8 follow-ups), and adds the throughput of 1 vs 2 replicas.
+SIGKILLed under 8 concurrent requests, and autoscaling from 1 to 2 replicas. They shut Serve
+and Ray down and check that no process of the cluster is left. ``benchmarks/ray_affinity.py``
+runs the same workloads at full size, beside Ray's default router (whose share a test could
+only report, not assert: it may be lucky on 8 follow-ups), and adds the throughput of 1 vs 2
+replicas.
 """
 
 from __future__ import annotations
@@ -273,9 +274,10 @@ def test_followups_find_their_document_with_affine_routing(cluster: workload.Clu
 @pytest.mark.slow
 def test_killed_replica_loses_no_request(cluster: workload.Cluster) -> None:
     # smaller than the benchmark's run (16 requests, streams of 200 tokens, the kill 1.5 s
-    # in): 8 requests and the kill once the first is answered, when the 4 slots are still
-    # full on a CPU of any speed; a stream must end, with [DONE] or with the error event
-    result = workload.run_kill(f"{cluster.url}/affine", "affine", n=8, max_tokens=12,
+    # in): 8 requests and 2 streams on 4 slots, and the kill once the first is answered,
+    # when the slots are still full, two rounds of requests to go, on a CPU of any speed; a
+    # stream must end, with [DONE] or with the error event
+    result = workload.run_kill(f"{cluster.url}/affine", "affine", n=8, max_tokens=24,
                                stream_tokens=48, kill_after_answers=1, restart_timeout_s=60,
                                api_key=API_KEY)
     print(result)
