@@ -289,10 +289,9 @@ def run_kill(base: str, app: str, n: int = 16, max_tokens: int = 16, kill_after_
         futures = [pool.submit(ask, i) for i in range(n)]
         stream_futures = [pool.submit(stream, i) for i in range(streams)]
         if kill_after_answers:
-            deadline = time.monotonic() + 300
-            while (sum(f.done() for f in futures) < kill_after_answers
-                   and time.monotonic() < deadline):
-                time.sleep(0.002)
+            for answered, _ in enumerate(cf.as_completed(futures, timeout=300), 1):
+                if answered >= kill_after_answers:
+                    break
         else:
             time.sleep(kill_after_s)
         victim = before[0]

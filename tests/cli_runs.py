@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,18 +66,9 @@ json.dump(results, sys.stdout)
 """
 
 
-@dataclass(frozen=True)
-class Run:
-    """What one run left: as :class:`subprocess.CompletedProcess` has it."""
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def ggufllm_runs(cases: list[tuple[str, ...]], cwd: Path,
-                 env: dict[str, str | None] | None = None, input: str = "") -> list[Run]:
+                 env: dict[str, str | None] | None = None,
+                 input: str = "") -> list[subprocess.CompletedProcess[str]]:
     """Runs ``ggufllm ARGS`` for each ``ARGS`` of ``cases``, each in a forked process of its
     own, in ``cwd``, with ``env`` over this environment (None: the variable unset) and
     ``input`` on stdin."""
@@ -90,5 +80,5 @@ def ggufllm_runs(cases: list[tuple[str, ...]], cwd: Path,
                               text=True, timeout=300, stdin=subprocess.DEVNULL,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr
-    return [Run(tuple(args), **r) for args, r in zip(cases, json.loads(done.stdout),
-                                                      strict=True)]
+    return [subprocess.CompletedProcess(tuple(args), **r)
+            for args, r in zip(cases, json.loads(done.stdout), strict=True)]

@@ -9,10 +9,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .cli_runs import Run, ggufllm_runs
+from .cli_runs import ggufllm_runs
 from .gguf_corpus import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ MISTYPED = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Run]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Any]:
     """The runs that load no model, each a process of its own (``tests/cli_runs.py``), in a
     folder with no models/llm: ``ggufllm ARGS`` -> what it left. (Failures that a real
     interpreter start prints alone: test_corrupt_model_is_one_line and the others here.)"""

@@ -190,13 +190,13 @@ def test_a_saved_cache_serves_another_service_past_the_window(
         gemma_exact.load_kv_cache(path)
 
 
-def test_exact_reuses_nothing_restored_past_the_window_with_flash_attention(tiny_gguf) -> None:
+def test_exact_reuses_nothing_restored_past_the_window_with_flash_attention(tiny_path) -> None:
     # KV_REUSE=exact with flash attention on: a prefix past the window does not restore
     # exactly (restore_is_exact), so the RAM cache must not keep it. On the tiny fixture
     # (window 8) a document of ~240 tokens is far past it; within Gemma's window of 512,
     # the same policy keeps a document (test_kvcache_service.py, ~160 tokens): a window read
     # from anywhere but the model would fail one of the two
-    with LLMService(tiny_gguf("q8_0"), max_length=2048, n_parallel=1, kv_reuse="exact",
+    with LLMService(tiny_path, max_length=2048, n_parallel=1, kv_reuse="exact",
                     flash_attn=True) as svc:
         doc = document(1, 12)
         prompt, _, _ = ask(svc, QUESTIONS[1][0], doc)

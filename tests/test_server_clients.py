@@ -1,6 +1,6 @@
 """Clients the server must survive: one that stops reading a stream, and users sharing one key
 who must not learn from ``cached_tokens`` what others asked. A real server on the tiny gpt-oss
-fixture (``tiny_gguf``: random weights, the real o200k_harmony tokenizer; decoding ~6 times
+fixture (``tiny_path``: random weights, the real o200k_harmony tokenizer; decoding ~6 times
 and a prompt ~20 times cheaper than the default model's). Its greedy answer to COUNT runs to
 the full 1900 tokens, so only a dropped generation ends short."""
 
@@ -43,12 +43,12 @@ def _raw_request(url: str, path: str, body: bytes) -> socket.socket:
     return sock
 
 
-def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(tiny_gguf) -> None:
+def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(tiny_path) -> None:
     # every event repeats the model id: a long one fills the buffers in fewer tokens
     config = ServerConfig(api_key=None, write_timeout_s=1.0, model_alias="m" * 256)
     # small kernel buffers on both ends, as over a slow network: the answer outgrows them,
     # and uvicorn's own write buffer (64 KiB), within a few hundred tokens
-    service = LLMService(tiny_gguf("q8_0"), n_parallel=1, max_length=2048)
+    service = LLMService(tiny_path, n_parallel=1, max_length=2048)
     with running_server(service, config=config, sndbuf=4096) as server:
         body = httpx.Request("POST", "/", json={**COUNT, "max_tokens": 1900,
                                                  "stream": True}).content
@@ -74,11 +74,11 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(tiny_gguf) ->
 
 
 @pytest.mark.parametrize("report", [True, False])
-def test_cached_tokens_can_be_hidden_from_clients(tiny_gguf, report: bool) -> None:
+def test_cached_tokens_can_be_hidden_from_clients(tiny_path, report: bool) -> None:
     config = ServerConfig(api_key=None, report_cached_tokens=report)
     body = {"prompt": "The sky is blue and the grass is green. " * 20, "max_tokens": 2,
             "temperature": 0}
-    with running_server(LLMService(tiny_gguf("q8_0"), max_length=1024), config=config) as server:
+    with running_server(LLMService(tiny_path, max_length=1024), config=config) as server:
         http.post(f"{server.url}/v1/completions", json=body, timeout=60).raise_for_status()
         again = http.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]

@@ -1,7 +1,7 @@
 """SIGTERM drains: new requests get 503, running ones finish, what outlives the drain ends
 with the ``shutting_down`` error; a second signal stops at once. A real ``ggufllm serve``
 (on the default model; the requests that run through a whole drain on the tiny gpt-oss
-fixture, ``tiny_gguf``: random weights whose greedy answer to COUNT runs to its length here,
+fixture, ``tiny_path``: random weights whose greedy answer to COUNT runs to its length here,
 decoded ~6 times cheaper)."""
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def _stream_events(url: str, max_tokens: int, started: threading.Event,
                 started.set()
 
 
-def test_sigterm_lets_running_requests_finish_and_refuses_new_ones(tiny_gguf) -> None:
-    proc, url = _serve("--drain-timeout", "300", "--model", str(tiny_gguf("q8_0")))
+def test_sigterm_lets_running_requests_finish_and_refuses_new_ones(tiny_path) -> None:
+    proc, url = _serve("--drain-timeout", "300", "--model", str(tiny_path))
     try:
         events: list[dict[str, Any]] = []
         started = threading.Event()
